@@ -1,0 +1,361 @@
+"""Read and write Hugging Face checkpoint folders one tensor at a time.
+
+Guarantees:
+- Reading never runs code that comes with a checkpoint. Safetensors shards are data (validated
+  by `safetensors.safe_open` when opened); legacy `pytorch_model*.bin` shards are read only with
+  `torch.load(weights_only=True, mmap=True)`.
+- Reading is lazy and bounded: a tensor's bytes come from one positioned read when the tensor is
+  asked for. Safetensors shards are not memory-mapped, so resident memory holds only the tensors
+  being merged, never the model (an mmap would count every page read in the process's RSS).
+- Every shard an index names must lie inside the model folder, exist, and be complete.
+- Writing is atomic: `atomic_folder` hands out a temporary folder beside the destination and
+  renames it into place only when everything inside is written.
+- Written shards are standard safetensors files streamed tensor by tensor: `ShardWriter` plans all
+  headers from the tensors' shapes first, because `safetensors.torch.save_file` needs every tensor
+  of a shard in memory at once.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from medmerge.errors import CheckpointError, MergeError
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+DTYPE_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+
+SAFE_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+)
+# Names under which an untied output head would be stored, and the embeddings it is tied to.
+LM_HEAD_NAMES = ("lm_head.weight",)
+EMBEDDING_PATTERN = re.compile(r"(embed_tokens|wte|word_embeddings)\.weight$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    start: int  # absolute byte offsets in `file`; -1 for tensors of a legacy .bin shard
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+class Checkpoint:
+    """A Hugging Face model folder: `config.json` plus safetensors (or legacy .bin) shards."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(
+                f"model folder {self.path} does not exist (medmerge reads local Hugging Face "
+                "folders; download a hub model first, e.g. `hf download ORG/NAME --local-dir DIR`)"
+            )
+        if (self.path / "adapter_config.json").exists():
+            raise CheckpointError(
+                f"{self.path} is a PEFT/LoRA adapter (it has adapter_config.json), not a full "
+                "checkpoint; merging an adapter as if it were a model degrades the result. Fold it "
+                "into its base first (`medmerge materialize ADAPTER_DIR OUT_DIR`) and merge that."
+            )
+        config_file = self.path / "config.json"
+        if not config_file.is_file():
+            raise CheckpointError(f"{config_file} is missing: a model folder needs its config.json")
+        try:
+            self.config: dict = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+        self.tensors: dict[str, TensorInfo] = {}
+        self._bin_shards: dict[Path, dict[str, torch.Tensor]] = {}
+        for file in self._weight_files():
+            if file.suffix == ".safetensors":
+                self.tensors.update(_safetensors_header(file))
+            else:
+                self._bin_shards[file] = _load_bin(file)
+                for name, t in self._bin_shards[file].items():
+                    self.tensors[name] = TensorInfo(file, t.dtype, tuple(t.shape), -1, -1)
+        self._fds: dict[Path, int] = {}
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r})"
+
+    @property
+    def files(self) -> list[Path]:
+        """The weight files, in a stable order (what provenance hashes)."""
+        return sorted({info.file for info in self.tensors.values()})
+
+    @property
+    def tied_embeddings(self) -> bool:
+        cfg = self.config.get("text_config", self.config)
+        return bool(cfg.get("tie_word_embeddings", self.config.get("tie_word_embeddings", False)))
+
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def resolve(self, name: str) -> str | None:
+        """The stored name that holds `name`: itself, or the embeddings for a tied output head."""
+        if name in self.tensors:
+            return name
+        if name in LM_HEAD_NAMES and self.tied_embeddings:
+            return next((n for n in self.tensors if EMBEDDING_PATTERN.search(n)), None)
+        return None
+
+    def info(self, name: str) -> TensorInfo:
+        stored = self.resolve(name)
+        if stored is None:
+            raise CheckpointError(f"tensor {name!r} is not in {self.path}")
+        return self.tensors[stored]
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor (a fresh CPU tensor in its stored dtype)."""
+        info = self.info(name)
+        if info.start < 0:
+            return self._bin_shards[info.file][self.resolve(name)].clone()
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        buf = bytearray(info.nbytes)
+        fd = self._fds.get(info.file)
+        if fd is None:
+            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        view, done = memoryview(buf), 0
+        while done < len(buf):
+            n = os.preadv(fd, [view[done:]], info.start + done)
+            if n == 0:
+                raise CheckpointError(f"{info.file} ended while reading tensor {name!r}")
+            done += n
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def _weight_files(self) -> list[Path]:
+        for index_name in (SAFE_INDEX, BIN_INDEX):
+            index = self.path / index_name
+            if index.is_file():
+                return self._shards_from_index(index)
+        for single in ("model.safetensors", "pytorch_model.bin"):
+            if (self.path / single).is_file():
+                return [self.path / single]
+        raise CheckpointError(
+            f"no weights in {self.path}: expected model.safetensors, {SAFE_INDEX} with its shards, "
+            f"or pytorch_model.bin"
+        )
+
+    def _shards_from_index(self, index: Path) -> list[Path]:
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid index (needs a 'weight_map'): {e}") from e
+        root = self.path.resolve()
+        files = []
+        for shard in sorted(set(weight_map.values())):
+            file = (self.path / shard).resolve()
+            if not file.is_relative_to(root):
+                raise CheckpointError(
+                    f"{index} points outside the model folder ({shard!r}); refusing to read it. "
+                    "Every shard must be a file inside the folder."
+                )
+            if not file.is_file():
+                raise CheckpointError(f"{index} names shard {shard!r}, which is missing")
+            files.append(file)
+        return files
+
+
+def _safetensors_header(file: Path) -> dict[str, TensorInfo]:
+    """Validate a shard with the safetensors library, then take each tensor's byte range."""
+    try:
+        with safe_open(file, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{file} is not a readable safetensors file ({e}); it may be truncated or corrupt: "
+            "download or save it again"
+        ) from e
+    with open(file, "rb") as f:
+        header_len = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(header_len))
+    data_start = 8 + header_len
+    tensors = {}
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in SAFETENSORS_DTYPES:
+            raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {meta['dtype']}")
+        begin, end = meta["data_offsets"]
+        tensors[name] = TensorInfo(
+            file, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), data_start + begin,
+            data_start + end,
+        )
+    return tensors
+
+
+def _load_bin(file: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # torch raises several types for unsafe or damaged pickles
+        raise CheckpointError(
+            f"{file} could not be loaded safely with torch.load(weights_only=True) ({e}); convert "
+            "it to safetensors with a trusted tool, or re-save it"
+        ) from e
+    if not isinstance(state, dict) or not all(isinstance(t, torch.Tensor) for t in state.values()):
+        raise CheckpointError(f"{file} does not hold a flat state dict of tensors")
+    return state
+
+
+def parse_size(size: str | int) -> int:
+    """'5GB', '500MB', '2GiB' or a number of bytes."""
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B)?\s*", size, re.IGNORECASE)
+    if not m:
+        raise ValueError(f"not a size: {size!r} (examples: 5GB, 500MB, 2GiB, 1000000)")
+    unit = (m.group(2) or "B").upper()
+    base = 1024 if "I" in unit else 1000
+    power = "BKMGT".index(unit[0]) if unit[0] in "KMGT" else 0
+    return int(float(m.group(1)) * base**power)
+
+
+class ShardWriter:
+    """Streams tensors, in a fixed planned order, into size-limited safetensors shards."""
+
+    def __init__(
+        self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
+    ):
+        self.folder = folder
+        shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+        size = 0
+        for entry in plan:
+            nbytes = math.prod(entry[1]) * entry[2].itemsize
+            if shards[-1] and size + nbytes > max_shard_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(entry)
+            size += nbytes
+        n = len(shards)
+        names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
+        self.shards = list(zip(names, shards, strict=True))
+        self.order = [name for _, entries in self.shards for name, _, _ in entries]
+        self._next = 0
+        self._shard = -1
+        self._file = None
+        self._left_in_shard = 0
+        self.total_size = sum(math.prod(s) * d.itemsize for _, s, d in plan)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        if self._next >= len(self.order) or self.order[self._next] != name:
+            raise MergeError(f"internal error: tensor {name!r} written out of planned order")
+        if self._left_in_shard == 0:
+            self._open_next_shard()
+        _, entries = self.shards[self._shard]
+        _, shape, dtype = entries[len(entries) - self._left_in_shard]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise MergeError(
+                f"tensor {name!r}: method returned {tuple(tensor.shape)} {tensor.dtype}, "
+                f"expected {shape} {dtype}"
+            )
+        self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._next += 1
+        self._left_in_shard -= 1
+        if self._left_in_shard == 0:
+            self._file.close()
+            self._file = None
+
+    def _open_next_shard(self) -> None:
+        self._shard += 1
+        file_name, entries = self.shards[self._shard]
+        header: dict = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, shape, dtype in entries:
+            nbytes = math.prod(shape) * dtype.itemsize
+            header[name] = {
+                "dtype": DTYPE_NAMES[dtype],
+                "shape": list(shape),
+                "data_offsets": [offset, offset + nbytes],
+            }
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
+        self._file = open(self.folder / file_name, "wb")  # noqa: SIM115 (closed after last tensor)
+        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        self._left_in_shard = len(entries)
+
+    def finish(self) -> list[str]:
+        """Check every planned tensor was written; write the index. Returns the shard names."""
+        if self._next != len(self.order):
+            raise MergeError(f"internal error: {len(self.order) - self._next} tensors not written")
+        if len(self.shards) > 1:
+            weight_map = {name: f for f, entries in self.shards for name, _, _ in entries}
+            index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
+            (self.folder / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return [f for f, _ in self.shards]
+
+
+@contextmanager
+def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` by renaming."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise MergeError(f"output path {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise MergeError(f"output folder {out} is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(out)

@@ -1,0 +1,102 @@
+"""The `medmerge` command: parses arguments, calls the Python API, prints. No logic here."""
+
+from __future__ import annotations
+
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import yaml
+
+from medmerge.errors import MedmergeError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+
+
+class Device(str, Enum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(str, Enum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+    float32 = "float32"
+
+
+def _run(fn, *args, **kwargs):
+    """Call the API; a user error becomes one red line and exit code 2, not a traceback."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return fn(*args, **kwargs)
+    except MedmergeError as e:
+        typer.secho(f"error: {e}", fg="red", err=True)
+        raise typer.Exit(2) from e
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="mergekit-style YAML merge config")],
+    out_dir: Annotated[Path, typer.Argument(help="folder for the merged checkpoint")],
+    device: Annotated[Device, typer.Option(help="where the arithmetic runs")] = Device.cpu,
+    dtype: Annotated[DType | None, typer.Option(help="output dtype (default: config's)")] = None,
+    shard_size: Annotated[str, typer.Option(help="largest output shard, e.g. 5GB")] = "5GB",
+    seed: Annotated[int, typer.Option(help="seed of randomised methods (DARE, DELLA)")] = 0,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty OUT_DIR")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Merge the models a config names, streaming tensor by tensor, into OUT_DIR."""
+    from medmerge.engine import merge as run_merge
+
+    out = _run(run_merge, config, out_dir, device=device.value,
+               dtype=dtype.value if dtype else None, shard_size=shard_size, seed=seed,
+               overwrite=overwrite, progress=not quiet)
+    typer.echo(f"merged model written to {out}")
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods and their parameters (defaults in brackets)."""
+    from medmerge.methods import REGISTRY, REQUIRED, config_name
+
+    for name, m in sorted(REGISTRY.items()):
+        params = ", ".join(
+            config_name(k) + ("" if d is REQUIRED else f" [{d}]") + (" (per model)"
+                                                                     if k in m.per_model else "")
+            for k, d in m.defaults.items()
+        )
+        base = "needs base_model" if m.needs_base else "no base needed"
+        typer.echo(f"{name}: {m.doc}\n    {base}; parameters: {params or 'none'}")
+
+
+@app.command()
+def example(
+    out_dir: Annotated[Path, typer.Argument(help="folder to create")],
+    arch: Annotated[str, typer.Option(help="mistral (GQA) or llama (tied embeddings)")] = "mistral",
+    method: Annotated[str, typer.Option(help="merge method of the example config")] = "task_arithmetic",
+    overwrite: Annotated[bool, typer.Option(help="replace existing example models")] = False,
+) -> None:
+    """Write a tiny base, two fine-tunes of it and a merge config for them into OUT_DIR."""
+    from medmerge.synthetic import tiny_config, write_family
+
+    base, a, b = _run(write_family, out_dir / "models", tiny_config(arch), shard_size=40_000,
+                      overwrite=overwrite)
+    config = {
+        "merge_method": method,
+        "base_model": str(base.resolve()),
+        "models": [
+            {"model": str(a.resolve()), "parameters": {"weight": 0.5}},
+            {"model": str(b.resolve()), "parameters": {"weight": 0.5}},
+        ],
+        "dtype": "bfloat16",
+    }
+    path = out_dir / "merge.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    typer.echo(f"models in {out_dir / 'models'}; config {path}\n"
+               f"next: medmerge merge {path} {out_dir / 'merged'}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,98 @@
+"""The registry of merge methods: name -> MergeMethod.
+
+A method is a plain function decorated with `@register`. Its keyword-only parameters are the
+method's config parameters (their defaults are the defaults; a parameter without one is
+required). Parameters listed in `per_model` arrive as one value per model, in model order.
+
+Tensor-wise methods (the default) look like
+
+    fn(base: Tensor | None, models: list[Tensor], *, weight: list[float], ...) -> Tensor
+
+with float32 tensors on the merge device. Group methods (`group=` a function that splits the
+tensor names into groups, e.g. one layer's q, k, v and o) take and return dicts name -> Tensor.
+
+The engine also passes, when the function names them, these keyword arguments:
+- `generators`: one `torch.Generator` per model, seeded from (seed, tensor name, model index);
+- `name`: the tensor name (tensor-wise) or `names` (group methods);
+- `config`: the base model's `config.json` as a dict;
+- `diagnostics`: a list to append JSON-able records to (written beside the provenance).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from medmerge.errors import ConfigError
+
+ENGINE_ARGS = frozenset({"generators", "name", "names", "config", "diagnostics"})
+REQUIRED = inspect.Parameter.empty
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable
+    needs_base: bool
+    per_model: frozenset[str]
+    defaults: dict[str, object]  # parameter -> default, REQUIRED when it has none
+    engine_args: frozenset[str]
+    group: Callable[[Sequence[str], dict], list[list[str]]] | None
+    min_models: int
+    max_models: int | None
+
+    @property
+    def doc(self) -> str:
+        return (self.fn.__doc__ or "").strip().splitlines()[0] if self.fn.__doc__ else ""
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def register(
+    name: str,
+    *,
+    needs_base: bool,
+    per_model: Sequence[str] = (),
+    aliases: Sequence[str] = (),
+    group: Callable[[Sequence[str], dict], list[list[str]]] | None = None,
+    min_models: int = 1,
+    max_models: int | None = None,
+) -> Callable[[Callable], Callable]:
+    def decorate(fn: Callable) -> Callable:
+        params = inspect.signature(fn).parameters.values()
+        kw = [p for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY]
+        method = MergeMethod(
+            name=name,
+            fn=fn,
+            needs_base=needs_base,
+            per_model=frozenset(per_model),
+            defaults={p.name: p.default for p in kw if p.name not in ENGINE_ARGS},
+            engine_args=frozenset(p.name for p in kw if p.name in ENGINE_ARGS),
+            group=group,
+            min_models=min_models,
+            max_models=max_models,
+        )
+        for key in (name, *aliases):
+            REGISTRY[key] = method
+        return fn
+
+    return decorate
+
+
+def get_method(name: str) -> MergeMethod:
+    if name not in REGISTRY:
+        raise ConfigError(
+            f"unknown merge_method {name!r}; available: {', '.join(sorted(REGISTRY))}"
+        )
+    return REGISTRY[name]
+
+
+def config_name(key: str) -> str:
+    """Config spelling of a parameter: `lambda_` in Python is `lambda` in YAML."""
+    return key.rstrip("_")
+
+
+# importing the method modules fills the registry
+from medmerge.methods import basic  # noqa: E402, F401

@@ -1,0 +1,130 @@
+"""Synthetic model families (a base and fine-tunes of it) with real Hugging Face architectures.
+
+Weights are random but laid out exactly as transformers lays out a Llama or Mistral model, so
+the folders load with `AutoModelForCausalLM.from_pretrained`. Tensors are generated and written
+one at a time (through the same streaming writer as a merge), so a 1B-parameter family needs no
+more memory than its largest tensor. Every value is a function of (seed, tensor name, member), so
+a family is reproducible and independent of write order.
+
+Used by the example command, the tests' fixtures and the benchmark.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoModelForCausalLM,
+    GenerationConfig,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
+)
+
+from medmerge.checkpoint import ShardWriter, atomic_folder
+from medmerge.engine import tensor_seed
+
+TINY = dict(
+    vocab_size=384,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=8,
+    head_dim=8,
+    max_position_embeddings=128,
+)
+
+
+def tiny_config(arch: str = "mistral", **overrides) -> PretrainedConfig:
+    """A tiny config: `mistral` uses grouped-query attention (8 query heads, 2 kv heads) and an
+    untied output head; `llama` has one kv head per query head and tied embeddings."""
+    if arch == "mistral":
+        return MistralConfig(**{**TINY, "num_key_value_heads": 2, **overrides})
+    if arch == "llama":
+        return LlamaConfig(**{**TINY, "num_key_value_heads": 8, "tie_word_embeddings": True,
+                              **overrides})
+    raise ValueError(f"unknown architecture {arch!r}; use mistral or llama")
+
+
+def mistral_1b_config() -> MistralConfig:
+    """About 1.1B parameters shaped like Mistral-7B scaled down (GQA 16:4, untied head)."""
+    return MistralConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+        num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+        max_position_embeddings=4096,
+    )
+
+
+def tensor_layout(config: PretrainedConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of the tensors transformers saves for this config (no memory used)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    state = model.state_dict()
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return [(name, tuple(t.shape)) for name, t in state.items()]
+
+
+def _tensor(name: str, shape, seed: int, member: int, delta: float) -> torch.Tensor:
+    """Base values (member 0) plus, for fine-tunes, a member-specific delta of relative size."""
+    g = torch.Generator().manual_seed(tensor_seed(seed, name, 0))
+    is_norm = "norm" in name
+    base = torch.ones(shape) if is_norm else torch.randn(shape, generator=g) * 0.02
+    if member == 0:
+        return base
+    g = torch.Generator().manual_seed(tensor_seed(seed, name, member))
+    scale = delta * (1.0 if is_norm else 0.02)
+    return base + torch.randn(shape, generator=g) * scale
+
+
+def write_model(
+    folder: Path, config: PretrainedConfig, *, seed: int = 0, member: int = 0,
+    delta: float = 0.05, dtype: torch.dtype = torch.bfloat16, shard_size: int = 2**31,
+    overwrite: bool = False,
+) -> Path:
+    """Write one member of a family: 0 is the base, k > 0 the k-th fine-tune."""
+    layout = tensor_layout(config)
+    with atomic_folder(folder, overwrite=overwrite) as tmp:
+        writer = ShardWriter(tmp, [(n, s, dtype) for n, s in layout], shard_size)
+        for name, shape in layout:
+            writer.write(name, _tensor(name, shape, seed, member, delta).to(dtype))
+        writer.finish()
+        config.dtype = str(dtype).removeprefix("torch.")
+        config.save_pretrained(tmp)
+        GenerationConfig.from_model_config(config).save_pretrained(tmp)
+        tiny_tokenizer(config.vocab_size).save_pretrained(tmp)
+    return Path(folder)
+
+
+def write_family(
+    root: Path, config: PretrainedConfig, *, seed: int = 0, members: int = 2, **kwargs
+) -> list[Path]:
+    """Write `root/base` and `root/model_1..members`; returns their folders, base first."""
+    names = ["base"] + [f"model_{k}" for k in range(1, members + 1)]
+    return [write_model(Path(root) / n, config, seed=seed, member=k, **kwargs)
+            for k, n in enumerate(names)]
+
+
+def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on a few sentences, sized to fit the vocabulary."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    corpus = [
+        "The patient presented with chest pain and shortness of breath.",
+        "Hypertension is a common cardiovascular disease.",
+        "The capital of France is Paris.",
+    ] * 10
+    size = min(vocab_size, 256 + 3 + 40)
+    trainer = trainers.BpeTrainer(
+        vocab_size=size, special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+    )
+    tok.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
