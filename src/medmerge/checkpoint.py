@@ -185,7 +185,9 @@ class Checkpoint:
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index} is not a valid index (needs a 'weight_map'): {e}") from e
+            raise CheckpointError(
+                f"{index} is not a valid index (needs a 'weight_map'): {e}"
+            ) from e
         root = self.path.resolve()
         files = []
         for shard in sorted(set(weight_map.values())):
@@ -223,7 +225,10 @@ def _safetensors_header(file: Path) -> dict[str, TensorInfo]:
             raise CheckpointError(f"{file}: tensor {name!r} has unsupported dtype {meta['dtype']}")
         begin, end = meta["data_offsets"]
         tensors[name] = TensorInfo(
-            file, SAFETENSORS_DTYPES[meta["dtype"]], tuple(meta["shape"]), data_start + begin,
+            file,
+            SAFETENSORS_DTYPES[meta["dtype"]],
+            tuple(meta["shape"]),
+            data_start + begin,
             data_start + end,
         )
     return tensors
@@ -259,7 +264,10 @@ class ShardWriter:
     """Streams tensors, in a fixed planned order, into size-limited safetensors shards."""
 
     def __init__(
-        self, folder: Path, plan: list[tuple[str, tuple[int, ...], torch.dtype]], max_shard_bytes: int
+        self,
+        folder: Path,
+        plan: list[tuple[str, tuple[int, ...], torch.dtype]],
+        max_shard_bytes: int,
     ):
         self.folder = folder
         shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]

@@ -50,9 +50,17 @@ def merge(
     """Merge the models a config names, streaming tensor by tensor, into OUT_DIR."""
     from medmerge.engine import merge as run_merge
 
-    out = _run(run_merge, config, out_dir, device=device.value,
-               dtype=dtype.value if dtype else None, shard_size=shard_size, seed=seed,
-               overwrite=overwrite, progress=not quiet)
+    out = _run(
+        run_merge,
+        config,
+        out_dir,
+        device=device.value,
+        dtype=dtype.value if dtype else None,
+        shard_size=shard_size,
+        seed=seed,
+        overwrite=overwrite,
+        progress=not quiet,
+    )
     typer.echo(f"merged model written to {out}")
 
 
@@ -63,8 +71,9 @@ def methods() -> None:
 
     for name, m in sorted(REGISTRY.items()):
         params = ", ".join(
-            config_name(k) + ("" if d is REQUIRED else f" [{d}]") + (" (per model)"
-                                                                     if k in m.per_model else "")
+            config_name(k)
+            + ("" if d is REQUIRED else f" [{d}]")
+            + (" (per model)" if k in m.per_model else "")
             for k, d in m.defaults.items()
         )
         base = "needs base_model" if m.needs_base else "no base needed"
@@ -75,14 +84,17 @@ def methods() -> None:
 def example(
     out_dir: Annotated[Path, typer.Argument(help="folder to create")],
     arch: Annotated[str, typer.Option(help="mistral (GQA) or llama (tied embeddings)")] = "mistral",
-    method: Annotated[str, typer.Option(help="merge method of the example config")] = "task_arithmetic",
+    method: Annotated[
+        str, typer.Option(help="merge method of the example config")
+    ] = "task_arithmetic",
     overwrite: Annotated[bool, typer.Option(help="replace existing example models")] = False,
 ) -> None:
     """Write a tiny base, two fine-tunes of it and a merge config for them into OUT_DIR."""
     from medmerge.synthetic import tiny_config, write_family
 
-    base, a, b = _run(write_family, out_dir / "models", tiny_config(arch), shard_size=40_000,
-                      overwrite=overwrite)
+    base, a, b = _run(
+        write_family, out_dir / "models", tiny_config(arch), shard_size=40_000, overwrite=overwrite
+    )
     config = {
         "merge_method": method,
         "base_model": str(base.resolve()),
@@ -94,8 +106,10 @@ def example(
     }
     path = out_dir / "merge.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    typer.echo(f"models in {out_dir / 'models'}; config {path}\n"
-               f"next: medmerge merge {path} {out_dir / 'merged'}")
+    typer.echo(
+        f"models in {out_dir / 'models'}; config {path}\n"
+        f"next: medmerge merge {path} {out_dir / 'merged'}"
+    )
 
 
 if __name__ == "__main__":

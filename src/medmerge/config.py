@@ -21,7 +21,6 @@ is a substring of the tensor name (or absent, or "*") applies.
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -84,17 +83,21 @@ def _describe(err: ValidationError, source: str) -> str:
     lines = [f"invalid merge config {source}:"]
     seen = set()
     for e in err.errors():
-        loc = e["loc"]
-        # pydantic reports each union branch; keep the first error per location
-        where = ".".join(str(p) for p in loc if not str(p).startswith(("list[", "function-")))
-        where = re.sub(r"\.(bool|int|float|str|ConditionalParameter)\b", "", where)
-        if where in seen:
-            continue
-        seen.add(where)
+        loc = [str(p) for p in e["loc"]]
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
-            msg = f"unknown key (allowed: {_allowed_keys(loc)})"
-        lines.append(f"  {where or '(top level)'}: {msg}")
+            msg = f"unknown key (allowed: {_allowed_keys(e['loc'])})"
+        elif "parameters" in loc:
+            # pydantic reports every branch of the value union; one plain sentence is clearer
+            loc = loc[: loc.index("parameters") + 2]
+            msg = (
+                "expected a number, bool or string, a list of numbers (a gradient over "
+                "layers), or a list of {filter, value} entries"
+            )
+        where = ".".join(p for p in loc if not p.startswith(("list[", "function-")))
+        if (where, msg) not in seen:
+            seen.add((where, msg))
+            lines.append(f"  {where or '(top level)'}: {msg}")
     return "\n".join(lines)
 
 
@@ -118,4 +121,3 @@ def load_config(config: MergeConfig | dict | str | os.PathLike) -> MergeConfig:
         return MergeConfig.model_validate(config)
     except ValidationError as e:
         raise ConfigError(_describe(e, source)) from e
-

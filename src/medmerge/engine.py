@@ -112,7 +112,9 @@ def plan_merge(config: MergeConfig | dict | str | Path, dtype: str | None = None
         want = f"{method.min_models}" + (
             f" to {method.max_models}" if method.max_models != method.min_models else ""
         )
-        raise ConfigError(f"merge_method {method.name} takes {want} models (besides the base); got {n}")
+        raise ConfigError(
+            f"merge_method {method.name} takes {want} models (besides the base); got {n}"
+        )
     plan = MergePlan(cfg, method, base, models, torch.bfloat16, [])
     _check_compatible(plan)
     plan.out_dtype = _output_dtype(plan, dtype)
@@ -160,8 +162,13 @@ def _check_compatible(plan: MergePlan) -> None:
                 )
         extra = set(other.names()) - set(ref.names()) - {"lm_head.weight"}
         if extra:
-            log.warning("%s has %d tensors that %s lacks; they are ignored (e.g. %s)",
-                        other.path, len(extra), ref.path, sorted(extra)[0])
+            log.warning(
+                "%s has %d tensors that %s lacks; they are ignored (e.g. %s)",
+                other.path,
+                len(extra),
+                ref.path,
+                sorted(extra)[0],
+            )
 
 
 def _output_dtype(plan: MergePlan, override: str | None) -> torch.dtype:
@@ -276,11 +283,17 @@ def _run_group(plan: MergePlan, names: list[str], device: torch.device, seed: in
     for n in names:
         t = out[n].to(plan.out_dtype)
         if not torch.isfinite(t).all():
-            bad = [c.path for c, d in zip(plan.inputs, ([base] if base else []) + models,
-                                          strict=True) if not torch.isfinite(d[n]).all()]
-            cause = (f"the input {', '.join(map(str, bad))} has NaN or inf in it" if bad else
-                     f"the result overflows {plan.out_dtype} or the parameters are extreme; "
-                     "check the weights, or write float32")
+            bad = [
+                c.path
+                for c, d in zip(plan.inputs, ([base] if base else []) + models, strict=True)
+                if not torch.isfinite(d[n]).all()
+            ]
+            cause = (
+                f"the input {', '.join(map(str, bad))} has NaN or inf in it"
+                if bad
+                else f"the result overflows {plan.out_dtype} or the parameters are extreme; "
+                "check the weights, or write float32"
+            )
             raise MergeError(f"merged tensor {n!r} has non-finite values: {cause}")
         result[n] = t
     return result, nbytes
@@ -313,8 +326,11 @@ def merge(
         raise ConfigError(str(e)) from e
     ref = plan.reference
     layout = [
-        (n, ref.info(n).shape, plan.out_dtype if ref.info(n).dtype.is_floating_point
-         else ref.info(n).dtype)
+        (
+            n,
+            ref.info(n).shape,
+            plan.out_dtype if ref.info(n).dtype.is_floating_point else ref.info(n).dtype,
+        )
         for n in plan.order
     ]
     total_in = sum(c.info(n).nbytes for c in plan.inputs for n in plan.order)
@@ -323,8 +339,13 @@ def merge(
         # hashing the inputs for provenance overlaps with the merge (hashlib releases the GIL)
         hashes = pool.submit(_hash_inputs, plan)
         writer = ShardWriter(tmp, layout, max_shard)
-        with tqdm(total=total_in, unit="B", unit_scale=True, desc=f"merge {plan.method.name}",
-                  disable=not progress) as bar:
+        with tqdm(
+            total=total_in,
+            unit="B",
+            unit_scale=True,
+            desc=f"merge {plan.method.name}",
+            disable=not progress,
+        ) as bar:
             done = 0
             for names in plan.groups:
                 tensors, nbytes = _run_group(plan, names, dev, seed, diagnostics)
@@ -334,8 +355,9 @@ def merge(
                 bar.update(nbytes)
                 bar.set_postfix_str(f"{done}/{len(plan.order)} tensors", refresh=False)
         shards = writer.finish()
-        _write_metadata(plan, tmp, shards, hashes.result(), diagnostics, seed, device,
-                        time.time() - started)
+        _write_metadata(
+            plan, tmp, shards, hashes.result(), diagnostics, seed, device, time.time() - started
+        )
     for ckpt in plan.inputs:
         ckpt.close()
     log.info("merged %s into %s in %.1f s", plan.method.name, out, time.time() - started)
@@ -347,8 +369,10 @@ def _hash_inputs(plan: MergePlan) -> list[dict]:
     for role, ckpt in [("base", plan.base)] + [("model", m) for m in plan.models]:
         if ckpt is None:
             continue
-        files = [{"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
-                 for f in ckpt.files]
+        files = [
+            {"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in ckpt.files
+        ]
         records.append({"role": role, "path": str(ckpt.path.resolve()), "files": files})
     return records
 

@@ -43,16 +43,22 @@ def tiny_config(arch: str = "mistral", **overrides) -> PretrainedConfig:
     if arch == "mistral":
         return MistralConfig(**{**TINY, "num_key_value_heads": 2, **overrides})
     if arch == "llama":
-        return LlamaConfig(**{**TINY, "num_key_value_heads": 8, "tie_word_embeddings": True,
-                              **overrides})
+        return LlamaConfig(
+            **{**TINY, "num_key_value_heads": 8, "tie_word_embeddings": True, **overrides}
+        )
     raise ValueError(f"unknown architecture {arch!r}; use mistral or llama")
 
 
 def mistral_1b_config() -> MistralConfig:
     """About 1.1B parameters shaped like Mistral-7B scaled down (GQA 16:4, untied head)."""
     return MistralConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-        num_attention_heads=16, num_key_value_heads=4, head_dim=128,
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=16,
+        num_key_value_heads=4,
+        head_dim=128,
         max_position_embeddings=4096,
     )
 
@@ -80,8 +86,14 @@ def _tensor(name: str, shape, seed: int, member: int, delta: float) -> torch.Ten
 
 
 def write_model(
-    folder: Path, config: PretrainedConfig, *, seed: int = 0, member: int = 0,
-    delta: float = 0.05, dtype: torch.dtype = torch.bfloat16, shard_size: int = 2**31,
+    folder: Path,
+    config: PretrainedConfig,
+    *,
+    seed: int = 0,
+    member: int = 0,
+    delta: float = 0.05,
+    dtype: torch.dtype = torch.bfloat16,
+    shard_size: int = 2**31,
     overwrite: bool = False,
 ) -> Path:
     """Write one member of a family: 0 is the base, k > 0 the k-th fine-tune."""
@@ -103,8 +115,10 @@ def write_family(
 ) -> list[Path]:
     """Write `root/base` and `root/model_1..members`; returns their folders, base first."""
     names = ["base"] + [f"model_{k}" for k in range(1, members + 1)]
-    return [write_model(Path(root) / n, config, seed=seed, member=k, **kwargs)
-            for k, n in enumerate(names)]
+    return [
+        write_model(Path(root) / n, config, seed=seed, member=k, **kwargs)
+        for k, n in enumerate(names)
+    ]
 
 
 def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -121,8 +135,10 @@ def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     ] * 10
     size = min(vocab_size, 256 + 3 + 40)
     trainer = trainers.BpeTrainer(
-        vocab_size=size, special_tokens=["<unk>", "<s>", "</s>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False,
+        vocab_size=size,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
     )
     tok.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(

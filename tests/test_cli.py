@@ -1,0 +1,31 @@
+"""The command line: example models, a merge, a user error as one line and exit code 2."""
+
+import torch
+from conftest import logits
+from typer.testing import CliRunner
+
+from medmerge.cli import app
+
+runner = CliRunner()
+
+
+def test_example_then_merge(tmp_path):
+    result = runner.invoke(app, ["example", str(tmp_path / "ex")])
+    assert result.exit_code == 0, result.output
+    config = tmp_path / "ex" / "merge.yaml"
+    out = tmp_path / "ex" / "merged"
+    result = runner.invoke(app, ["merge", str(config), str(out), "--quiet", "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    assert f"merged model written to {out}" in result.output
+    assert torch.isfinite(logits(out)).all()
+    again = runner.invoke(app, ["merge", str(config), str(out), "--quiet"])
+    assert again.exit_code == 2
+    assert "not empty; pass --overwrite" in again.output
+    assert "Traceback" not in again.output
+
+
+def test_methods_lists_parameters():
+    result = runner.invoke(app, ["methods"])
+    assert result.exit_code == 0
+    assert "task_arithmetic: base + sum_i w_i (theta_i - base)" in result.output
+    assert "weight (per model)" in result.output

@@ -1,0 +1,220 @@
+"""Every bad input gets a clear error naming the file or tensor, and leaves no output behind."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import leftovers, state
+from safetensors.torch import load_file, save_file
+
+import medmerge
+from medmerge.errors import (
+    CheckpointError,
+    ConfigError,
+    IncompatibleModelsError,
+    MergeError,
+)
+from medmerge.synthetic import tiny_config, write_model
+
+
+def cfg(base, models, method="task_arithmetic", **extra):
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in models],
+        **extra,
+    }
+
+
+def copy(folder, tmp_path, name="copy"):
+    return shutil.copytree(folder, tmp_path / name)
+
+
+def fails(config, out, error, pattern):
+    with pytest.raises(error, match=pattern):
+        medmerge.merge(config, out, progress=False)
+    assert leftovers(out) == []
+
+
+def test_missing_folder(mistral, tmp_path):
+    base, a, _ = mistral
+    fails(
+        cfg(base, [a, tmp_path / "nope"]), tmp_path / "out", CheckpointError, r"nope does not exist"
+    )
+
+
+def test_missing_config(mistral, tmp_path):
+    base, a, b = mistral
+    bad = copy(b, tmp_path)
+    (bad / "config.json").unlink()
+    fails(cfg(base, [a, bad]), tmp_path / "out", CheckpointError, r"copy/config.json is missing")
+
+
+def test_different_architectures(mistral, tmp_path):
+    base, a, _ = mistral
+    llama = write_model(tmp_path / "llama", tiny_config("llama"))
+    fails(
+        cfg(base, [a, llama]),
+        tmp_path / "out",
+        IncompatibleModelsError,
+        r"llama has model_type='llama'.*'mistral'",
+    )
+
+
+def rewrite(folder, change):
+    """Apply `change` to the tensors of every shard of a copied model folder."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors = change(load_file(folder / shard))
+        save_file(tensors, folder / shard)
+        index["weight_map"] = {
+            k: v for k, v in index["weight_map"].items() if v != shard or k in tensors
+        }
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+def test_missing_tensor(mistral, tmp_path):
+    base, a, b = mistral
+    bad = copy(b, tmp_path)
+    rewrite(bad, lambda t: {k: v for k, v in t.items() if "layers.1.mlp.up_proj" not in k})
+    fails(
+        cfg(base, [a, bad]),
+        tmp_path / "out",
+        IncompatibleModelsError,
+        r"'model.layers.1.mlp.up_proj.weight' of .*base is missing from .*copy",
+    )
+
+
+def test_shape_mismatch(mistral, tmp_path):
+    base, a, _ = mistral
+    wider = write_model(tmp_path / "wider", tiny_config("mistral", intermediate_size=96))
+    fails(
+        cfg(base, [a, wider]),
+        tmp_path / "out",
+        IncompatibleModelsError,
+        r"'model.layers.0.mlp.gate_proj.weight' has shape \[96, 64\] in .*wider but \[128, 64\]",
+    )
+
+
+def test_truncated_shard(mistral, tmp_path):
+    base, a, b = mistral
+    bad = copy(b, tmp_path)
+    shard = sorted(bad.glob("model-*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    fails(
+        cfg(base, [a, bad]),
+        tmp_path / "out",
+        CheckpointError,
+        rf"{shard.name} is not a readable safetensors file.*truncated or corrupt",
+    )
+
+
+def test_index_pointing_outside_the_folder(mistral, tmp_path):
+    base, a, b = mistral
+    bad = copy(b, tmp_path)
+    index_file = bad / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    first = next(iter(index["weight_map"]))
+    index["weight_map"][first] = "../../etc/passwd"
+    index_file.write_text(json.dumps(index))
+    fails(
+        cfg(base, [a, bad]),
+        tmp_path / "out",
+        CheckpointError,
+        r"points outside the model folder \('../../etc/passwd'\)",
+    )
+
+
+def test_lora_adapter_given_as_model(mistral, tmp_path):
+    base, a, _ = mistral
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA"}))
+    fails(
+        cfg(base, [a, adapter]),
+        tmp_path / "out",
+        CheckpointError,
+        r"adapter is a PEFT/LoRA adapter.*medmerge materialize",
+    )
+
+
+def test_nan_in_an_input_is_named(mistral, tmp_path):
+    base, a, b = mistral
+    bad = copy(b, tmp_path)
+
+    def poison(tensors):
+        if "model.norm.weight" in tensors:
+            tensors["model.norm.weight"][3] = float("nan")
+        return tensors
+
+    rewrite(bad, poison)
+    fails(
+        cfg(base, [a, bad]),
+        tmp_path / "out",
+        MergeError,
+        r"'model.norm.weight' has non-finite values: the input .*copy has NaN",
+    )
+
+
+def test_overflow_in_the_output_is_reported(mistral, tmp_path):
+    base, a, b = mistral
+    config = cfg(base, [a, b], dtype="float16")
+    config["models"][0]["parameters"]["weight"] = 1e9
+    fails(config, tmp_path / "out", MergeError, r"non-finite values: the result overflows")
+
+
+@pytest.mark.parametrize(
+    "change, pattern",
+    [
+        ({"merge_methd": "linear"}, r"merge_methd: unknown key \(allowed: merge_method, models"),
+        ({"merge_method": "magic"}, r"unknown merge_method 'magic'; available: .*linear"),
+        ({"parameters": {"densty": 0.5}}, r"no parameter 'densty'.*allowed: weight, normalize"),
+        ({"dtype": "int8"}, r"dtype: Input should be 'float32', 'float16' or 'bfloat16'"),
+        ({"tokenizer_source": "union"}, r"union is not supported"),
+    ],
+)
+def test_bad_config_values(mistral, tmp_path, change, pattern):
+    base, a, b = mistral
+    config = cfg(base, [a, b])
+    if "merge_methd" in change:
+        config.pop("merge_method")
+    config.update(change)
+    fails(config, tmp_path / "out", ConfigError, pattern)
+
+
+def test_missing_weight_and_global_parameter_per_model(mistral, tmp_path):
+    base, a, b = mistral
+    config = cfg(base, [a, b])
+    del config["models"][1]["parameters"]["weight"]
+    fails(config, tmp_path / "out", ConfigError, r"needs parameter 'weight' for model .*model_2")
+    config = cfg(base, [a, b])
+    config["models"][0]["parameters"]["normalize"] = True
+    fails(config, tmp_path / "out", ConfigError, r"'normalize' applies to the whole merge")
+
+
+def test_task_arithmetic_needs_a_base(mistral, tmp_path):
+    _, a, b = mistral
+    config = cfg(a, [a, b])
+    del config["base_model"]
+    fails(config, tmp_path / "out", ConfigError, r"needs a base_model")
+
+
+def test_non_empty_output_is_refused_without_overwrite(mistral, tmp_path):
+    base, a, b = mistral
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    with pytest.raises(MergeError, match="not empty; pass --overwrite"):
+        medmerge.merge(cfg(base, [a, b]), out, progress=False)
+    assert (out / "keep.txt").read_text() == "mine"
+    medmerge.merge(cfg(base, [a, b]), out, overwrite=True, progress=False)
+    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_output_may_not_be_an_input(mistral, tmp_path):
+    base, a, b = mistral
+    with pytest.raises(MergeError, match="is an input of the merge"):
+        medmerge.merge(cfg(base, [a, b]), b, overwrite=True, progress=False)
+    assert torch.isfinite(state(b)["model.norm.weight"]).all()
