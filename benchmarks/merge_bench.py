@@ -44,29 +44,35 @@ def input_files(models: list[Path]) -> list[Path]:
     return [f for m in models for f in sorted(m.glob("*.safetensors"))]
 
 
-def read_floor(files: list[Path]) -> None:
+def read_floor(files: list[Path], copy_to: Path | None = None, copies: int = 0) -> None:
+    """Read every byte of `files`; with `copy_to`, also write the first `copies` files there
+    (the I/O floor of a merge: read all inputs, write one model-sized output)."""
     buf = bytearray(64 * 2**20)
     view = memoryview(buf)
-    for file in files:
+    for i, file in enumerate(files):
+        out = open(copy_to / file.name, "wb") if copy_to and i < copies else None  # noqa: SIM115
         with open(file, "rb", buffering=0) as f:
-            while f.readinto(view):
-                pass
+            while n := f.readinto(view):
+                if out:
+                    out.write(view[:n])
+        if out:
+            out.close()
 
 
 def child(code: str, env: dict) -> tuple[float, float]:
     """Time `code` in a fresh interpreter (after its imports); seconds and the process's peak RSS
-    in MB."""
+    in MB (VmHWM, which, unlike ru_maxrss, does not count the parent's memory before exec)."""
     timed = (
         "import time\nfrom pathlib import Path\nimport medmerge\n"
         "from benchmarks.merge_bench import read_floor\n"
         f"t = time.perf_counter()\n{code}\nprint(time.perf_counter() - t)\n"
+        "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", timed], env=env, stdout=subprocess.PIPE)
-    seconds = float(proc.stdout.read())
-    _, status, usage = os.wait4(proc.pid, 0)
-    if status != 0:
-        raise SystemExit(f"benchmark child failed (status {status}): {code}")
-    return seconds, usage.ru_maxrss / 1024
+    seconds, peak_kb = proc.stdout.read().split()
+    if proc.wait() != 0:
+        raise SystemExit(f"benchmark child failed: {code}")
+    return float(seconds), int(peak_kb) / 1024
 
 
 def merge_code(method: str, models: list[Path], out: Path, device: str) -> str:
@@ -74,14 +80,13 @@ def merge_code(method: str, models: list[Path], out: Path, device: str) -> str:
     cfg = {
         "merge_method": method,
         "base_model": base,
-        "models": [{"model": a, "parameters": {"weight": 0.5}},
-                   {"model": b, "parameters": {"weight": 0.5}}],
+        "models": [
+            {"model": a, "parameters": {"weight": 0.5}},
+            {"model": b, "parameters": {"weight": 0.5}},
+        ],
         "dtype": "bfloat16",
     }
-    return (
-        f"medmerge.merge({cfg!r}, {str(out)!r}, device={device!r}, overwrite=True, "
-        "progress=False)\n"
-    )
+    return f"medmerge.merge({cfg!r}, {str(out)!r}, device={device!r}, progress=False)\n"
 
 
 def main() -> None:
@@ -116,27 +121,71 @@ def main() -> None:
     )
     rows.append(("read floor", *floor))
     out = args.cache / "merged"
-    for method in args.methods.split(","):
-        runs = [child(merge_code(method, models, out, args.device), floor_env)
-                for _ in range(args.repeat)]
-        rows.append((method, min(r[0] for r in runs), max(r[1] for r in runs)))
+    base_shards = len(list(models[0].glob("*.safetensors")))
+
+    def fresh_out() -> Path:  # deleting 2 GB takes a second on ext4: keep it out of the timing
         shutil.rmtree(out, ignore_errors=True)
+        out.mkdir()
+        return out
+
+    io = []
+    for _ in range(args.repeat):
+        code = (
+            f"read_floor([Path(p) for p in {[str(f) for f in files]!r}], "
+            f"Path({str(fresh_out())!r}), {base_shards})"
+        )
+        io.append(child(code, floor_env))
+    rows.append(("read+write floor", min(r[0] for r in io), max(r[1] for r in io)))
+    for method in args.methods.split(","):
+        runs = []
+        for _ in range(args.repeat):
+            runs.append(child(merge_code(method, models, fresh_out(), args.device), floor_env))
+        rows.append((method, min(r[0] for r in runs), max(r[1] for r in runs)))
+    shutil.rmtree(out, ignore_errors=True)
 
     floor_s, floor_rss = rows[0][1], rows[0][2]
-    print(f"\n{args.size} family: {gb:.2f} GB of input in {len(files)} shards; device "
-          f"{args.device}; best of {args.repeat}")
+    print(
+        f"\n{args.size} family: {gb:.2f} GB of input in {len(files)} shards; device "
+        f"{args.device}; best of {args.repeat}"
+    )
+    print(
+        "merges write into an empty folder; the family GB/s column divides the whole family's "
+        "size by the time (linear does not read the base)"
+    )
     print(f"first-time sha256 of all inputs (cached afterwards): {hash_seconds:.1f} s\n")
-    print(f"{'row':<18}{'wall s':>8}{'x floor':>9}{'input GB/s':>12}{'peak RSS MB':>13}")
+    io_s = rows[1][1]
+    print(
+        f"{'row':<18}{'wall s':>8}{'x read floor':>14}{'x r+w floor':>13}{'family GB/s':>13}"
+        f"{'peak RSS MB':>13}"
+    )
     for name, seconds, rss in rows:
-        print(f"{name:<18}{seconds:>8.2f}{seconds / floor_s:>9.2f}{gb / seconds:>12.2f}"
-              f"{rss:>13.0f}")
+        print(
+            f"{name:<18}{seconds:>8.2f}{seconds / floor_s:>14.2f}{seconds / io_s:>13.2f}"
+            f"{gb / seconds:>13.2f}{rss:>13.0f}"
+        )
     if args.json:
-        args.json.write_text(json.dumps({
-            "size": args.size, "input_gb": gb, "device": args.device, "hash_seconds": hash_seconds,
-            "floor_rss_mb": floor_rss,
-            "rows": [{"name": n, "seconds": s, "x_floor": s / floor_s, "peak_rss_mb": r}
-                     for n, s, r in rows],
-        }, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "size": args.size,
+                    "input_gb": gb,
+                    "device": args.device,
+                    "hash_seconds": hash_seconds,
+                    "floor_rss_mb": floor_rss,
+                    "rows": [
+                        {
+                            "name": n,
+                            "seconds": s,
+                            "x_read_floor": s / floor_s,
+                            "x_read_write_floor": s / io_s,
+                            "peak_rss_mb": r,
+                        }
+                        for n, s, r in rows
+                    ],
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

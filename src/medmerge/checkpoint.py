@@ -149,19 +149,19 @@ class Checkpoint:
         info = self.info(name)
         if info.start < 0:
             return self._bin_shards[info.file][self.resolve(name)].clone()
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
-        buf = bytearray(info.nbytes)
+        # torch.empty rather than bytearray: no zero-fill pass before the read overwrites it
+        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        view = memoryview(data.numpy()) if info.nbytes else memoryview(b"")
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-        view, done = memoryview(buf), 0
-        while done < len(buf):
+        done = 0
+        while done < info.nbytes:
             n = os.preadv(fd, [view[done:]], info.start + done)
             if n == 0:
                 raise CheckpointError(f"{info.file} ended while reading tensor {name!r}")
             done += n
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+        return data.view(info.dtype).reshape(info.shape)
 
     def close(self) -> None:
         for fd in self._fds.values():

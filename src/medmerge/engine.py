@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import re
 import shutil
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -247,56 +249,115 @@ def _generators(seed: int, name: str, n: int) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(tensor_seed(seed, name, i)) for i in range(n)]
 
 
-def _run_group(plan: MergePlan, names: list[str], device: torch.device, seed: int, diagnostics):
-    ref_info = plan.reference.info(names[0])
-    if not ref_info.dtype.is_floating_point:
-        # integer and bool buffers (none in Llama/Mistral) are not merged: the reference's is kept
-        return {names[0]: plan.reference.read(names[0])}, ref_info.nbytes
+PREFETCH = 2  # groups read ahead of, and written behind, the arithmetic
+CHUNK = 1 << 20  # elements per call of an elementwise method on the CPU: stays in cache
 
-    def load(ckpt: Checkpoint, name: str) -> torch.Tensor:
-        return ckpt.read(name).to(device=device, dtype=torch.float32)
 
-    base = {n: load(plan.base, n) for n in names} if plan.base else None
-    models = [{n: load(m, n) for n in names} for m in plan.models]
-    nbytes = sum(c.info(n).nbytes for c in plan.inputs for n in names)
-    method = plan.method
-    extra = {}
+@dataclass
+class GroupInput:
+    """The raw tensors of one group, as stored: `base` (or None) and one dict per model."""
+
+    names: list[str]
+    base: dict[str, torch.Tensor] | None
+    models: list[dict[str, torch.Tensor]]
+    nbytes: int
+
+
+def _read_group(plan: MergePlan, names: list[str]) -> GroupInput:
+    use_base = plan.base is not None and plan.method.uses_base
+    base = {n: plan.base.read(n) for n in names} if use_base else None
+    models = [{n: m.read(n) for n in names} for m in plan.models]
+    readers = ([plan.base] if use_base else []) + plan.models
+    return GroupInput(names, base, models, sum(c.info(n).nbytes for c in readers for n in names))
+
+
+def _engine_kwargs(plan: MergePlan, key: str, seed: int, diagnostics: list) -> dict:
+    method, extra = plan.method, {}
     if "config" in method.engine_args:
         extra["config"] = plan.reference.config
     if "diagnostics" in method.engine_args:
         extra["diagnostics"] = diagnostics
+    if "generators" in method.engine_args:
+        extra["generators"] = _generators(seed, key, len(plan.models))
+    if "name" in method.engine_args:
+        extra["name"] = key
+    return extra
+
+
+def _merge_group(
+    plan: MergePlan, group: GroupInput, device: torch.device, seed: int, diagnostics: list
+) -> dict[str, torch.Tensor]:
+    """Merged tensors of one group, in the output dtype, on the CPU, checked finite."""
+    names, method = group.names, plan.method
+    first = plan.reference.info(names[0])
+    if not first.dtype.is_floating_point:
+        # integer and bool buffers (none in Llama/Mistral) are not merged: the reference's is kept
+        src = group.base if group.base is not None else group.models[0]
+        return {names[0]: src[names[0]]}
+    if method.elementwise and device.type == "cpu":
+        return {n: _merge_chunked(plan, group, n, seed, diagnostics) for n in names}
+
+    def f32(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=torch.float32)
+
+    base = {n: f32(t) for n, t in group.base.items()} if group.base is not None else None
+    models = [{n: f32(t) for n, t in m.items()} for m in group.models]
     if method.group:
-        if "generators" in method.engine_args:
-            extra["generators"] = _generators(seed, names[0], len(models))
+        extra = _engine_kwargs(plan, names[0], seed, diagnostics)
+        extra.pop("name", None)
         out = method.fn(base, models, names=names, **plan.params[names[0]], **extra)
     else:
-        out = {}
-        for n in names:
-            if "generators" in method.engine_args:
-                extra["generators"] = _generators(seed, n, len(models))
-            if "name" in method.engine_args:
-                extra["name"] = n
-            out[n] = method.fn(
-                base[n] if base else None, [m[n] for m in models], **plan.params[n], **extra
+        out = {
+            n: method.fn(
+                base[n] if base else None,
+                [m[n] for m in models],
+                **plan.params[n],
+                **_engine_kwargs(plan, n, seed, diagnostics),
             )
+            for n in names
+        }
     result = {}
     for n in names:
-        t = out[n].to(plan.out_dtype)
-        if not torch.isfinite(t).all():
-            bad = [
-                c.path
-                for c, d in zip(plan.inputs, ([base] if base else []) + models, strict=True)
-                if not torch.isfinite(d[n]).all()
-            ]
-            cause = (
-                f"the input {', '.join(map(str, bad))} has NaN or inf in it"
-                if bad
-                else f"the result overflows {plan.out_dtype} or the parameters are extreme; "
-                "check the weights, or write float32"
-            )
-            raise MergeError(f"merged tensor {n!r} has non-finite values: {cause}")
-        result[n] = t
-    return result, nbytes
+        _check_finite(plan, group, n, out[n])
+        result[n] = out[n].to(plan.out_dtype).cpu()
+    return result
+
+
+def _merge_chunked(plan, group: GroupInput, name: str, seed: int, diagnostics) -> torch.Tensor:
+    """Run an elementwise method over cache-sized chunks of the flattened tensor."""
+    flat_base = group.base[name].reshape(-1) if group.base is not None else None
+    flat_models = [m[name].reshape(-1) for m in group.models]
+    out = torch.empty(plan.reference.info(name).shape, dtype=plan.out_dtype)
+    flat_out = out.view(-1)
+    kwargs = {**plan.params[name], **_engine_kwargs(plan, name, seed, diagnostics)}
+    for start in range(0, flat_out.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
+        base = flat_base[part].float() if flat_base is not None else None
+        merged = plan.method.fn(base, [m[part].float() for m in flat_models], **kwargs)
+        _check_finite(plan, group, name, merged)
+        flat_out[part] = merged
+    return out
+
+
+def _check_finite(plan: MergePlan, group: GroupInput, name: str, merged: torch.Tensor) -> None:
+    """Raise if the float32 result has NaN/inf or does not fit the output dtype."""
+    if merged.numel() == 0:
+        return
+    lo, hi = (v.item() for v in torch.aminmax(merged))  # one pass; NaN propagates
+    limit = torch.finfo(plan.out_dtype).max
+    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= limit:
+        return
+    inputs = ([(plan.base, group.base)] if group.base is not None else []) + list(
+        zip(plan.models, group.models, strict=True)
+    )
+    bad = [c.path for c, tensors in inputs if not torch.isfinite(tensors[name]).all()]
+    cause = (
+        f"the input {', '.join(map(str, bad))} has NaN or inf in it"
+        if bad
+        else f"the result overflows {plan.out_dtype} or the parameters are extreme; check the "
+        "weights, or write float32"
+    )
+    raise MergeError(f"merged tensor {name!r} has non-finite values: {cause}")
 
 
 def merge(
@@ -333,12 +394,20 @@ def merge(
         )
         for n in plan.order
     ]
-    total_in = sum(c.info(n).nbytes for c in plan.inputs for n in plan.order)
+    readers = plan.inputs if plan.method.uses_base else plan.models
+    total_in = sum(c.info(n).nbytes for c in readers for n in plan.order)
     diagnostics: list = []
-    with atomic_folder(out, overwrite) as tmp, ThreadPoolExecutor(1) as pool:
-        # hashing the inputs for provenance overlaps with the merge (hashlib releases the GIL)
-        hashes = pool.submit(_hash_inputs, plan)
+    with (
+        atomic_folder(out, overwrite) as tmp,
+        ThreadPoolExecutor(1) as hasher,
+        ThreadPoolExecutor(1) as reader,
+        ThreadPoolExecutor(1) as writer_thread,
+    ):
+        # Three things overlap with the arithmetic: hashing the inputs for provenance, reading the
+        # next group, writing the previous one (file I/O and hashlib release the GIL).
+        hashes = hasher.submit(_hash_inputs, plan)
         writer = ShardWriter(tmp, layout, max_shard)
+        groups = plan.groups
         with tqdm(
             total=total_in,
             unit="B",
@@ -346,14 +415,21 @@ def merge(
             desc=f"merge {plan.method.name}",
             disable=not progress,
         ) as bar:
-            done = 0
-            for names in plan.groups:
-                tensors, nbytes = _run_group(plan, names, dev, seed, diagnostics)
-                for n in names:
-                    writer.write(n, tensors[n])
-                done += len(names)
-                bar.update(nbytes)
-                bar.set_postfix_str(f"{done}/{len(plan.order)} tensors", refresh=False)
+            # bounded queues: at most PREFETCH groups read ahead and PREFETCH waiting to be written
+            reads = deque(reader.submit(_read_group, plan, g) for g in groups[:PREFETCH])
+            writes: deque = deque()
+            for k in range(len(groups)):
+                group = reads.popleft().result()
+                if k + PREFETCH < len(groups):
+                    reads.append(reader.submit(_read_group, plan, groups[k + PREFETCH]))
+                merged = _merge_group(plan, group, dev, seed, diagnostics)
+                if len(writes) == PREFETCH:
+                    writes.popleft().result()
+                writes.append(writer_thread.submit(_write_group, writer, group.names, merged))
+                bar.update(group.nbytes)
+                bar.set_postfix_str(f"{k + 1}/{len(groups)} groups", refresh=False)
+            for w in writes:
+                w.result()
         shards = writer.finish()
         _write_metadata(
             plan, tmp, shards, hashes.result(), diagnostics, seed, device, time.time() - started
@@ -362,6 +438,11 @@ def merge(
         ckpt.close()
     log.info("merged %s into %s in %.1f s", plan.method.name, out, time.time() - started)
     return out
+
+
+def _write_group(writer: ShardWriter, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
+    for n in names:
+        writer.write(n, tensors[n])
 
 
 def _hash_inputs(plan: MergePlan) -> list[dict]:

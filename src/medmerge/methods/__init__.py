@@ -8,7 +8,10 @@ Tensor-wise methods (the default) look like
 
     fn(base: Tensor | None, models: list[Tensor], *, weight: list[float], ...) -> Tensor
 
-with float32 tensors on the merge device. Group methods (`group=` a function that splits the
+with float32 tensors on the merge device. Methods registered `elementwise=True` (each output
+entry depends only on the same entry of the inputs, e.g. linear) are called on cache-sized chunks
+of flattened tensors on the CPU, which is several times faster than whole-tensor arithmetic and
+bounds the float32 working memory. Group methods (`group=` a function that splits the
 tensor names into groups, e.g. one layer's q, k, v and o) take and return dicts name -> Tensor.
 
 The engine also passes, when the function names them, these keyword arguments:
@@ -35,6 +38,8 @@ class MergeMethod:
     name: str
     fn: Callable
     needs_base: bool
+    uses_base: bool  # read the base when there is one (true for every method that needs it)
+    elementwise: bool  # out[j] depends only on inputs[j]: the engine may call it on chunks
     per_model: frozenset[str]
     defaults: dict[str, object]  # parameter -> default, REQUIRED when it has none
     engine_args: frozenset[str]
@@ -54,6 +59,8 @@ def register(
     name: str,
     *,
     needs_base: bool,
+    uses_base: bool | None = None,
+    elementwise: bool = False,
     per_model: Sequence[str] = (),
     aliases: Sequence[str] = (),
     group: Callable[[Sequence[str], dict], list[list[str]]] | None = None,
@@ -67,6 +74,8 @@ def register(
             name=name,
             fn=fn,
             needs_base=needs_base,
+            uses_base=needs_base if uses_base is None else uses_base,
+            elementwise=elementwise,
             per_model=frozenset(per_model),
             defaults={p.name: p.default for p in kw if p.name not in ENGINE_ARGS},
             engine_args=frozenset(p.name for p in kw if p.name in ENGINE_ARGS),
