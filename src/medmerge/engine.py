@@ -105,9 +105,14 @@ def plan_merge(config: MergeConfig | dict | str | Path, dtype: str | None = None
         raise ConfigError(f"merge_method {method.name} needs a base_model (the common ancestor)")
     base = Checkpoint(cfg.base_model) if cfg.base_model else None
     entries = cfg.models
-    if base is not None and method.needs_base:
-        # mergekit lets the base appear among the models; its task vector is zero, so drop it
-        entries = [e for e in entries if Path(e.model).resolve() != base.path.resolve()]
+    if base is not None:
+        is_base = [Path(e.model).resolve() == base.path.resolve() for e in entries]
+        if method.uses_base:
+            # mergekit lets the base appear among the models; its task vector is zero: drop it
+            entries = [e for e, b in zip(entries, is_base, strict=True) if not b]
+        else:
+            # methods of models alone (slerp): the base, when listed, is the first (t = 0) end
+            entries = sorted(entries, key=lambda e: not is_base[cfg.models.index(e)])
     models = [Checkpoint(e.model) for e in entries]
     n = len(models)
     if n < method.min_models or (method.max_models and n > method.max_models):

@@ -2,7 +2,8 @@
 
 A method is a plain function decorated with `@register`. Its keyword-only parameters are the
 method's config parameters (their defaults are the defaults; a parameter without one is
-required). Parameters listed in `per_model` arrive as one value per model, in model order.
+required). Parameters listed in `per_model` arrive as one value per model, in model order; their
+default (annotated `list[float] = 1.0`) is each model's value when none is set.
 
 Tensor-wise methods (the default) look like
 
@@ -49,7 +50,9 @@ class MergeMethod:
 
     @property
     def doc(self) -> str:
-        return (self.fn.__doc__ or "").strip().splitlines()[0] if self.fn.__doc__ else ""
+        """The docstring's first paragraph, on one line."""
+        first = (self.fn.__doc__ or "").strip().split("\n\n")[0]
+        return " ".join(line.strip() for line in first.splitlines())
 
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -104,4 +107,4 @@ def config_name(key: str) -> str:
 
 
 # importing the method modules fills the registry
-from medmerge.methods import basic  # noqa: E402, F401
+from medmerge.methods import basic, sparse, spherical  # noqa: E402, F401

@@ -1,0 +1,405 @@
+"""Every merge method against an independent transcription of its formula.
+
+References here use numpy (float32, the precision the methods are specified in, so sign
+elections of near-cancelling sums agree) and full sorts (never the code under test's selection), and
+draw random masks the documented way: `torch.rand(shape, generator) < p` with the generator the
+engine seeds from (seed, tensor name, model index).
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from conftest import logits, state
+
+import medmerge
+from medmerge.engine import tensor_seed
+from medmerge.errors import ConfigError, MergeError
+from medmerge.methods import REGISTRY
+from medmerge.methods import sparse as sp
+from medmerge.methods import spherical as sph
+
+# ---- references (numpy) ------------------------------------------------------------
+
+
+def ref_topk(x, k):
+    """Mask of the k largest; ties go to the earliest positions (stable full sort)."""
+    flat = np.asarray(x, dtype=np.float64).reshape(-1)
+    order = np.argsort(-flat, kind="stable")
+    mask = np.zeros(flat.size, bool)
+    mask[order[:k]] = True
+    return mask.reshape(np.shape(x))
+
+
+def ref_rand(seed, name, i, shape):
+    g = torch.Generator().manual_seed(tensor_seed(seed, name, i))
+    return torch.rand(shape, generator=g).numpy()
+
+
+def ref_combine(base, deltas, w, ties, normalize, lam=1.0):
+    deltas = np.stack(deltas)
+    w = np.asarray(w, dtype=base.dtype).reshape(-1, *[1] * base.ndim)
+    weighted = deltas * w
+    if ties:
+        elected = np.sign(weighted.sum(0))
+        agree = (np.sign(deltas) == elected) & (elected != 0)
+        weighted = weighted * agree
+        wsum = (w * agree).sum(0)
+    else:
+        wsum = np.broadcast_to(w.sum(0), base.shape)
+    merged = weighted.sum(0)
+    if normalize:
+        merged = merged / np.where(np.abs(wsum) > 1e-12, wsum, 1.0)
+    return base + lam * merged
+
+
+def ref_rescale(d, keep, p, how):
+    kept = d * keep
+    if how == "inverse_density":
+        return np.where(keep, kept / p, 0.0)
+    if how == "l1":
+        n = np.abs(kept).sum()
+        return kept * (np.abs(d).sum() / n) if n > 0 else kept
+    return kept
+
+
+def ref_della_p(d, density, eps):
+    rows = d.reshape(d.shape[0], -1) if d.ndim > 1 else d.reshape(1, -1)
+    ranks = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1, kind="stable")
+    scale = (ranks / max(rows.shape[1] - 1, 1)).astype(np.float32)
+    return (np.float32(density - eps) + np.float32(2 * eps) * scale).reshape(d.shape)
+
+
+def ref_slerp(t, a, b):
+    ua, ub = a / np.linalg.norm(a), b / np.linalg.norm(b)
+    cos = np.clip((ua * ub).sum(), -1, 1)
+    if abs(cos) > 0.9995:
+        return (1 - t) * a + t * b
+    th = math.acos(cos)
+    return math.sin((1 - t) * th) / math.sin(th) * a + math.sin(t * th) / math.sin(th) * b
+
+
+SEED = 11
+
+
+def reference(method, name, base, models, p):
+    """The expected merged tensor for one tensor name."""
+    d = [m - base for m in models] if base is not None else None
+    n = len(models)
+    w = p.get("weight", [1.0] * n)
+    dens = p.get("density", [1.0] * n)
+    if method == "linear":
+        return sum(wi * m for wi, m in zip(w, models)) / sum(w)
+    if method == "task_arithmetic":
+        return base + sum(wi * di for wi, di in zip(w, d))
+    if method == "ties":
+        trimmed = [di * ref_topk(np.abs(di), round(k * di.size)) for di, k in zip(d, dens)]
+        return ref_combine(base, trimmed, w, True, True)
+    if method in ("dare_ties", "dare_linear"):
+        dropped = [
+            ref_rescale(di, ref_rand(SEED, name, i, di.shape) < k, k, "inverse_density")
+            for i, (di, k) in enumerate(zip(d, dens))
+        ]
+        return ref_combine(base, dropped, w, method == "dare_ties", method == "dare_ties")
+    if method in ("della", "della_linear"):
+        pruned = []
+        for i, (di, k) in enumerate(zip(d, dens)):
+            prob = ref_della_p(di, k, 0.05)
+            pruned.append(
+                ref_rescale(di, ref_rand(SEED, name, i, di.shape) < prob, prob, "inverse_density")
+            )
+        return ref_combine(base, pruned, w, method == "della", method == "della")
+    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        crumbs = []
+        for di, k in zip(d, dens):
+            a, g = np.abs(di), round(0.01 * di.size)
+            crumbs.append(di * (ref_topk(a, g + round(k * di.size)) & ~ref_topk(a, g)))
+        ties = method == "breadcrumbs_ties"
+        return ref_combine(base, crumbs, w, ties, ties)
+    if method == "sce":
+        D = np.stack(d)
+        keep = ref_topk(D.var(0), round(p["select_topk"] * base.size))
+        D = D * keep
+        energy = (D**2).reshape(n, -1).mean(1)
+        return ref_combine(np.zeros_like(base), list(D), energy / energy.sum(), True, True) + base
+    if method == "slerp":
+        return ref_slerp(p["t"], models[0], models[1])
+    if method == "nuslerp":
+        t = w[1] / (w[0] + w[1])
+        return base + ref_slerp(t, d[0], d[1])
+    if method == "model_stock":
+        cos = (d[0] * d[1]).sum() / (np.linalg.norm(d[0]) * np.linalg.norm(d[1]))
+        cos = min(max(cos, 0.0), 1.0)
+        t = 2 * cos / (1 + cos)
+        return t * (models[0] + models[1]) / 2 + (1 - t) * base
+    if method == "karcher":
+        # two directions, equal weights: the Karcher mean is the geodesic midpoint
+        u = [m / np.linalg.norm(m) for m in models]
+        mid = (u[0] + u[1]) / np.linalg.norm(u[0] + u[1])
+        return mid * (np.linalg.norm(models[0]) + np.linalg.norm(models[1])) / 2
+    raise AssertionError(method)
+
+
+PARAMS = {
+    "linear": {"weight": [0.3, 0.7]},
+    "task_arithmetic": {"weight": [0.6, 0.5]},
+    "ties": {"weight": [0.6, 0.5], "density": [0.5, 0.7]},
+    "dare_ties": {"weight": [0.6, 0.5], "density": [0.6, 0.9]},
+    "dare_linear": {"weight": [0.6, 0.5], "density": [0.6, 0.9]},
+    "della": {"weight": [0.6, 0.5], "density": [0.6, 0.6]},
+    "della_linear": {"weight": [0.6, 0.5], "density": [0.6, 0.6]},
+    "breadcrumbs": {"weight": [0.6, 0.5], "density": [0.9, 0.8]},
+    "breadcrumbs_ties": {"weight": [0.6, 0.5], "density": [0.9, 0.8]},
+    "sce": {"select_topk": 0.5},
+    "slerp": {"t": 0.3},
+    "nuslerp": {"weight": [0.4, 0.6]},
+    "model_stock": {},
+    "karcher": {"weight": [1.0, 1.0], "max_iter": 50, "tol": 1e-12},
+}
+
+
+def test_every_registered_method_has_a_reference():
+    assert set(REGISTRY) - {"cosine_ot_lerp", "hierarchical"} <= set(PARAMS)
+
+
+def merge_config(method, base, a, b):
+    p = PARAMS[method]
+    per_model = REGISTRY[method].per_model
+    models = [
+        {"model": str(m), "parameters": {k: v[i] for k, v in p.items() if k in per_model}}
+        for i, m in enumerate((a, b))
+    ]
+    top = {k: v for k, v in p.items() if k not in per_model}
+    return {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": models,
+        "parameters": top,
+        "dtype": "float32",
+    }
+
+
+@pytest.mark.parametrize("method", sorted(PARAMS))
+def test_method_matches_reference_and_runs_in_transformers(family, tmp_path, method):
+    base, a, b = family
+    out = medmerge.merge(
+        merge_config(method, base, a, b), tmp_path / "m", seed=SEED, progress=False
+    )
+    B, A, Bm, M = ({k: v.float().numpy() for k, v in state(x).items()} for x in (base, a, b, out))
+    p = PARAMS[method]
+    for name in M:
+        if method == "slerp":  # the models alone: base_model is not one of them here
+            expected = reference(method, name, None, [A[name], Bm[name]], p)
+        else:
+            expected = reference(method, name, B[name], [A[name], Bm[name]], p)
+        np.testing.assert_allclose(M[name], expected, rtol=2e-5, atol=2e-6, err_msg=name)
+    result = logits(out)
+    assert torch.isfinite(result).all()
+
+
+# ---- selection and sparsifiers -----------------------------------------------------------------
+
+
+def test_radix_selection_equals_a_full_sort_including_ties():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 257, generator=g).abs()
+    x[::7] = 0.5  # many exact ties
+    for k in (0, 1, 17, 3000, 40_000, x.numel() - 1, x.numel()):
+        assert np.array_equal(sp.top_k_mask(x, k).numpy(), ref_topk(x.numpy(), k)), k
+
+
+def test_dare_keeps_density_within_three_sigma_and_is_unbiased():
+    d = torch.randn(400, 500, generator=torch.Generator().manual_seed(1))
+    for density in (0.1, 0.6, 0.9):
+        kept = sp.random_drop(d, density, torch.Generator().manual_seed(2), "inverse_density")
+        n = d.numel()
+        sigma = math.sqrt(n * density * (1 - density))
+        assert abs(int((kept != 0).sum()) - density * n) < 3 * sigma
+    small = d[:20, :25]
+    draws = torch.stack(
+        [
+            sp.random_drop(small, 0.5, torch.Generator().manual_seed(s), "inverse_density")
+            for s in range(2000)
+        ]
+    )
+    z = (draws.mean(0) - small) / (small.abs() * math.sqrt((1 - 0.5) / 0.5 / 2000))
+    assert z.abs().mean() < 1.0 and z.abs().max() < 5
+
+
+def test_dare_rescale_l1_and_none():
+    d = torch.randn(50, 60, generator=torch.Generator().manual_seed(3))
+    l1 = sp.random_drop(d, 0.3, torch.Generator().manual_seed(4), "l1")
+    torch.testing.assert_close(l1.abs().sum(), d.abs().sum())
+    none = sp.random_drop(d, 0.3, torch.Generator().manual_seed(4), "none")
+    assert torch.equal(none != 0, l1 != 0) and torch.equal(none[none != 0], d[none != 0])
+    with pytest.raises(ConfigError, match="rescale must be"):
+        sp.random_drop(d, 0.3, torch.Generator(), "sqrt")
+
+
+def test_della_keep_rate_rises_with_magnitude_rank():
+    d = torch.randn(2000, 100, generator=torch.Generator().manual_seed(5))
+    kept = sp.magprune(d, 0.5, 0.2, torch.Generator().manual_seed(6), "none") != 0
+    ranks = d.abs().argsort(1).argsort(1)
+    rates = [
+        kept[(ranks >= lo) & (ranks < lo + 20)].float().mean().item() for lo in range(0, 100, 20)
+    ]
+    assert rates == sorted(rates)
+    expected = [0.5 - 0.2 + 0.4 * (lo + 9.5) / 99 for lo in range(0, 100, 20)]
+    assert np.allclose(rates, expected, atol=0.02)
+
+
+def test_breadcrumbs_removes_exactly_the_top_gamma_outliers():
+    d = torch.randn(100, 100, generator=torch.Generator().manual_seed(7))
+    out = sp.breadcrumbs(d, 0.5, 0.05)
+    top = torch.from_numpy(ref_topk(d.abs().numpy(), 500))
+    assert (out[top] == 0).all()
+    assert int((out != 0).sum()) == 5000
+    assert (out[out != 0].abs() < d.abs()[top].min()).all()
+    assert torch.equal(sp.breadcrumbs(d, 0.3, 0.0), sp.magnitude(d, 0.3))
+
+
+def test_ties_never_mixes_opposite_signs():
+    g = torch.Generator().manual_seed(8)
+    base = torch.zeros(200, 30)
+    models = [torch.randn(200, 30, generator=g) for _ in range(3)]
+    out = sp.ties(base, models, weight=[1.0, 1.0, 1.0], density=[1.0] * 3)
+    stacked = torch.stack(models)
+    elected = torch.sign(stacked.sum(0))
+    assert ((torch.sign(out) == elected) | (out == 0)).all()
+    agreeing = torch.where(torch.sign(stacked) == elected, stacked.abs(), 0.0)
+    assert (out.abs() <= agreeing.max(0).values + 1e-6).all()
+
+
+# ---- edge cases ------------------------------------------------------------------------------
+
+
+def test_density_zero_and_one():
+    g = torch.Generator().manual_seed(9)
+    base = torch.randn(30, 40, generator=g)
+    models = [base + torch.randn(30, 40, generator=g) for _ in range(2)]
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    for method in (sp.ties, sp.dare_ties, sp.dare_linear):
+        kw = {"generators": gens} if method is not sp.ties else {}
+        assert torch.equal(method(base, models, weight=[0.5, 0.5], density=[0.0, 0.0], **kw), base)
+    full = sp.dare_linear(base, models, weight=[0.5, 0.5], density=[1.0, 1.0], generators=gens)
+    torch.testing.assert_close(full, base + 0.5 * (models[0] - base) + 0.5 * (models[1] - base))
+    with pytest.raises(ConfigError, match="density must be between 0 and 1"):
+        sp.ties(base, models, weight=[1, 1], density=[1.5, 1])
+
+
+def test_single_identical_and_zero_task_vectors():
+    g = torch.Generator().manual_seed(10)
+    base = torch.randn(8, 9, generator=g)
+    m = base + torch.randn(8, 9, generator=g)
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    # identical models: consensus methods give that model back
+    assert torch.allclose(sp.ties(base, [m, m], weight=[0.5, 0.5], density=[1, 1]), m)
+    assert torch.allclose(sp.sce(base, [m, m]), m)
+    assert torch.allclose(sph.slerp(None, [m, m], t=0.4), m)
+    assert torch.allclose(sph.karcher(None, [m, m], weight=[1, 1]), m, atol=1e-6)
+    # a single model
+    assert torch.allclose(sp.ties(base, [m], weight=[1.0], density=[1.0]), m)
+    assert torch.allclose(sp.sce(base, [m]), m)
+    # zero task vectors: the base back, never NaN
+    for out in (
+        sp.ties(base, [base, base], weight=[1, 1], density=[0.5, 0.5]),
+        sp.dare_ties(base, [base, base], weight=[1, 1], density=[0.5, 0.5], generators=gens),
+        sp.sce(base, [base, base]),
+        sph.model_stock(base, [base, base]),
+        sph.nuslerp(base, [base, base], weight=[1, 1]),
+    ):
+        assert torch.equal(out, base)
+    zero = torch.zeros(3)
+    assert torch.equal(sph.karcher(None, [zero, zero], weight=[1, 1]), zero)
+
+
+def test_one_element_tensors():
+    base, a, b = torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([-1.0])
+    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    # deltas +1 and -2: the elected sign is -, so only the second model's delta survives
+    assert torch.equal(sp.ties(base, [a, b], weight=[1, 1], density=[1, 1]), torch.tensor([-1.0]))
+    out = sp.della(base, [a, b], weight=[1, 1], density=[0.5, 0.5], epsilon=0.1, generators=gens)
+    assert torch.isfinite(out).all()
+    assert torch.equal(sph.slerp(None, [a, b], t=0.0), a)
+
+
+def test_slerp_nearly_parallel_falls_back_to_lerp():
+    a = torch.tensor([1.0, 0.0, 0.0])
+    b = torch.tensor([2.0, 1e-4, 0.0])
+    torch.testing.assert_close(sph.slerp(None, [a, b], t=0.25), 0.75 * a + 0.25 * b)
+
+
+def test_karcher_three_models_satisfies_the_first_order_condition():
+    g = torch.Generator().manual_seed(12)
+    models = [torch.randn(50, generator=g) for _ in range(3)]
+    w = [0.2, 0.3, 0.5]
+    out = sph.karcher(None, models, weight=w, max_iter=200, tol=1e-12).double()
+    x = out / out.norm()
+    tangent = torch.zeros_like(x)
+    for wi, m in zip(w, models):
+        u = m.double() / m.double().norm()
+        cos = torch.dot(x, u).clamp(-1, 1)
+        th = torch.arccos(cos)
+        tangent += wi * (u - cos * x) * th / torch.sin(th)
+    assert tangent.norm() < 1e-6  # the weighted log-maps sum to zero at the mean
+    expected_norm = sum(wi * m.double().norm() for wi, m in zip(w, models))
+    torch.testing.assert_close(out.norm(), expected_norm)
+
+
+def test_integer_tensors_pass_through_and_nan_input_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from medmerge.synthetic import tiny_config, write_family
+
+    base, a, b = write_family(tmp_path / "f", tiny_config("mistral"))
+    for i, folder in enumerate((base, a, b)):
+        extra = {"model.step_counter": torch.tensor([7 + i], dtype=torch.int64)}
+        tensors = {**state(folder), **extra}
+        if folder == b:
+            tensors["model.norm.weight"] = tensors["model.norm.weight"].clone()
+            tensors["model.norm.weight"][0] = float("nan")
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [
+            {"model": str(a), "parameters": {"weight": 1.0}},
+            {"model": str(b), "parameters": {"weight": 1.0}},
+        ],
+    }
+    with pytest.raises(MergeError, match=r"'model.norm.weight' has non-finite values.*model_2"):
+        medmerge.merge(cfg, tmp_path / "out", progress=False)
+    fixed = state(b)
+    fixed["model.norm.weight"] = state(a)["model.norm.weight"]
+    save_file(fixed, b / "model.safetensors", metadata={"format": "pt"})
+    out = medmerge.merge(cfg, tmp_path / "out", progress=False)
+    assert state(out)["model.step_counter"].item() == 7  # the base's, unmerged
+
+
+# ---- determinism ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["dare_ties", "della"])
+def test_same_seed_same_bytes_any_thread_count_different_seed_differs(mistral, tmp_path, method):
+    base, a, b = mistral
+    cfg = merge_config(method, base, a, b)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = state(medmerge.merge(cfg, tmp_path / "1", seed=5, progress=False))
+        torch.set_num_threads(2)
+        two = state(medmerge.merge(cfg, tmp_path / "2", seed=5, progress=False))
+    finally:
+        torch.set_num_threads(threads)
+    other = state(medmerge.merge(cfg, tmp_path / "3", seed=6, progress=False))
+    assert all(torch.equal(one[n], two[n]) for n in one)
+    assert any(not torch.equal(one[n], other[n]) for n in one)
+
+
+def test_generators_depend_on_name_not_order():
+    from medmerge.engine import _generators
+
+    first = [_generators(3, n, 2)[1].initial_seed() for n in ("a", "b", "c")]
+    later = [_generators(3, n, 2)[1].initial_seed() for n in ("c", "b", "a")][::-1]
+    assert first == later and len(set(first)) == 3
