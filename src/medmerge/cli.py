@@ -95,13 +95,13 @@ def example(
     base, a, b = _run(
         write_family, out_dir / "models", tiny_config(arch), shard_size=40_000, overwrite=overwrite
     )
+    from medmerge.methods import get_method
+
+    per_model = {"weight": 0.5} if "weight" in _run(get_method, method).per_model else {}
     config = {
         "merge_method": method,
         "base_model": str(base.resolve()),
-        "models": [
-            {"model": str(a.resolve()), "parameters": {"weight": 0.5}},
-            {"model": str(b.resolve()), "parameters": {"weight": 0.5}},
-        ],
+        "models": [{"model": str(m.resolve()), "parameters": per_model} for m in (a, b)],
         "dtype": "bfloat16",
     }
     path = out_dir / "merge.yaml"

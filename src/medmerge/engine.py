@@ -507,4 +507,8 @@ def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, seed, devic
     }
     (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
     if diagnostics:
-        (folder / DIAGNOSTICS).write_text(json.dumps(diagnostics, indent=2) + "\n")
+        summary = plan.method.summarize(diagnostics) if plan.method.summarize else None
+        if summary and "verdict" in summary:
+            log.info("%s: %s", plan.method.name, summary["verdict"])
+        record = {"merge_method": plan.method.name, "summary": summary, "records": diagnostics}
+        (folder / DIAGNOSTICS).write_text(json.dumps(record, indent=2) + "\n")

@@ -47,6 +47,7 @@ class MergeMethod:
     group: Callable[[Sequence[str], dict], list[list[str]]] | None
     min_models: int
     max_models: int | None
+    summarize: Callable[[list[dict]], dict] | None  # condenses the diagnostics records
 
     @property
     def doc(self) -> str:
@@ -69,6 +70,7 @@ def register(
     group: Callable[[Sequence[str], dict], list[list[str]]] | None = None,
     min_models: int = 1,
     max_models: int | None = None,
+    summarize: Callable[[list[dict]], dict] | None = None,
 ) -> Callable[[Callable], Callable]:
     def decorate(fn: Callable) -> Callable:
         params = inspect.signature(fn).parameters.values()
@@ -85,6 +87,7 @@ def register(
             group=group,
             min_models=min_models,
             max_models=max_models,
+            summarize=summarize,
         )
         for key in (name, *aliases):
             REGISTRY[key] = method
@@ -107,4 +110,4 @@ def config_name(key: str) -> str:
 
 
 # importing the method modules fills the registry
-from medmerge.methods import basic, sparse, spherical  # noqa: E402, F401
+from medmerge.methods import basic, hierarchical, sparse, spherical  # noqa: E402, F401
