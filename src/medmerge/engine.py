@@ -35,7 +35,7 @@ from medmerge.checkpoint import (
 from medmerge.config import ConditionalParameter, MergeConfig, ParameterValue, load_config
 from medmerge.errors import ConfigError, IncompatibleModelsError, MergeError
 from medmerge.hashing import sha256_file
-from medmerge.methods import REQUIRED, MergeMethod, config_name, get_method
+from medmerge.methods import CHUNK, REQUIRED, MergeMethod, config_name, get_method
 
 log = logging.getLogger("medmerge")
 
@@ -255,7 +255,6 @@ def _generators(seed: int, name: str, n: int) -> list[torch.Generator]:
 
 
 PREFETCH = 2  # groups read ahead of, and written behind, the arithmetic
-CHUNK = 1 << 20  # elements per call of an elementwise method on the CPU: stays in cache
 
 
 @dataclass
@@ -270,10 +269,25 @@ class GroupInput:
 
 def _read_group(plan: MergePlan, names: list[str]) -> GroupInput:
     use_base = plan.base is not None and plan.method.uses_base
-    base = {n: plan.base.read(n) for n in names} if use_base else None
-    models = [{n: m.read(n) for n in names} for m in plan.models]
     readers = ([plan.base] if use_base else []) + plan.models
-    return GroupInput(names, base, models, sum(c.info(n).nbytes for c in readers for n in names))
+    tensors = [{n: _read_finite(c, n) for n in names} for c in readers]
+    nbytes = sum(c.info(n).nbytes for c in readers for n in names)
+    if use_base:
+        return GroupInput(names, tensors[0], tensors[1:], nbytes)
+    return GroupInput(names, None, tensors, nbytes)
+
+
+def _read_finite(ckpt: Checkpoint, name: str) -> torch.Tensor:
+    """Read a tensor, refusing NaN/inf: some methods would silently drop them (one fast pass)."""
+    t = ckpt.read(name)
+    if t.dtype.is_floating_point and t.numel():
+        lo, hi = (v.item() for v in torch.aminmax(t))
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise MergeError(
+                f"tensor {name!r} of {ckpt.path} has NaN or inf values; that model is damaged "
+                "(re-download or re-save it)"
+            )
+    return t
 
 
 def _engine_kwargs(plan: MergePlan, key: str, seed: int, diagnostics: list) -> dict:
@@ -323,7 +337,7 @@ def _merge_group(
         }
     result = {}
     for n in names:
-        _check_finite(plan, group, n, out[n])
+        _check_finite(plan, n, out[n])
         result[n] = out[n].to(plan.out_dtype).cpu()
     return result
 
@@ -339,30 +353,23 @@ def _merge_chunked(plan, group: GroupInput, name: str, seed: int, diagnostics) -
         part = slice(start, start + CHUNK)
         base = flat_base[part].float() if flat_base is not None else None
         merged = plan.method.fn(base, [m[part].float() for m in flat_models], **kwargs)
-        _check_finite(plan, group, name, merged)
+        _check_finite(plan, name, merged)
         flat_out[part] = merged
     return out
 
 
-def _check_finite(plan: MergePlan, group: GroupInput, name: str, merged: torch.Tensor) -> None:
-    """Raise if the float32 result has NaN/inf or does not fit the output dtype."""
+def _check_finite(plan: MergePlan, name: str, merged: torch.Tensor) -> None:
+    """Raise if the float32 result has NaN/inf or does not fit the output dtype (the inputs
+    were checked when read)."""
     if merged.numel() == 0:
         return
     lo, hi = (v.item() for v in torch.aminmax(merged))  # one pass; NaN propagates
-    limit = torch.finfo(plan.out_dtype).max
-    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= limit:
+    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= torch.finfo(plan.out_dtype).max:
         return
-    inputs = ([(plan.base, group.base)] if group.base is not None else []) + list(
-        zip(plan.models, group.models, strict=True)
+    raise MergeError(
+        f"merged tensor {name!r} has non-finite values: the result overflows {plan.out_dtype} "
+        "or the parameters are extreme; check the weights, or write float32"
     )
-    bad = [c.path for c, tensors in inputs if not torch.isfinite(tensors[name]).all()]
-    cause = (
-        f"the input {', '.join(map(str, bad))} has NaN or inf in it"
-        if bad
-        else f"the result overflows {plan.out_dtype} or the parameters are extreme; check the "
-        "weights, or write float32"
-    )
-    raise MergeError(f"merged tensor {name!r} has non-finite values: {cause}")
 
 
 def merge(

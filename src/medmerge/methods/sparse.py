@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from medmerge.errors import ConfigError
-from medmerge.methods import register
+from medmerge.methods import chunkwise, register
 
 Rescale = Literal["inverse_density", "l1", "none"]
 
@@ -76,7 +76,7 @@ def random_drop(d: Tensor, density: float, generator: torch.Generator, rescale: 
     """Keep each entry with probability `density` (DARE), then rescale the survivors."""
     _count(density, d.numel(), "density")
     keep = torch.rand(d.shape, generator=generator).to(d.device) < density
-    return _rescale(d, keep, torch.full_like(d, density), rescale)
+    return _rescale(d, keep, float(density), rescale)
 
 
 def magprune(
@@ -111,10 +111,12 @@ def breadcrumbs(d: Tensor, density: float, gamma: float) -> Tensor:
     return d * mask
 
 
-def _rescale(d: Tensor, keep: Tensor, p: Tensor, rescale: Rescale) -> Tensor:
-    kept = d * keep
+def _rescale(d: Tensor, keep: Tensor, p: Tensor | float, rescale: Rescale) -> Tensor:
     if rescale == "inverse_density":  # unbiased: E[kept / p] = d
-        return torch.where(keep, kept / p.clamp_min(1e-12), 0.0)
+        if isinstance(p, float):
+            return chunkwise(lambda x, k: torch.where(k, x / p, 0.0), d, keep)
+        return chunkwise(lambda x, k, q: torch.where(k, x / q.clamp_min(1e-12), 0.0), d, keep, p)
+    kept = chunkwise(lambda x, k: torch.where(k, x, 0.0), d, keep)
     if rescale == "l1":  # match the L1 norm of the undropped delta
         norm = kept.abs().sum()
         return kept * (d.abs().sum() / norm) if norm > 0 else kept
@@ -137,19 +139,29 @@ def combine(
 ) -> Tensor:
     """b + lambda * (weighted sum, or TIES disjoint mean over entries agreeing with the elected
     sign); `normalize` divides by the sum of the weights that contributed to each entry."""
-    w = torch.tensor(weight, dtype=torch.float32, device=base.device).view(-1, *[1] * base.dim())
-    weighted = torch.stack(deltas) * w
-    if sign_consensus:
-        elected = torch.sign(weighted.sum(0))
-        contributes = (torch.sign(torch.stack(deltas)) == elected) & (elected != 0)
-        weighted = weighted * contributes
-        weight_sum = (w * contributes).sum(0)
-    else:
-        weight_sum = w.sum(0).expand_as(base)
-    merged = weighted.sum(0)
-    if normalize:
-        merged = merged / torch.where(weight_sum.abs() > 1e-12, weight_sum, 1.0)
-    return base + lambda_ * merged
+    w = [float(x) for x in weight]
+
+    def merge(b: Tensor, *ds: Tensor) -> Tensor:
+        merged = torch.zeros_like(b)
+        if sign_consensus:
+            for wi, d in zip(w, ds, strict=True):
+                merged.add_(d, alpha=wi)
+            elected = torch.sign(merged)
+            merged.zero_()
+            weight_sum = torch.zeros_like(b)
+            for wi, d in zip(w, ds, strict=True):
+                agree = (torch.sign(d) == elected) & (elected != 0)
+                merged.add_(torch.where(agree, d, 0.0), alpha=wi)
+                weight_sum.add_(agree.to(b.dtype), alpha=wi)
+        else:
+            for wi, d in zip(w, ds, strict=True):
+                merged.add_(d, alpha=wi)
+            weight_sum = torch.full_like(b, sum(w))
+        if normalize:
+            merged.div_(torch.where(weight_sum.abs() > 1e-12, weight_sum, 1.0))
+        return b + lambda_ * merged
+
+    return chunkwise(merge, base, *deltas)
 
 
 def _deltas(base: Tensor, models: list[Tensor]) -> list[Tensor]:
