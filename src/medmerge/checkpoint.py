@@ -93,8 +93,9 @@ class Checkpoint:
         if (self.path / "adapter_config.json").exists():
             raise CheckpointError(
                 f"{self.path} is a PEFT/LoRA adapter (it has adapter_config.json), not a full "
-                "checkpoint; merging an adapter as if it were a model degrades the result. Fold it "
-                "into its base first (`medmerge materialize ADAPTER_DIR OUT_DIR`) and merge that."
+                "checkpoint; merging an adapter as if it were a model degrades the result. Fold "
+                "it into its base first (`medmerge materialize ADAPTER_DIR OUT_DIR`) and merge "
+                "that, or set `materialize_adapters: true` in the merge config."
             )
         config_file = self.path / "config.json"
         if not config_file.is_file():

@@ -65,6 +65,89 @@ def merge(
 
 
 @app.command()
+def check(
+    models: Annotated[list[Path], typer.Argument(help="the models to merge (2 or more)")],
+    base: Annotated[Path, typer.Option(help="the common base model")],
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="write the report as JSON")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="write the cosine/sign heatmap PNG")] = None,
+    topk: Annotated[float, typer.Option(help="fraction for the top-k overlap")] = 0.05,
+    device: Annotated[Device, typer.Option(help="where the statistics are computed")] = Device.cpu,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Check compatibility and mergeability of MODELS with --base; recommend methods."""
+    from medmerge.check import check as run_check
+
+    report = _run(
+        run_check,
+        base,
+        models,
+        topk=topk,
+        json_path=json_out,
+        plot_path=plot,
+        device=device.value,
+        progress=not quiet,
+    )
+    mark = {True: typer.style("ok  ", fg="green"), False: typer.style("FAIL", fg="red")}
+    typer.echo(f"compatibility: {'pass' if report.compatible else 'FAIL'}")
+    for f in report.compatibility:
+        if not f.ok or f.check.startswith(("config model_type", "architecture", "tokenizer")):
+            typer.echo(f"  {mark[f.ok]} {f.check}: {f.detail}")
+    for lin in report.lineage:
+        verdict = "plausible fine-tune" if lin.plausible_finetune else "NOT a plausible fine-tune"
+        typer.echo(
+            f"lineage: {lin.model}: relative task vector {lin.relative_delta:.4f} ({verdict})"
+        )
+    for pair in report.pairs:
+        o = pair.overall
+        typer.echo(
+            f"pair {Path(pair.model_a).name} / {Path(pair.model_b).name}: cosine "
+            f"{o.cosine:.3f}, sign agreement {_pct(o.sign_agreement)}, top-{topk:.0%} "
+            f"overlap {o.topk_overlap:.1%}, norm ratio {_num(o.norm_ratio)}"
+        )
+        for t, st in sorted(pair.per_type.items()):
+            typer.echo(
+                f"  {t:<11} cosine {st.cosine:+.3f}  sign agreement "
+                f"{_pct(st.sign_agreement)}  top-k overlap {st.topk_overlap:.1%}"
+            )
+    for r in report.recommendations:
+        typer.echo(f"recommendation: {r.advice}\n  because {r.because}")
+    if not report.compatible:
+        raise typer.Exit(1)
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
+
+
+@app.command()
+def materialize(
+    adapter_dir: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter folder")],
+    out_dir: Annotated[Path, typer.Argument(help="folder for the full checkpoint")],
+    base: Annotated[Path | None, typer.Option(help="base model (default: the adapter's)")] = None,
+    dtype: Annotated[DType | None, typer.Option(help="output dtype (default: base's)")] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace a non-empty OUT_DIR")] = False,
+) -> None:
+    """Fold a LoRA adapter into its base (peft merge_and_unload); write a full checkpoint."""
+    from medmerge.adapters import materialize as run
+
+    out = _run(
+        run,
+        adapter_dir,
+        out_dir,
+        base=base,
+        dtype=dtype.value if dtype else None,
+        overwrite=overwrite,
+    )
+    typer.echo(f"full checkpoint written to {out}")
+
+
+@app.command()
 def methods() -> None:
     """List the merge methods and their parameters (defaults in brackets)."""
     from medmerge.methods import REGISTRY, REQUIRED, config_name

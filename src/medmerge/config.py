@@ -11,6 +11,7 @@ models:
 parameters: {normalize: false}     # apply to every model unless a model sets its own
 dtype: bfloat16                   # output dtype (`out_dtype` wins if both are given)
 tokenizer_source: base            # base, or a model folder
+materialize_adapters: false       # true: fold PEFT LoRA adapters among the models first
 ```
 
 A parameter value is a number (or bool/string), a gradient (a list of numbers interpolated over
@@ -57,6 +58,7 @@ class MergeConfig(BaseModel):
     dtype: DType | None = None
     out_dtype: DType | None = None
     tokenizer_source: str | None = None
+    materialize_adapters: bool = False  # fold LoRA adapter entries into their base on the fly
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)

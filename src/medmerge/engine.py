@@ -14,6 +14,7 @@ import logging
 import math
 import re
 import shutil
+import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -34,7 +35,7 @@ from medmerge.checkpoint import (
 )
 from medmerge.config import ConditionalParameter, MergeConfig, ParameterValue, load_config
 from medmerge.errors import ConfigError, IncompatibleModelsError, MergeError
-from medmerge.hashing import sha256_file
+from medmerge.hashing import cache_dir, sha256_file
 from medmerge.methods import CHUNK, REQUIRED, MergeMethod, config_name, get_method
 
 log = logging.getLogger("medmerge")
@@ -82,6 +83,7 @@ class MergePlan:
     out_dtype: torch.dtype
     groups: list[list[str]]
     params: dict[str, dict] = field(default_factory=dict)  # tensor name -> method kwargs
+    temp_dirs: list[Path] = field(default_factory=list)  # adapters folded for this merge
 
     @property
     def reference(self) -> Checkpoint:
@@ -113,7 +115,8 @@ def plan_merge(config: MergeConfig | dict | str | Path, dtype: str | None = None
         else:
             # methods of models alone (slerp): the base, when listed, is the first (t = 0) end
             entries = sorted(entries, key=lambda e: not is_base[cfg.models.index(e)])
-    models = [Checkpoint(e.model) for e in entries]
+    temp_dirs: list[Path] = []
+    models = [_open_model(e.model, cfg, temp_dirs) for e in entries]
     n = len(models)
     if n < method.min_models or (method.max_models and n > method.max_models):
         want = f"{method.min_models}" + (
@@ -122,7 +125,7 @@ def plan_merge(config: MergeConfig | dict | str | Path, dtype: str | None = None
         raise ConfigError(
             f"merge_method {method.name} takes {want} models (besides the base); got {n}"
         )
-    plan = MergePlan(cfg, method, base, models, torch.bfloat16, [])
+    plan = MergePlan(cfg, method, base, models, torch.bfloat16, [], temp_dirs=temp_dirs)
     _check_compatible(plan)
     plan.out_dtype = _output_dtype(plan, dtype)
     names = plan.reference.names()
@@ -132,6 +135,23 @@ def plan_merge(config: MergeConfig | dict | str | Path, dtype: str | None = None
     plan.groups = grouped + others
     plan.params = _resolve_parameters(cfg, method, entries, floats, _num_layers(plan))
     return plan
+
+
+def _open_model(path: str, cfg: MergeConfig, temp_dirs: list[Path]) -> Checkpoint:
+    """A model entry's checkpoint; a LoRA adapter is folded into its base when the config asks."""
+    from medmerge.adapters import adapter_base, is_adapter, materialize
+
+    if not (cfg.materialize_adapters and is_adapter(path)):
+        return Checkpoint(path)  # refuses an adapter with advice
+    own_base = adapter_base(Path(path))
+    base = own_base if own_base and Path(own_base).is_dir() else cfg.base_model
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix="adapter-", dir=cache))
+    temp_dirs.append(temp)
+    log.info("folding LoRA adapter %s into %s", path, base)
+    # folded in float32: the merge rounds once, at the end
+    return Checkpoint(materialize(path, temp / "model", base=base, dtype="float32"))
 
 
 def _num_layers(plan: MergePlan) -> int:
@@ -386,6 +406,16 @@ def merge(
     """Merge the models a config names into a new checkpoint folder `out_dir`; returns it."""
     started = time.time()
     plan = plan_merge(config, dtype)
+    try:
+        return _merge(plan, out_dir, device, shard_size, seed, overwrite, progress, started)
+    finally:
+        for ckpt in plan.inputs:
+            ckpt.close()
+        for temp in plan.temp_dirs:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def _merge(plan: MergePlan, out_dir, device, shard_size, seed, overwrite, progress, started):
     out = Path(out_dir)
     for ckpt in plan.inputs:
         if out.resolve() == ckpt.path.resolve():
@@ -446,8 +476,6 @@ def merge(
         _write_metadata(
             plan, tmp, shards, hashes.result(), diagnostics, seed, device, time.time() - started
         )
-    for ckpt in plan.inputs:
-        ckpt.close()
     log.info("merged %s into %s in %.1f s", plan.method.name, out, time.time() - started)
     return out
 

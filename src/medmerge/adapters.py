@@ -1,0 +1,101 @@
+"""PEFT LoRA adapters made full checkpoints: fold the adapter into its base with peft.
+
+An adapter is not a model: merging its folder as if it were one is the degradation the paper
+warns about. `materialize` loads the base (a local folder, never remote code), applies the adapter
+with `peft` and `merge_and_unload()`, and writes the result through medmerge's atomic writer.
+It holds one full model in memory, which peft needs.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from medmerge.checkpoint import TOKENIZER_FILES, Checkpoint, ShardWriter, atomic_folder, parse_size
+from medmerge.errors import CheckpointError
+from medmerge.hashing import sha256_file
+
+
+def is_adapter(folder: str | Path) -> bool:
+    return (Path(folder) / "adapter_config.json").is_file()
+
+
+def adapter_base(adapter_dir: Path) -> str | None:
+    try:
+        return json.loads((adapter_dir / "adapter_config.json").read_text()).get(
+            "base_model_name_or_path"
+        )
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{adapter_dir}/adapter_config.json is not valid JSON: {e}") from e
+
+
+def materialize(
+    adapter_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    base: str | Path | None = None,
+    dtype: str | None = None,
+    shard_size: str | int = "5GB",
+    overwrite: bool = False,
+) -> Path:
+    """Fold a LoRA adapter into its base; write the full checkpoint to `out_dir`."""
+    adapter_dir = Path(adapter_dir)
+    if not is_adapter(adapter_dir):
+        raise CheckpointError(f"{adapter_dir} has no adapter_config.json: it is not a PEFT adapter")
+    base = Path(base or adapter_base(adapter_dir) or "")
+    if not base.is_dir():
+        raise CheckpointError(
+            f"the adapter's base {str(base)!r} is not a local folder; pass --base BASE_DIR"
+        )
+    reference = Checkpoint(base)  # validates the base folder (and refuses an adapter as base)
+    try:
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise CheckpointError(
+            "folding adapters needs peft: pip install 'medmerge[adapters]'"
+        ) from e
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    state = model.state_dict()
+    names = [n for n in reference.names() if n in state]
+    out_dtype = (
+        getattr(torch, dtype)
+        if dtype
+        else next(
+            reference.info(n).dtype for n in names if reference.info(n).dtype.is_floating_point
+        )
+    )
+    with atomic_folder(out_dir, overwrite) as tmp:
+        layout = [
+            (
+                n,
+                tuple(state[n].shape),
+                out_dtype if state[n].is_floating_point() else state[n].dtype,
+            )
+            for n in names
+        ]
+        writer = ShardWriter(tmp, layout, parse_size(shard_size))
+        for n, _, d in layout:
+            writer.write(n, state[n].to(d))
+        writer.finish()
+        config = dict(reference.config)
+        config["dtype"] = str(out_dtype).removeprefix("torch.")
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        for name in (*TOKENIZER_FILES, "generation_config.json"):
+            src = adapter_dir / name if (adapter_dir / name).is_file() else base / name
+            if src.is_file():
+                shutil.copy2(src, tmp / name)
+        provenance = {
+            "materialized_from": str(adapter_dir.resolve()),
+            "base": str(base.resolve()),
+            "adapter_files": {
+                f.name: sha256_file(f) for f in sorted(adapter_dir.iterdir()) if f.is_file()
+            },
+        }
+        (tmp / "medmerge_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+    reference.close()
+    return Path(out_dir)
