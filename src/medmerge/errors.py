@@ -19,3 +19,7 @@ class IncompatibleModelsError(MedmergeError):
 
 class MergeError(MedmergeError):
     """A merge that produced an unusable result (e.g. non-finite values) or cannot be written."""
+
+
+class EvalError(MedmergeError):
+    """An evaluation that cannot run: missing extra, unreachable dataset, bad suite."""

@@ -33,7 +33,7 @@ TINY = dict(
     num_hidden_layers=2,
     num_attention_heads=8,
     head_dim=8,
-    max_position_embeddings=128,
+    max_position_embeddings=512,
 )
 
 

@@ -1,0 +1,259 @@
+"""Evaluation suites: the paper's lm-eval tasks, or local suites of JSONL files in their formats.
+
+A local suite is a folder with `suite.yaml`:
+
+```yaml
+name: cardio
+tasks:
+  - name: cardio_mcq
+    format: medqa            # medqa | pubmedqa | mmlu | medmcqa | hellaswag | perplexity
+    test: cardio_test.jsonl
+    fewshot: cardio_dev.jsonl  # optional; else few-shot examples come from test (never the item)
+```
+
+Records use the upstream datasets' field names, so an export of the real dataset drops in. Each
+task becomes an lm-eval task YAML that `include`s the upstream task's own YAML, so the prompt
+functions (and so the prompts) are exactly the paper's; only the data source is replaced by
+`dataset_path: json` with local `data_files`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from medmerge.errors import ConfigError
+from medmerge.hashing import cache_dir
+
+Format = Literal["medqa", "pubmedqa", "mmlu", "medmcqa", "hellaswag", "perplexity"]
+
+# the paper's protocol: lm-eval task -> the hub dataset (and config) it downloads
+PAPER_TASKS = {
+    "medqa_4options": ("GBaker/MedQA-USMLE-4-options-hf", None),
+    "pubmedqa": ("bigbio/pubmed_qa", "pubmed_qa_labeled_fold0_source"),
+    "mmlu_professional_medicine": ("cais/mmlu", "professional_medicine"),
+    "medmcqa": ("openlifescienceai/medmcqa", None),
+    "hellaswag": ("Rowan/hellaswag", None),
+}
+
+# format -> the upstream lm-eval YAML (relative to lm_eval/tasks) whose prompts a local task reuses
+UPSTREAM = {
+    "medqa": "medqa/medqa.yaml",
+    "pubmedqa": "pubmedqa/pubmedqa.yaml",
+    "mmlu": "mmlu/default/_default_template_yaml",
+    "medmcqa": "medmcqa/medmcqa.yaml",
+    "hellaswag": "hellaswag/hellaswag.yaml",
+}
+
+Label4 = Annotated[int, Field(ge=0, le=3)]
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class MedQARecord(_Record):
+    sent1: str
+    ending0: str
+    ending1: str
+    ending2: str
+    ending3: str
+    label: Label4
+
+
+class PubMedQARecord(_Record):
+    QUESTION: str
+    CONTEXTS: list[str]
+    final_decision: Literal["yes", "no", "maybe"]
+
+
+class MMLURecord(_Record):
+    question: str
+    choices: Annotated[list[str], Field(min_length=4, max_length=4)]
+    answer: Label4
+
+
+class MedMCQARecord(_Record):
+    question: str
+    opa: str
+    opb: str
+    opc: str
+    opd: str
+    cop: Label4
+
+
+class HellaSwagRecord(_Record):
+    activity_label: str
+    ctx_a: str
+    ctx_b: str
+    endings: Annotated[list[str], Field(min_length=4, max_length=4)]
+    label: int | str
+
+    @field_validator("label")
+    @classmethod
+    def _label(cls, v):
+        if str(v) not in {"0", "1", "2", "3"}:
+            raise ValueError("label must be 0, 1, 2 or 3")
+        return v
+
+
+class PerplexityRecord(_Record):
+    text: Annotated[str, Field(min_length=1)]
+
+
+RECORDS: dict[str, type[_Record]] = {
+    "medqa": MedQARecord,
+    "pubmedqa": PubMedQARecord,
+    "mmlu": MMLURecord,
+    "medmcqa": MedMCQARecord,
+    "hellaswag": HellaSwagRecord,
+    "perplexity": PerplexityRecord,
+}
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    format: Format
+    test: str
+    fewshot: str | None = None
+    description: str | None = None
+
+
+class SuiteManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    tasks: list[TaskSpec]
+
+
+class Suite(BaseModel):
+    """A resolved suite: lm-eval task names, and (local suites) the folder of generated YAML."""
+
+    name: str
+    tasks: list[str]
+    include_path: str | None = None  # folder of generated task YAML, for lm-eval's TaskManager
+    content_hash: str  # identifies the exact data and prompts, for the result store
+    local: bool
+
+
+def validate_records(path: Path, fmt: str) -> int:
+    """Check every line of a JSONL file; returns the record count. Errors name file and line."""
+    if not path.is_file():
+        raise ConfigError(f"suite data file {path} does not exist")
+    model = RECORDS[fmt]
+    count = 0
+    with path.open() as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+            try:
+                model.model_validate(record)
+            except ValidationError as e:
+                problems = "; ".join(
+                    f"{'.'.join(map(str, err['loc'])) or 'record'}: {err['msg']}"
+                    for err in e.errors()
+                )
+                raise ConfigError(f"{path}:{line_no}: invalid {fmt} record: {problems}") from e
+            count += 1
+    if count == 0:
+        raise ConfigError(f"suite data file {path} has no records")
+    return count
+
+
+def _upstream_dir() -> Path:
+    import lm_eval.tasks
+
+    return Path(lm_eval.tasks.__file__).parent
+
+
+def _task_yaml(spec: TaskSpec, folder: Path, suite: str) -> dict:
+    files = {"test": str((folder / spec.test).resolve())}
+    if spec.fewshot:
+        files["train"] = str((folder / spec.fewshot).resolve())
+    cfg: dict = {
+        "task": spec.name,
+        "tag": [f"medmerge_suite_{suite}"],
+        "dataset_path": "json",
+        "dataset_name": None,
+        "dataset_kwargs": {"data_files": files},
+        "test_split": "test",
+        "validation_split": None,
+        "training_split": "train" if spec.fewshot else None,
+        "fewshot_split": "train" if spec.fewshot else "test",
+    }
+    if spec.format == "perplexity":
+        cfg.update(
+            output_type="loglikelihood_rolling",
+            doc_to_text="",
+            doc_to_target="{{text}}",
+            metric_list=[
+                {"metric": m} for m in ("word_perplexity", "byte_perplexity", "bits_per_byte")
+            ],
+            metadata={"version": 1.0},
+        )
+        cfg.pop("fewshot_split")
+        cfg["training_split"] = None
+    else:
+        cfg["include"] = str(_upstream_dir() / UPSTREAM[spec.format])
+        if spec.format == "mmlu":
+            cfg["fewshot_config"] = {"sampler": "first_n"}
+    if spec.description:
+        cfg["description"] = spec.description
+    return cfg
+
+
+def load_suite(suite: str | Path, tasks: list[str] | None = None) -> Suite:
+    """`paper`, or a local suite folder; optionally restricted to some tasks."""
+    if str(suite) == "paper":
+        names = tasks or list(PAPER_TASKS)
+        unknown = set(names) - set(PAPER_TASKS)
+        if unknown:
+            raise ConfigError(
+                f"suite paper has no task {sorted(unknown)}; it has {', '.join(PAPER_TASKS)}"
+            )
+        digest = hashlib.sha256(json.dumps(names).encode()).hexdigest()[:16]
+        return Suite(name="paper", tasks=names, content_hash=digest, local=False)
+    folder = Path(suite)
+    manifest_file = folder / "suite.yaml"
+    if not manifest_file.is_file():
+        raise ConfigError(
+            f"suite {suite!r} is neither 'paper' nor a folder with suite.yaml "
+            "(see docs/eval.md for the manifest format)"
+        )
+    try:
+        manifest = SuiteManifest.model_validate(yaml.safe_load(manifest_file.read_text()))
+    except (ValidationError, yaml.YAMLError) as e:
+        raise ConfigError(f"{manifest_file} is not a valid suite manifest: {e}") from e
+    specs = manifest.tasks
+    if tasks:
+        unknown = set(tasks) - {t.name for t in specs}
+        if unknown:
+            raise ConfigError(f"suite {manifest.name} has no task {sorted(unknown)}")
+        specs = [t for t in specs if t.name in tasks]
+    h = hashlib.sha256(manifest_file.read_bytes())
+    for spec in specs:
+        for rel in filter(None, (spec.test, spec.fewshot)):
+            validate_records(folder / rel, spec.format)
+            h.update((folder / rel).read_bytes())
+    digest = h.hexdigest()[:16]
+    out = cache_dir() / "suites" / f"{manifest.name}-{digest}"
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in specs:
+        text = yaml.safe_dump(_task_yaml(spec, folder, manifest.name), sort_keys=False)
+        (out / f"{spec.name}.yaml").write_text(text)
+    return Suite(
+        name=manifest.name,
+        tasks=[s.name for s in specs],
+        include_path=str(out),
+        content_hash=digest,
+        local=True,
+    )
