@@ -58,3 +58,65 @@ def leftovers(out: Path) -> list[Path]:
     return [
         p for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}.")
     ]
+
+
+WORDS = (
+    "heart lung fever cough pain blood pressure sugar kidney liver bone skin virus "
+    "bacteria nerve muscle"
+).split()
+
+
+def write_suite(folder: Path, n: int = 24, seed: int = 0, formats=None) -> Path:
+    """A small local suite with one task per format, records in the upstream field names."""
+    import json
+    import random
+
+    import yaml
+
+    rng = random.Random(seed)
+
+    def s(k):
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    makers = {
+        "medqa": lambda: {
+            "sent1": s(8) + "?",
+            **{f"ending{i}": s(2) for i in range(4)},
+            "label": rng.randrange(4),
+        },
+        "pubmedqa": lambda: {
+            "QUESTION": s(6) + "?",
+            "CONTEXTS": [s(10), s(8)],
+            "final_decision": rng.choice(["yes", "no", "maybe"]),
+        },
+        "mmlu": lambda: {
+            "question": s(7) + "?",
+            "choices": [s(2) for _ in range(4)],
+            "answer": rng.randrange(4),
+        },
+        "medmcqa": lambda: {
+            "question": s(7) + "?",
+            "opa": s(2),
+            "opb": s(2),
+            "opc": s(2),
+            "opd": s(2),
+            "cop": rng.randrange(4),
+        },
+        "hellaswag": lambda: {
+            "activity_label": "Medicine",
+            "ctx_a": s(6),
+            "ctx_b": s(3),
+            "endings": [s(3) for _ in range(4)],
+            "label": str(rng.randrange(4)),
+        },
+        "perplexity": lambda: {"text": s(20)},
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for fmt in formats or makers:
+        with open(folder / f"{fmt}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps(makers[fmt]()) + "\n")
+        tasks.append({"name": f"tiny_{fmt}", "format": fmt, "test": f"{fmt}.jsonl"})
+    (folder / "suite.yaml").write_text(yaml.safe_dump({"name": "tiny", "tasks": tasks}))
+    return folder

@@ -147,6 +147,49 @@ def materialize(
     typer.echo(f"full checkpoint written to {out}")
 
 
+@app.command("eval")
+def eval_(
+    model_dir: Annotated[Path, typer.Argument(help="checkpoint folder to evaluate")],
+    suite: Annotated[str, typer.Option(help="paper, or a local suite folder")] = "paper",
+    tasks: Annotated[str | None, typer.Option(help="comma-separated subset of tasks")] = None,
+    num_fewshot: Annotated[int, typer.Option(help="few-shot examples")] = 5,
+    dtype: Annotated[DType, typer.Option(help="dtype the model runs in")] = DType.bfloat16,
+    device: Annotated[Device, typer.Option(help="cpu or cuda")] = Device.cpu,
+    batch_size: Annotated[str, typer.Option(help="a number or auto")] = "auto",
+    limit: Annotated[int | None, typer.Option(help="at most N questions per task")] = None,
+    seed: Annotated[int, typer.Option(help="seed for few-shot sampling")] = 1234,
+    store: Annotated[Path | None, typer.Option(help="result store (SQLite file)")] = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="rerun even if stored")] = False,
+    out: Annotated[Path | None, typer.Option(help="write the result as JSON")] = None,
+) -> None:
+    """Evaluate a model with lm-evaluation-harness (the paper's protocol by default)."""
+    from medmerge.eval import evaluate
+
+    result = _run(
+        evaluate,
+        model_dir,
+        suite=suite,
+        tasks=tasks.split(",") if tasks else None,
+        num_fewshot=num_fewshot,
+        dtype=dtype.value,
+        device=device.value,
+        batch_size=int(batch_size) if batch_size.isdigit() else batch_size,
+        limit=limit,
+        seed=seed,
+        store=store,
+        use_cache=not no_cache,
+        out=out,
+    )
+    origin = "from the result store" if result.cached else f"in {result.seconds:.0f} s"
+    typer.echo(f"{model_dir} ({origin}):")
+    for task, score in result.tasks.items():
+        shown = ", ".join(
+            f"{m} {v:.4f}" + (f" +- {score.stderr[m]:.4f}" if score.stderr.get(m) else "")
+            for m, v in score.metrics.items()
+        )
+        typer.echo(f"  {task:<32} n={score.n:<6} {shown}")
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods and their parameters (defaults in brackets)."""

@@ -108,18 +108,19 @@ def _parse(results: dict, tasks: list[str]) -> tuple[dict[str, TaskScore], dict[
             stderr=stderr,
             version=results.get("versions", {}).get(task),
         )
-        samples[task] = [
-            {
-                "doc_id": s["doc_id"],
-                **{
-                    m: float(s[m])
-                    for m in ("acc", "acc_norm")
-                    if isinstance(s.get(m), (int, float))
-                },
-            }
-            for s in results.get("samples", {}).get(task, [])
-        ]
+        samples[task] = [_sample(s) for s in results.get("samples", {}).get(task, [])]
     return scores, samples
+
+
+def _sample(s: dict) -> dict:
+    """One question: its id, per-question metrics and, for multiple choice, the chosen index."""
+    out = {"doc_id": s["doc_id"]}
+    out.update({m: float(s[m]) for m in ("acc", "acc_norm") if isinstance(s.get(m), (int, float))})
+    resps = s.get("filtered_resps")
+    if "acc" in out and resps and all(isinstance(r, (list, tuple)) for r in resps):
+        lls = [float(r[0]) for r in resps]
+        out["pred"] = max(range(len(lls)), key=lls.__getitem__)
+    return out
 
 
 def evaluate(

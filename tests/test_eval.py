@@ -1,0 +1,153 @@
+"""The Evaluate stage through the real lm-eval code path, on a tiny model and a local suite."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import state, write_suite
+from safetensors.torch import save_file
+
+import medmerge.eval as ev
+from medmerge.errors import ConfigError, EvalError
+from medmerge.eval.suites import load_suite
+
+
+@pytest.fixture(scope="module")
+def suite(tmp_path_factory):
+    return write_suite(tmp_path_factory.mktemp("suite"))
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """Count the runs of lm-eval's simple_evaluate (i.e. of the model)."""
+    import lm_eval
+
+    calls = []
+    real = lm_eval.simple_evaluate
+
+    def wrapper(*args, **kwargs):
+        calls.append(kwargs["tasks"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval, "simple_evaluate", wrapper)
+    return calls
+
+
+def run(model, suite, store, **kw):
+    kw.setdefault("num_fewshot", 2)
+    return ev.evaluate(model, suite=suite, dtype="float32", store=store, **kw)
+
+
+def test_local_suite_results_cache_and_fingerprint(mistral, suite, tmp_path, counted):
+    base = mistral[0]
+    store = tmp_path / "results.sqlite"
+    first = run(base, suite, store)
+    assert set(first.tasks) == {
+        f"tiny_{f}" for f in ("medqa", "pubmedqa", "mmlu", "medmcqa", "hellaswag", "perplexity")
+    }
+    for task, score in first.tasks.items():
+        assert score.n == 24
+        if task == "tiny_perplexity":
+            assert score.metrics["word_perplexity"] > 1
+            continue
+        assert 0.0 <= score.metrics["acc"] <= 1.0
+        assert 0.0 < score.stderr["acc"] < 0.2
+        assert len(first.samples[task]) == 24
+        assert {s["acc"] for s in first.samples[task]} <= {0.0, 1.0}
+        assert sum(s["acc"] for s in first.samples[task]) / 24 == pytest.approx(
+            score.metrics["acc"]
+        )
+    assert "acc_norm" in first.tasks["tiny_medqa"].metrics
+    assert first.protocol["num_fewshot"] == 2 and not first.cached
+    assert len(counted) == 1
+
+    again = run(base, suite, store)
+    assert again.cached and len(counted) == 1
+    assert again.tasks == first.tasks
+
+    changed = shutil.copytree(base, tmp_path / "changed")
+    tensors = state(changed)
+    for f in changed.glob("model*.safetensors*"):
+        f.unlink()
+    tensors["model.norm.weight"][0] += 1.0
+    save_file(tensors, changed / "model.safetensors", metadata={"format": "pt"})
+    other = run(changed, suite, store)
+    assert other.fingerprint != first.fingerprint and not other.cached and len(counted) == 2
+    forced = run(base, suite, store, use_cache=False)
+    assert not forced.cached and len(counted) == 3
+
+
+def test_forced_answers_score_one(mistral, tmp_path):
+    """Relabel every question with the answer the model prefers: accuracy must be 1.0."""
+    base = mistral[0]
+    formats = ("medqa", "mmlu", "medmcqa", "pubmedqa")
+    folder = write_suite(tmp_path / "suite", n=16, seed=3, formats=formats)
+    first = run(base, folder, tmp_path / "r.sqlite", num_fewshot=0)
+    label_field = {
+        "medqa": "label",
+        "mmlu": "answer",
+        "medmcqa": "cop",
+        "pubmedqa": "final_decision",
+    }
+    for fmt in formats:
+        preds = {s["doc_id"]: s["pred"] for s in first.samples[f"tiny_{fmt}"]}
+        path = folder / f"{fmt}.jsonl"
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        for i, r in enumerate(records):
+            p = preds[i]
+            r[label_field[fmt]] = ["yes", "no", "maybe"][p] if fmt == "pubmedqa" else p
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    forced = run(base, folder, tmp_path / "r.sqlite", num_fewshot=0)
+    for fmt in formats:
+        assert forced.tasks[f"tiny_{fmt}"].metrics["acc"] == 1.0, fmt
+
+
+@pytest.mark.parametrize(
+    "line, pattern",
+    [
+        (
+            '{"sent1": "q?", "ending0": "a", "ending1": "b", "ending2": "c", "label": 1}',
+            r"medqa.jsonl:3: invalid medqa record: ending3: Field required",
+        ),
+        (
+            '{"sent1": "q?", "ending0": "a", "ending1": "b", "ending2": "c", "ending3": "d", '
+            '"label": 4}',
+            r"medqa.jsonl:3: invalid medqa record: label: .*less than or equal to 3",
+        ),
+        ('{"sent1": "q?", ', r"medqa.jsonl:3: not valid JSON"),
+    ],
+)
+def test_bad_suite_records_name_file_and_line(tmp_path, line, pattern):
+    folder = write_suite(tmp_path / "suite", n=4, formats=("medqa",))
+    path = folder / "medqa.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = line
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=pattern):
+        load_suite(folder)
+
+
+def test_local_task_yaml_reuses_the_upstream_prompts(tmp_path):
+    import yaml
+
+    folder = write_suite(tmp_path / "suite", n=4, formats=("medqa", "mmlu"))
+    suite = load_suite(folder)
+    cfg = yaml.safe_load((Path(suite.include_path) / "tiny_medqa.yaml").read_text())
+    assert cfg["include"].endswith("lm_eval/tasks/medqa/medqa.yaml")
+    assert cfg["dataset_path"] == "json" and cfg["fewshot_split"] == "test"
+    assert cfg["dataset_kwargs"]["data_files"]["test"] == str((folder / "medqa.jsonl").resolve())
+
+
+def test_paper_suite_offline_fails_fast_naming_the_dataset(mistral, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    import huggingface_hub.constants as c
+
+    monkeypatch.setattr(c, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(
+        EvalError,
+        match=r"medqa_4options needs the dataset "
+        r"GBaker/MedQA-USMLE-4-options-hf.*local suite",
+    ):
+        ev.evaluate(mistral[0], suite="paper", store=tmp_path / "r.sqlite")
