@@ -91,6 +91,7 @@ PARAMETERS = {
     "nuslerp": {"weight": 0.5},
     "model_stock": {},
     "karcher": {},
+    "hierarchical": {},
 }
 
 
@@ -103,7 +104,16 @@ def merge_code(method: str, models: list[Path], out: Path, device: str) -> str:
         "parameters": PARAMETERS.get(method, {}),
         "dtype": "bfloat16",
     }
-    return f"medmerge.merge({cfg!r}, {str(out)!r}, device={device!r}, progress=False)\n"
+    return (
+        f"medmerge.merge({cfg!r}, {str(out)!r}, device={device!r}, progress=False)\n"
+        "import json\n"
+        f"diag = Path({str(out)!r}) / 'merge_diagnostics.json'\n"
+        "if diag.exists():\n"
+        "    s = json.loads(diag.read_text())['summary'] or {}\n"
+        "    if 'assignment_seconds' in s:\n"
+        '        import sys; print(f\'  hierarchical: {s["assignment_seconds"]:.2f} s in '
+        'head assignment ({s["verdict"]})\', file=sys.stderr)\n'
+    )
 
 
 def main() -> None:

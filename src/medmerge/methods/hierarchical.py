@@ -17,6 +17,7 @@ where, for attention projections, B is first permuted head-wise to match A:
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Sequence
 
 import torch
@@ -72,6 +73,7 @@ def summarize(records: list[dict]) -> dict:
             "fine-tuned from one base"
         )
     return {
+        "assignment_seconds": round(sum(r.get("assignment_seconds", 0.0) for r in records), 4),
         "layers_aligned": len(aligned),
         "layers_with_moved_heads": moved,
         "mean_weight": sum(weights) / len(weights) if weights else None,
@@ -130,6 +132,7 @@ def hierarchical(
             layout.check(n, a[n])
         src_a = a if align_on == "weights" else {n: a[n] - base[n] for n in names}
         src_b = b if align_on == "weights" else {n: b[n] - base[n] for n in names}
+        started = time.perf_counter()
         if alignment == "joint":
             found = joint_alignment(src_a, src_b, layout)
             b = permute_heads(b, found.q, found.kv, layout)
@@ -155,6 +158,7 @@ def hierarchical(
                 }
             b = aligned
             record.update(alignment="per_tensor", per_tensor=per)
+        record["assignment_seconds"] = round(time.perf_counter() - started, 6)
     if not weights_before_alignment:
         weights = {n: w_for(n, b[n]) for n in names}
     record["weights"] = weights
