@@ -190,6 +190,34 @@ def eval_(
         typer.echo(f"  {task:<32} n={score.n:<6} {shown}")
 
 
+class Executor(str, Enum):
+    local = "local"
+    ray = "ray"
+
+
+@app.command()
+def study(
+    config: Annotated[Path, typer.Argument(help="study YAML (base, models, suite, merges)")],
+    out: Annotated[Path | None, typer.Option(help="study folder (default studies/NAME)")] = None,
+    executor: Annotated[Executor, typer.Option(help="local, or ray for a cluster")] = (
+        Executor.local
+    ),
+) -> None:
+    """Run a study (merges x hyperparameters, evaluated, reported); rerunning resumes."""
+    from medmerge.study import run_study
+
+    folder = _run(run_study, config, out, executor=executor.value)
+    typer.echo(f"study in {folder}; report {folder / 'report.md'} and {folder / 'report.html'}")
+
+
+@app.command()
+def report(folder: Annotated[Path, typer.Argument(help="a study folder")]) -> None:
+    """Re-render a study's report from its stored results."""
+    from medmerge.report import write_report
+
+    typer.echo(f"report written to {_run(write_report, folder)}")
+
+
 @app.command()
 def methods() -> None:
     """List the merge methods and their parameters (defaults in brackets)."""

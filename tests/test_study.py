@@ -1,0 +1,172 @@
+"""Studies of tiny models over a local suite: grid expansion, resume, report, Ray executor."""
+
+import csv
+import struct
+
+import pytest
+from conftest import write_suite
+
+from medmerge.report import mcnemar, write_report
+from medmerge.study import expand, load_records, load_study, run_study
+
+
+@pytest.fixture(scope="module")
+def study_config(tmp_path_factory):
+    from medmerge.synthetic import tiny_config, write_family
+
+    root = tmp_path_factory.mktemp("study-inputs")
+    base, a, b = write_family(root / "models", tiny_config("mistral"), seed=4)
+    suite = write_suite(root / "suite", n=16, seed=1, formats=("medqa", "mmlu"))
+    return {
+        "name": "tiny",
+        "base": str(base),
+        "models": [str(a), str(b)],
+        "suite": str(suite),
+        "protocol": {"num_fewshot": 0, "dtype": "float32"},
+        "merges": [
+            {"method": "linear", "parameters": {"weight": 0.5}},
+            {"method": "task_arithmetic", "parameters": {"weight": [0.5, 1.0]}},
+            {"method": "ties", "parameters": {"weight": 0.5, "density": 0.9}},
+            {"method": "hierarchical"},
+        ],
+    }
+
+
+def test_grid_expansion_and_names(study_config):
+    runs = expand(
+        load_study(
+            {
+                **study_config,
+                "merges": [
+                    {"method": "dare_ties", "parameters": {"weight": 0.5, "density": [0.6, 0.9]}},
+                    {"method": "linear", "parameters": {"weight": {"value": [0.2, 0.8]}}},
+                ],
+            }
+        )
+    )
+    assert [r.name for r in runs] == [
+        "base",
+        "parent_a",
+        "parent_b",
+        "dare_ties-density0.6",
+        "dare_ties-density0.9",
+        "linear",
+    ]
+    assert runs[4].merge_config["parameters"] == {"weight": 0.5, "density": 0.9}
+    assert runs[5].merge_config["parameters"] == {"weight": [0.2, 0.8]}  # a gradient, one run
+
+
+def png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def test_study_end_to_end_resume_and_report(study_config, tmp_path, monkeypatch):
+    import medmerge.study as st
+
+    calls = []
+    real = st.execute_run
+
+    def crash_after_first(run, study, folder):
+        if calls:
+            raise KeyboardInterrupt("simulated kill")
+        calls.append(run.name)
+        return real(run, study, folder)
+
+    monkeypatch.setattr(st, "execute_run", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(study_config, tmp_path / "s", progress=False)
+    assert [r.run.name for r in load_records(tmp_path / "s")] == ["base"]
+
+    resumed = []
+
+    def counting(run, study, folder):
+        resumed.append(run.name)
+        return real(run, study, folder)
+
+    monkeypatch.setattr(st, "execute_run", counting)
+    folder = run_study(study_config, tmp_path / "s", progress=False)
+    names = [
+        "base",
+        "parent_a",
+        "parent_b",
+        "linear",
+        "task_arithmetic-weight0.5",
+        "task_arithmetic-weight1.0",
+        "ties",
+        "hierarchical",
+    ]
+    assert resumed == names[1:]  # the finished run was not redone
+    records = load_records(folder)
+    assert [r.run.name for r in records] == names
+    merge = records[3]
+    assert merge.merge_seconds > 0 and merge.merge_peak_rss_mb > 0 and merge.fingerprint
+
+    report = (folder / "report.md").read_text()
+    for name in names:
+        assert f"| {name} |" in report
+    assert "McNemar" in report and "Cost per merge" in report
+    for fig in (
+        "fig2_ranking.png",
+        "fig3_delta_vs_base.png",
+        "fig4_radar.png",
+        "sensitivity_task_arithmetic_weight.png",
+    ):
+        width, height = png_size(folder / fig)
+        assert width > 500 and height > 300, fig
+        assert f"]({fig})" in report
+    html = (folder / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 4 and "<table>" in html
+    assert "\\begin{tabular}" in (folder / "table.tex").read_text()
+
+    # the CSV gives back the stored numbers
+    with open(folder / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    by_key = {(r["model"], r["task"], r["metric"]): r for r in rows}
+    for rec in records:
+        for task, score in rec.result["tasks"].items():
+            for metric, value in score["metrics"].items():
+                row = by_key[(rec.run.name, task, metric)]
+                assert float(row["value"]) == value
+                se = score["stderr"].get(metric)
+                assert (float(row["stderr"]) if row["stderr"] else None) == se
+
+    # rerunning does nothing; the report re-renders from stored results
+    resumed.clear()
+    run_study(study_config, tmp_path / "s", progress=False)
+    assert resumed == []
+    (folder / "report.md").unlink()
+    write_report(folder)
+    assert (folder / "report.md").read_text() == report
+
+
+def test_mcnemar_known_answers():
+    merge = [{"doc_id": i, "acc": 1.0} for i in range(12)]
+    parent = [{"doc_id": i, "acc": 0.0 if i < 10 else 1.0} for i in range(12)]
+    b, c, p = mcnemar(merge, parent)
+    assert (b, c) == (10, 0)
+    assert p == pytest.approx(2 * 0.5**10)  # exact binomial, two-sided
+    same = mcnemar(merge, merge)
+    assert same == (0, 0, 1.0)
+    mixed = [{"doc_id": i, "acc": float(i % 2)} for i in range(20)]
+    flipped = [{"doc_id": i, "acc": float(1 - i % 2)} for i in range(20)]
+    b, c, p = mcnemar(mixed, flipped)
+    assert (b, c) == (10, 10) and p == pytest.approx(1.0)
+
+
+def test_ray_executor_matches_local(study_config, tmp_path):
+    ray = pytest.importorskip("ray")
+    config = {**study_config, "merges": study_config["merges"][:1]}
+    local = run_study(config, tmp_path / "local", progress=False, report=False)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        distributed = run_study(config, tmp_path / "ray", executor="ray", report=False)
+    finally:
+        ray.shutdown()
+    a = {r.run.name: r.result["tasks"] for r in load_records(local)}
+    b = {r.run.name: r.result["tasks"] for r in load_records(distributed)}
+    assert a == b and set(a) == {"base", "parent_a", "parent_b", "linear"}
+    fa = {r.run.name: r.fingerprint for r in load_records(local)}
+    fb = {r.run.name: r.fingerprint for r in load_records(distributed)}
+    assert fa == fb
