@@ -58,6 +58,22 @@ def _lm_eval():
     return lm_eval, TaskManager
 
 
+_MANAGERS: dict = {}
+
+
+def _task_manager(TaskManager, include_path: str | None):
+    """lm-eval's task index; indexing its ~14,000 built-in YAML files takes 10-15 s, so local
+    suites (whose YAML include the upstream files by path) index only their own folder, and the
+    built-in index is built once per process."""
+    if include_path not in _MANAGERS:
+        if include_path:
+            _MANAGERS[include_path] = TaskManager(include_path=include_path,
+                                                  include_defaults=False)
+        else:
+            _MANAGERS[include_path] = TaskManager()
+    return _MANAGERS[include_path]
+
+
 def _require_hub_datasets(tasks: list[str]) -> None:
     """Fail fast, naming the dataset, when a paper task's data is neither cached nor reachable."""
     from huggingface_hub import HfApi, constants
@@ -194,7 +210,7 @@ def _run(
     if batch_size == "auto" and device == "cpu":
         batch_size = CPU_AUTO_BATCH
     started = time.time()
-    manager = TaskManager(include_path=suite.include_path) if suite.include_path else TaskManager()
+    manager = _task_manager(TaskManager, suite.include_path)
     seed = protocol["seed"]
     try:
         raw = lm_eval.simple_evaluate(
