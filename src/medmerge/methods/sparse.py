@@ -31,15 +31,17 @@ Rescale = Literal["inverse_density", "l1", "none"]
 # ---- selection ----------------------------------------------------------------------------
 
 
-def kth_largest(values: Tensor, k: int) -> Tensor:
-    """The exact k-th largest entry of a flat non-negative float32 tensor (1 <= k <= numel)."""
+def kth_largest(values: Tensor, k: int) -> tuple[Tensor, int]:
+    """The exact k-th largest entry of a flat non-negative float32 tensor (1 <= k <= numel),
+    and how many entries are strictly greater than it."""
     high = values.view(torch.int32) >> 16  # non-negative floats order like their bit patterns
     counts = torch.bincount(high, minlength=1 << 15)
     at_or_above = counts.flip(0).cumsum(0).flip(0)
     bucket = int(torch.nonzero(at_or_above >= k).max())
     above = int(at_or_above[bucket + 1]) if bucket + 1 < len(at_or_above) else 0
     inside = values[high == bucket]
-    return torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
+    threshold = torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
+    return threshold, above + int((inside > threshold).sum())
 
 
 def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
@@ -49,11 +51,10 @@ def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
         return torch.zeros_like(magnitude, dtype=torch.bool)
     if k >= flat.numel():
         return torch.ones_like(magnitude, dtype=torch.bool)
-    threshold = kth_largest(flat, k)
+    threshold, greater = kth_largest(flat, k)
     mask = flat > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        ties = torch.nonzero(flat == threshold).squeeze(1)[:missing]
+    if k > greater:
+        ties = torch.nonzero(flat == threshold).squeeze(1)[: k - greater]
         mask[ties] = True
     return mask.reshape(magnitude.shape)
 
