@@ -5,12 +5,13 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import state, write_suite
+from conftest import state
 from safetensors.torch import save_file
 
 import medmerge.eval as ev
 from medmerge.errors import ConfigError, EvalError
 from medmerge.eval.suites import load_suite
+from medmerge.synthetic import write_suite
 
 
 @pytest.fixture(scope="module")

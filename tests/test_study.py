@@ -4,10 +4,10 @@ import csv
 import struct
 
 import pytest
-from conftest import write_suite
 
 from medmerge.report import mcnemar, write_report
 from medmerge.study import expand, load_records, load_study, run_study
+from medmerge.synthetic import write_suite
 
 
 @pytest.fixture(scope="module")

@@ -238,19 +238,17 @@ def methods() -> None:
 def example(
     out_dir: Annotated[Path, typer.Argument(help="folder to create")],
     arch: Annotated[str, typer.Option(help="mistral (GQA) or llama (tied embeddings)")] = "mistral",
-    method: Annotated[
-        str, typer.Option(help="merge method of the example config")
-    ] = "task_arithmetic",
+    method: Annotated[str, typer.Option(help="merge method of merge.yaml")] = "task_arithmetic",
     overwrite: Annotated[bool, typer.Option(help="replace existing example models")] = False,
 ) -> None:
-    """Write a tiny base, two fine-tunes of it and a merge config for them into OUT_DIR."""
-    from medmerge.synthetic import tiny_config, write_family
+    """Write a tiny base, two fine-tunes of it, a merge config, a small local suite and a study
+    config for them into OUT_DIR (random weights and questions: a smoke test of the workflow)."""
+    from medmerge.methods import get_method
+    from medmerge.synthetic import tiny_config, write_family, write_suite
 
     base, a, b = _run(
         write_family, out_dir / "models", tiny_config(arch), shard_size=40_000, overwrite=overwrite
     )
-    from medmerge.methods import get_method
-
     per_model = {"weight": 0.5} if "weight" in _run(get_method, method).per_model else {}
     config = {
         "merge_method": method,
@@ -258,11 +256,36 @@ def example(
         "models": [{"model": str(m.resolve()), "parameters": per_model} for m in (a, b)],
         "dtype": "bfloat16",
     }
-    path = out_dir / "merge.yaml"
-    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    (out_dir / "merge.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    suite = write_suite(out_dir / "suite", n=40, formats=("medqa", "mmlu", "hellaswag"))
+    study = {
+        "name": "example",
+        "base": str(base.resolve()),
+        "models": [str(a.resolve()), str(b.resolve())],
+        "suite": str(suite.resolve()),
+        "protocol": {"num_fewshot": 2, "dtype": "float32"},
+        "merges": [
+            {"method": "linear", "parameters": {"weight": 0.5}},
+            {"method": "task_arithmetic", "parameters": {"weight": [0.5, 1.0]}},
+            {"method": "ties", "parameters": {"weight": 0.5, "density": 0.9}},
+            {"method": "dare_ties", "parameters": {"weight": 0.5, "density": [0.6, 0.9]}},
+            {"method": "della", "parameters": {"weight": 0.5, "density": 0.6}},
+            {"method": "breadcrumbs", "parameters": {"weight": 0.5, "density": 0.9}},
+            {"method": "slerp", "parameters": {"t": 0.5}},
+            {"method": "sce", "parameters": {"select_topk": 0.5}},
+            {"method": "hierarchical", "name": "hierarchical-joint"},
+            {
+                "method": "hierarchical",
+                "name": "hierarchical-per_tensor",
+                "parameters": {"alignment": "per_tensor"},
+            },
+        ],
+    }
+    (out_dir / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     typer.echo(
-        f"models in {out_dir / 'models'}; config {path}\n"
-        f"next: medmerge merge {path} {out_dir / 'merged'}"
+        f"models in {out_dir / 'models'}, suite in {suite}\nnext: medmerge merge "
+        f"{out_dir / 'merge.yaml'} {out_dir / 'merged'}\n  or: medmerge study "
+        f"{out_dir / 'study.yaml'} --out {out_dir / 'study'}"
     )
 
 

@@ -144,3 +144,67 @@ def tiny_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
     )
+
+
+WORDS = (
+    "heart lung fever cough pain blood pressure sugar kidney liver bone skin virus bacteria "
+    "nerve muscle"
+).split()
+
+
+def write_suite(folder: Path, n: int = 24, seed: int = 0, formats=None) -> Path:
+    """A small local evaluation suite of random questions, one task per format, records in the
+    upstream datasets' field names. For smoke tests and the example: its items are noise."""
+    import json
+    import random
+
+    import yaml
+
+    rng = random.Random(seed)
+
+    def s(k):
+        return " ".join(rng.choice(WORDS) for _ in range(k))
+
+    makers = {
+        "medqa": lambda: {
+            "sent1": s(8) + "?",
+            **{f"ending{i}": s(2) for i in range(4)},
+            "label": rng.randrange(4),
+        },
+        "pubmedqa": lambda: {
+            "QUESTION": s(6) + "?",
+            "CONTEXTS": [s(10), s(8)],
+            "final_decision": rng.choice(["yes", "no", "maybe"]),
+        },
+        "mmlu": lambda: {
+            "question": s(7) + "?",
+            "choices": [s(2) for _ in range(4)],
+            "answer": rng.randrange(4),
+        },
+        "medmcqa": lambda: {
+            "question": s(7) + "?",
+            "opa": s(2),
+            "opb": s(2),
+            "opc": s(2),
+            "opd": s(2),
+            "cop": rng.randrange(4),
+        },
+        "hellaswag": lambda: {
+            "activity_label": "Medicine",
+            "ctx_a": s(6),
+            "ctx_b": s(3),
+            "endings": [s(3) for _ in range(4)],
+            "label": str(rng.randrange(4)),
+        },
+        "perplexity": lambda: {"text": s(20)},
+    }
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tasks = []
+    for fmt in formats or makers:
+        with open(folder / f"{fmt}.jsonl", "w") as f:
+            for _ in range(n):
+                f.write(json.dumps(makers[fmt]()) + "\n")
+        tasks.append({"name": f"tiny_{fmt}", "format": fmt, "test": f"{fmt}.jsonl"})
+    (folder / "suite.yaml").write_text(yaml.safe_dump({"name": "tiny", "tasks": tasks}))
+    return folder

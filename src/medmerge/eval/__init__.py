@@ -67,8 +67,7 @@ def _task_manager(TaskManager, include_path: str | None):
     built-in index is built once per process."""
     if include_path not in _MANAGERS:
         if include_path:
-            _MANAGERS[include_path] = TaskManager(include_path=include_path,
-                                                  include_defaults=False)
+            _MANAGERS[include_path] = TaskManager(include_path=include_path, include_defaults=False)
         else:
             _MANAGERS[include_path] = TaskManager()
     return _MANAGERS[include_path]

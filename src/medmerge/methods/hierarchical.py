@@ -32,7 +32,7 @@ from medmerge.align import (
     projection,
 )
 from medmerge.errors import ConfigError
-from medmerge.methods import register
+from medmerge.methods import CHUNK, chunkwise, register
 
 ATTENTION = re.compile(r"^(.*\.)(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$")
 
@@ -53,9 +53,18 @@ def attention_groups(names: Sequence[str], config: dict) -> list[list[str]]:
     return groups
 
 
-def cosine(a: Tensor, b: Tensor) -> float:
-    norm = a.norm() * b.norm()
-    return float((a * b).sum() / norm) if norm > 0 else 0.0
+def delta_cosine(a: Tensor, b: Tensor, base: Tensor) -> float:
+    """cos(a - base, b - base), accumulated over cache-sized chunks (no full-size deltas)."""
+    dot = na = nb = 0.0
+    fa, fb, f0 = a.reshape(-1), b.reshape(-1), base.reshape(-1)
+    for start in range(0, fa.numel(), CHUNK):
+        part = slice(start, start + CHUNK)
+        da, db = fa[part] - f0[part], fb[part] - f0[part]
+        dot += float(torch.dot(da, db))
+        na += float(torch.dot(da, da))
+        nb += float(torch.dot(db, db))
+    norm = (na * nb) ** 0.5
+    return dot / norm if norm > 0 else 0.0
 
 
 def summarize(records: list[dict]) -> dict:
@@ -122,7 +131,7 @@ def hierarchical(
     weights_before_alignment = alignment == "per_tensor"
 
     def w_for(n: str, b_tensor: Tensor) -> float:
-        w = weight if weighting == "fixed" else max(0.0, cosine(a[n] - base[n], b_tensor - base[n]))
+        w = weight if weighting == "fixed" else max(0.0, delta_cosine(a[n], b_tensor, base[n]))
         return min(max(w, min_weight), max_weight)
 
     weights = {n: w_for(n, b[n]) for n in names} if weights_before_alignment else {}
@@ -163,7 +172,7 @@ def hierarchical(
         weights = {n: w_for(n, b[n]) for n in names}
     record["weights"] = weights
     diagnostics.append(record)
-    return {n: torch.lerp(a[n], b[n], weights[n]) for n in names}
+    return {n: chunkwise(lambda x, y, w=weights[n]: torch.lerp(x, y, w), a[n], b[n]) for n in names}
 
 
 def _group_label(names: list[str]) -> str:
