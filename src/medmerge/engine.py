@@ -337,6 +337,8 @@ def _merge_group(
         return {n: _merge_chunked(plan, group, n, seed, diagnostics) for n in names}
 
     def f32(t: torch.Tensor) -> torch.Tensor:
+        if method.raw_inputs:  # the method converts chunk by chunk, sparing full-size copies
+            return t.to(device=device)
         return t.to(device=device, dtype=torch.float32)
 
     base = {n: f32(t) for n, t in group.base.items()} if group.base is not None else None

@@ -46,6 +46,7 @@ class MergeMethod:
     needs_base: bool
     uses_base: bool  # read the base when there is one (true for every method that needs it)
     elementwise: bool  # out[j] depends only on inputs[j]: the engine may call it on chunks
+    raw_inputs: bool  # tensors arrive in their stored dtype; the method converts (per chunk)
     per_model: frozenset[str]
     defaults: dict[str, object]  # parameter -> default, REQUIRED when it has none
     engine_args: frozenset[str]
@@ -70,6 +71,7 @@ def register(
     needs_base: bool,
     uses_base: bool | None = None,
     elementwise: bool = False,
+    raw_inputs: bool = False,
     per_model: Sequence[str] = (),
     aliases: Sequence[str] = (),
     group: Callable[[Sequence[str], dict], list[list[str]]] | None = None,
@@ -86,6 +88,7 @@ def register(
             needs_base=needs_base,
             uses_base=needs_base if uses_base is None else uses_base,
             elementwise=elementwise,
+            raw_inputs=raw_inputs,
             per_model=frozenset(per_model),
             defaults={p.name: p.default for p in kw if p.name not in ENGINE_ARGS},
             engine_args=frozenset(p.name for p in kw if p.name in ENGINE_ARGS),

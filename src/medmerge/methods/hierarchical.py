@@ -59,7 +59,8 @@ def delta_cosine(a: Tensor, b: Tensor, base: Tensor) -> float:
     fa, fb, f0 = a.reshape(-1), b.reshape(-1), base.reshape(-1)
     for start in range(0, fa.numel(), CHUNK):
         part = slice(start, start + CHUNK)
-        da, db = fa[part] - f0[part], fb[part] - f0[part]
+        base_part = f0[part].float()
+        da, db = fa[part].float() - base_part, fb[part].float() - base_part
         dot += float(torch.dot(da, db))
         na += float(torch.dot(da, da))
         nb += float(torch.dot(db, db))
@@ -127,6 +128,9 @@ def hierarchical(
             )
     a, b = models
     record: dict = {"group": _group_label(names), "alignment": None}
+    if projection(names[0]) is not None:  # attention tensors are small: align them in float32
+        a, b = ({n: t.float() for n, t in a.items()}, {n: t.float() for n, t in b.items()})
+        base = {n: t.float() for n, t in base.items()}
     is_attention = projection(names[0]) is not None and alignment != "none"
     weights_before_alignment = alignment == "per_tensor"
 
