@@ -247,7 +247,13 @@ def example(
     from medmerge.synthetic import tiny_config, write_family, write_suite
 
     base, a, b = _run(
-        write_family, out_dir / "models", tiny_config(arch), shard_size=40_000, overwrite=overwrite
+        # fine-tunes far from their base (deltas half the weights' size), so that merges differ
+        write_family,
+        out_dir / "models",
+        tiny_config(arch),
+        shard_size=40_000,
+        delta=0.5,
+        overwrite=overwrite,
     )
     per_model = {"weight": 0.5} if "weight" in _run(get_method, method).per_model else {}
     config = {
