@@ -16,8 +16,16 @@ def test_example_then_merge(tmp_path):
 
     runs = expand(load_study(tmp_path / "ex" / "study.yaml"))
     assert {r.method for r in runs if r.kind == "merge"} >= {
-        "linear", "task_arithmetic", "ties", "dare_ties", "della", "breadcrumbs", "slerp", "sce",
-        "hierarchical"}
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "della",
+        "breadcrumbs",
+        "slerp",
+        "sce",
+        "hierarchical",
+    }
     config = tmp_path / "ex" / "merge.yaml"
     out = tmp_path / "ex" / "merged"
     result = runner.invoke(app, ["merge", str(config), str(out), "--quiet", "--dtype", "float32"])

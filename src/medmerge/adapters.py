@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from medmerge.checkpoint import TOKENIZER_FILES, Checkpoint, ShardWriter, atomic_folder, parse_size
+from medmerge.checkpoint import TOKENIZER_FILES, Checkpoint, atomic_folder, parse_size, write_state
 from medmerge.errors import CheckpointError
 from medmerge.hashing import sha256_file
 
@@ -70,18 +70,7 @@ def materialize(
         )
     )
     with atomic_folder(out_dir, overwrite) as tmp:
-        layout = [
-            (
-                n,
-                tuple(state[n].shape),
-                out_dtype if state[n].is_floating_point() else state[n].dtype,
-            )
-            for n in names
-        ]
-        writer = ShardWriter(tmp, layout, parse_size(shard_size))
-        for n, _, d in layout:
-            writer.write(n, state[n].to(d))
-        writer.finish()
+        write_state(tmp, {n: state[n] for n in names}, out_dtype, parse_size(shard_size))
         config = dict(reference.config)
         config["dtype"] = str(out_dtype).removeprefix("torch.")
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -343,6 +343,19 @@ class ShardWriter:
         return [f for f, _ in self.shards]
 
 
+def write_state(
+    folder: Path, state: dict[str, torch.Tensor], dtype: torch.dtype, max_shard_bytes: int
+) -> list[str]:
+    """Write an in-memory state dict as sharded safetensors, floating tensors cast to `dtype`."""
+    layout = [
+        (n, tuple(t.shape), dtype if t.is_floating_point() else t.dtype) for n, t in state.items()
+    ]
+    writer = ShardWriter(folder, layout, max_shard_bytes)
+    for name, _, d in layout:
+        writer.write(name, state[name].to(d))
+    return writer.finish()
+
+
 @contextmanager
 def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` by renaming."""
