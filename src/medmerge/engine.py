@@ -316,6 +316,8 @@ def _engine_kwargs(plan: MergePlan, key: str, seed: int, diagnostics: list) -> d
         extra["config"] = plan.reference.config
     if "diagnostics" in method.engine_args:
         extra["diagnostics"] = diagnostics
+    if "out_dtype" in method.engine_args:
+        extra["out_dtype"] = plan.out_dtype
     if "generators" in method.engine_args:
         extra["generators"] = _generators(seed, key, len(plan.models))
     if "name" in method.engine_args:

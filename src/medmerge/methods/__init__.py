@@ -19,7 +19,9 @@ The engine also passes, when the function names them, these keyword arguments:
 - `generators`: one `torch.Generator` per model, seeded from (seed, tensor name, model index);
 - `name`: the tensor name (tensor-wise) or `names` (group methods);
 - `config`: the base model's `config.json` as a dict;
-- `diagnostics`: a list to append JSON-able records to (written beside the provenance).
+- `diagnostics`: a list to append JSON-able records to (written beside the provenance);
+- `out_dtype`: the output dtype; a method that asks for it may return tensors already in it
+  (saving a full-size float32 copy), otherwise results are float32.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from medmerge.errors import ConfigError
 
 CHUNK = 1 << 20  # elements per chunk of elementwise work on the CPU: stays in cache
 
-ENGINE_ARGS = frozenset({"generators", "name", "names", "config", "diagnostics"})
+ENGINE_ARGS = frozenset({"generators", "name", "names", "config", "diagnostics", "out_dtype"})
 REQUIRED = inspect.Parameter.empty
 
 

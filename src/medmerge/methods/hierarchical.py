@@ -96,6 +96,7 @@ def summarize(records: list[dict]) -> dict:
     "hierarchical",
     aliases=("cosine_ot_lerp",),
     needs_base=True,
+    raw_inputs=True,
     min_models=2,
     max_models=2,
     group=attention_groups,
@@ -114,6 +115,7 @@ def hierarchical(
     names: list[str],
     config: dict,
     diagnostics: list,
+    out_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
     """Cosine-weighted LERP of two parents with optimal-transport alignment of attention heads
     (Timilsina et al. 2025)."""
@@ -176,7 +178,15 @@ def hierarchical(
         weights = {n: w_for(n, b[n]) for n in names}
     record["weights"] = weights
     diagnostics.append(record)
-    return {n: chunkwise(lambda x, y, w=weights[n]: torch.lerp(x, y, w), a[n], b[n]) for n in names}
+    # LERP in float32 chunk by chunk, each chunk cast to the output dtype at once
+    return {
+        n: chunkwise(
+            lambda x, y, w=weights[n]: torch.lerp(x.float(), y.float(), w).to(out_dtype),
+            a[n],
+            b[n],
+        )
+        for n in names
+    }
 
 
 def _group_label(names: list[str]) -> str:
