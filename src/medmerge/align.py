@@ -100,11 +100,14 @@ def permute_heads(
     return out
 
 
-def _cosine_cost(a: Tensor, b: Tensor) -> np.ndarray:
-    """1 - cos between every block of a (rows) and every block of b."""
-    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-12)
-    return (1.0 - a @ b.T).double().cpu().numpy()
+def _cosine_cost(pairs: list[tuple[Tensor, Tensor]]) -> np.ndarray:
+    """1 - cos between every head of A and every head of B, each head's vector being its blocks
+    from all the (A blocks, B blocks) pairs given, concatenated. Computed from Gram matrices and
+    norms, so no concatenated or normalised copy of the weights is made."""
+    dot = sum(a @ b.T for a, b in pairs)
+    norm_a = torch.sqrt(sum(a.pow(2).sum(1) for a, _ in pairs)).clamp_min(1e-12)
+    norm_b = torch.sqrt(sum(b.pow(2).sum(1) for _, b in pairs)).clamp_min(1e-12)
+    return (1.0 - dot / torch.outer(norm_a, norm_b)).double().cpu().numpy()
 
 
 def _assign(cost: np.ndarray) -> np.ndarray:
@@ -136,14 +139,15 @@ def joint_alignment(a: dict[str, Tensor], b: dict[str, Tensor], layout: HeadLayo
     """
     H, K, D, G = layout.heads, layout.kv_heads, layout.head_dim, layout.group
 
-    def features(tensors, projs, count):
-        parts = [head_blocks(n, t, count, D) for n, t in tensors.items() if projection(n) in projs]
-        return torch.cat(parts, dim=1)
+    def blocks(projs, count):
+        return [
+            (head_blocks(n, a[n], count, D), head_blocks(n, b[n], count, D))
+            for n in a
+            if projection(n) in projs
+        ]
 
-    q_a, q_b = features(a, ("q_proj", "o_proj"), H), features(b, ("q_proj", "o_proj"), H)
-    kv_a, kv_b = features(a, ("k_proj", "v_proj"), K), features(b, ("k_proj", "v_proj"), K)
-    q_cost = _cosine_cost(q_a, q_b)
-    kv_cost = _cosine_cost(kv_a, kv_b)
+    q_cost = _cosine_cost(blocks(("q_proj", "o_proj"), H))
+    kv_cost = _cosine_cost(blocks(("k_proj", "v_proj"), K))
     inner = {}
     group_cost = np.empty((K, K))
     for ga in range(K):
@@ -164,7 +168,7 @@ def joint_alignment(a: dict[str, Tensor], b: dict[str, Tensor], layout: HeadLayo
 
 def per_tensor_alignment(name: str, a: Tensor, b: Tensor, count: int, dim: int) -> Alignment:
     """The paper's Algorithm 2: one projection's head blocks matched on their own."""
-    cost = _cosine_cost(head_blocks(name, a, count, dim), head_blocks(name, b, count, dim))
+    cost = _cosine_cost([(head_blocks(name, a, count, dim), head_blocks(name, b, count, dim))])
     perm = _assign(cost)
     idx = np.arange(count)
     return Alignment(
