@@ -70,7 +70,7 @@ def _count(fraction: float, n: int, what: str) -> int:
 
 def magnitude(d: Tensor, density: float) -> Tensor:
     """Keep the top `density` fraction of entries by |d| (TIES' trim)."""
-    return d * top_k_mask(d.abs(), _count(density, d.numel(), "density"))
+    return torch.where(top_k_mask(d.abs(), _count(density, d.numel(), "density")), d, 0.0)
 
 
 def random_drop(d: Tensor, density: float, generator: torch.Generator, rescale: Rescale) -> Tensor:
@@ -109,7 +109,7 @@ def breadcrumbs(d: Tensor, density: float, gamma: float) -> Tensor:
     kept = min(_count(density, n, "density"), n - outliers)
     magnitude_ = d.abs()
     mask = top_k_mask(magnitude_, outliers + kept) & ~top_k_mask(magnitude_, outliers)
-    return d * mask
+    return torch.where(mask, d, 0.0)
 
 
 def _rescale(d: Tensor, keep: Tensor, p: Tensor | float, rescale: Rescale) -> Tensor:
@@ -151,7 +151,8 @@ def combine(
             merged.zero_()
             weight_sum = torch.zeros_like(b)
             for wi, d in zip(w, ds, strict=True):
-                agree = (torch.sign(d) == elected) & (elected != 0)
+                # where elected is 0, an agreeing d is 0 too: it adds nothing to `merged`
+                agree = torch.sign(d) == elected
                 merged.add_(torch.where(agree, d, 0.0), alpha=wi)
                 weight_sum.add_(agree.to(b.dtype), alpha=wi)
         else:
