@@ -1,6 +1,7 @@
 """The Evaluate stage through the real lm-eval code path, on a tiny model and a local suite."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -43,7 +44,9 @@ def run(model, suite, store, **kw):
 def test_local_suite_results_cache_and_fingerprint(mistral, suite, tmp_path, counted):
     base = mistral[0]
     store = tmp_path / "results.sqlite"
+    offline_before = os.environ.get("HF_HUB_OFFLINE")
     first = run(base, suite, store)
+    assert os.environ.get("HF_HUB_OFFLINE") == offline_before  # set only during the run
     assert set(first.tasks) == {
         f"tiny_{f}" for f in ("medqa", "pubmedqa", "mmlu", "medmcqa", "hellaswag", "perplexity")
     }

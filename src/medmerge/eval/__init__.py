@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -56,6 +57,21 @@ def _lm_eval():
         ) from e
     logging.getLogger("lm_eval").setLevel(logging.WARNING)
     return lm_eval, TaskManager
+
+
+@contextmanager
+def _environment(values: dict[str, str]):
+    """Set environment variables for the block, then restore them."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 _MANAGERS: dict = {}
@@ -200,38 +216,38 @@ def _run(
     device: str,
     batch_size,
 ) -> EvalResult:
-    if suite.local:
-        # local data only: never reach for the hub (and fail fast if something tries)
-        os.environ["HF_HUB_OFFLINE"] = "1"
-        os.environ["HF_DATASETS_OFFLINE"] = "1"
-    else:
+    if not suite.local:
         _require_hub_datasets(suite.tasks)
     if batch_size == "auto" and device == "cpu":
         batch_size = CPU_AUTO_BATCH
     started = time.time()
     manager = _task_manager(TaskManager, suite.include_path)
     seed = protocol["seed"]
+    # local data only: never reach for the hub (and fail fast if something tries); the
+    # variables are restored afterwards, so a later paper-suite run in this process is online
+    offline = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"} if suite.local else {}
     try:
-        raw = lm_eval.simple_evaluate(
-            model="hf",
-            model_args={
-                "pretrained": str(model_dir),
-                "dtype": protocol["dtype"],
-                "trust_remote_code": False,
-            },
-            tasks=suite.tasks,
-            num_fewshot=protocol["num_fewshot"],
-            batch_size=batch_size,
-            device=device,
-            limit=protocol["limit"],
-            task_manager=manager,
-            log_samples=True,
-            random_seed=seed,
-            numpy_random_seed=seed,
-            torch_random_seed=seed,
-            fewshot_random_seed=seed,
-            bootstrap_iters=1000,
-        )
+        with _environment(offline):
+            raw = lm_eval.simple_evaluate(
+                model="hf",
+                model_args={
+                    "pretrained": str(model_dir),
+                    "dtype": protocol["dtype"],
+                    "trust_remote_code": False,
+                },
+                tasks=suite.tasks,
+                num_fewshot=protocol["num_fewshot"],
+                batch_size=batch_size,
+                device=device,
+                limit=protocol["limit"],
+                task_manager=manager,
+                log_samples=True,
+                random_seed=seed,
+                numpy_random_seed=seed,
+                torch_random_seed=seed,
+                fewshot_random_seed=seed,
+                bootstrap_iters=1000,
+            )
     except Exception as e:
         raise EvalError(f"lm-eval failed on {model_dir}: {type(e).__name__}: {e}") from e
     scores, samples = _parse(raw, suite.tasks)
