@@ -295,5 +295,34 @@ def example(
     )
 
 
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="folder for the suite, study and report")] = Path(
+        "runs/demo"
+    ),
+    quick: Annotated[bool, typer.Option(help="2 epochs, 24 questions per task (~10 min)")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """The offline demo study: SmolLM2-135M, two ICD-10-CM specialists fine-tuned from it on
+    CPU, merged by every method, evaluated and reported (docs/demo.md)."""
+    from medmerge.demo.run import run_demo
+
+    summary = _run(run_demo, out, quick=quick, progress=not quiet)
+    tasks = [t for t in next(iter(summary["accuracy"].values())) if t not in ("kind", "mean")]
+    typer.echo(f"\n{'model':<28}" + "".join(f"{t:>22}" for t in [*tasks, "mean"]))
+    for name, row in summary["accuracy"].items():
+        typer.echo(f"{name:<28}" + "".join(f"{_pct(row[t]):>22}" for t in [*tasks, "mean"]))
+    best = summary.get("best_merge")
+    if best:
+        typer.echo(f"\nbest merge by mean accuracy: {best['name']} ({_pct(best['mean'])})")
+        for who, gain in best["gain_over_specialist_on_other_domain"].items():
+            typer.echo(f"  versus {who}: {100 * gain:+.1f} points")
+        typer.echo(
+            f"  general control versus the base: {100 * best['control_change_vs_base']:+.1f}"
+        )
+    seconds = ", ".join(f"{k} {v:.0f} s" for k, v in summary["seconds"].items())
+    typer.echo(f"\ntime: {seconds}\nreport: {summary['report']}")
+
+
 if __name__ == "__main__":
     app()

@@ -9,6 +9,7 @@ tasks: null               # or a subset of the suite's tasks
 protocol: {num_fewshot: 5, dtype: bfloat16, limit: null, batch_size: auto, device: cpu}
 merge: {dtype: bfloat16, device: cpu, seed: 0}
 keep_models: true         # false: delete each merged model once it is evaluated
+result_store: null        # a SQLite evaluation store shared by studies (default: the folder's)
 merges:
   - method: task_arithmetic
     parameters: {weight: 0.5}
@@ -86,6 +87,7 @@ class StudyConfig(BaseModel):
     protocol: Protocol = Protocol()
     merge: MergeOptions = MergeOptions()
     keep_models: bool = True
+    result_store: str | None = None
     merges: list[MergeSpec] = []
 
 
@@ -246,7 +248,7 @@ def execute_run(run: Run, study: StudyConfig, folder: str) -> RunRecord:
         batch_size=p.batch_size,
         limit=p.limit,
         seed=p.seed,
-        store=folder / "results.sqlite",
+        store=study.result_store or folder / "results.sqlite",
     )
     record = RunRecord(
         run=run,

@@ -57,6 +57,7 @@ def convert_gguf(
         state.pop("lm_head.weight", None)  # tied: transformers restores it from the embeddings
     config = model.config.to_dict()
     config.pop("quantization_config", None)  # the weights are dequantized now
+    config["architectures"] = [type(model).__name__]  # GGUF metadata does not carry it
     config["dtype"] = dtype
     # transformers refuses to save a model loaded from GGUF, so the state dict is written
     # through medmerge's own writer

@@ -22,14 +22,27 @@ from pathlib import Path
 
 from medmerge.errors import CheckpointError
 
-CHAPTERS = {
-    "infectious": ("A00", "B99"),  # chapter I: certain infectious and parasitic diseases
-    "circulatory": ("I00", "I99"),  # chapter IX: diseases of the circulatory system
+CHAPTERS = {  # name -> first and last 3-character category (CMS chapter ranges)
+    "infectious": ("A00", "B99"),  # I: certain infectious and parasitic diseases
+    "neoplasms": ("C00", "D49"),  # II
+    "endocrine": ("E00", "E89"),  # IV: endocrine, nutritional and metabolic diseases
+    "mental": ("F01", "F99"),  # V: mental, behavioral and neurodevelopmental disorders
+    "nervous": ("G00", "G99"),  # VI: diseases of the nervous system
+    "circulatory": ("I00", "I99"),  # IX: diseases of the circulatory system
+    "respiratory": ("J00", "J99"),  # X: diseases of the respiratory system
+    "digestive": ("K00", "K95"),  # XI: diseases of the digestive system
 }
 
+# Several phrasings of each fact in each direction: a model learns a fact it can recall under a
+# new phrasing only from varied statements of it (Allen-Zhu & Li 2023, "Physics of Language
+# Models 3.1"); the test questions use a phrasing that none of these has.
 TRAIN_TEMPLATES = (
     "ICD-10-CM code {code}: {desc}.",
+    "The ICD-10-CM code {code} stands for {desc}.",
+    "What does ICD-10-CM code {code} mean? {desc}.",
     "In ICD-10-CM, {desc} is coded as {code}.",
+    "The ICD-10-CM code for {desc} is {code}.",
+    "What is the ICD-10-CM code for {desc}? {code}.",
 )
 QUESTION_TO_CODE = 'Which ICD-10-CM code is assigned to the diagnosis "{desc}"?'
 QUESTION_TO_DESC = "In ICD-10-CM, what does the code {code} describe?"
@@ -79,51 +92,27 @@ def training_texts(items: list[Item], seed: int) -> list[str]:
     return texts
 
 
+def mcq_record(question: str, answer: str, pool: list[str], rng: random.Random) -> dict:
+    """A MedQA-format record (`sent1`, `ending0..3`, `label`): the answer and three distractors
+    drawn from `pool` (which must not hold the answer), in random order."""
+    options = [answer, *rng.sample(pool, 3)]
+    rng.shuffle(options)
+    record = {"sent1": question, "label": options.index(answer)}
+    record.update({f"ending{k}": option for k, option in enumerate(options)})
+    return record
+
+
 def mcq_records(items: list[Item], pool: list[Item], seed: int) -> list[dict]:
-    """MedQA-format records (`sent1`, `ending0..3`, `label`), alternating the two directions;
-    the three distractors are other items of the same pool (chapter)."""
+    """One question per item, alternating the two directions (description to code, code to
+    description); the three distractors are other items of the same pool (chapter)."""
     rng = random.Random(seed)
     records = []
     for n, item in enumerate(items):
-        others = rng.sample([p for p in pool if p.code != item.code], 3)
-        options = [item, *others]
-        rng.shuffle(options)
-        to_code = n % 2 == 0
-        question = (
-            QUESTION_TO_CODE.format(desc=item.desc)
-            if to_code
-            else QUESTION_TO_DESC.format(code=item.code)
-        )
-        record = {"sent1": question, "label": options.index(item)}
-        for k, option in enumerate(options):
-            record[f"ending{k}"] = option.code if to_code else option.desc
-        records.append(record)
+        others = [p for p in pool if p.code != item.code]
+        if n % 2 == 0:
+            question = QUESTION_TO_CODE.format(desc=item.desc)
+            records.append(mcq_record(question, item.code, [p.code for p in others], rng))
+        else:
+            question = QUESTION_TO_DESC.format(code=item.code)
+            records.append(mcq_record(question, item.desc, [p.desc for p in others], rng))
     return records
-
-
-def write_suite(folder: Path, table: dict, *, fewshot: int = 12, seed: int = 0) -> dict:
-    """A local suite with one MedQA-format task per chapter; returns item counts per task."""
-    import yaml
-
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tasks, counts = [], {}
-    for chapter in CHAPTERS:
-        pool = chapter_items(table, chapter)
-        shots, test = split(pool, fewshot, seed)
-        for part, items in (("test", test), ("dev", shots)):
-            with open(folder / f"{chapter}_{part}.jsonl", "w") as f:
-                for record in mcq_records(items, pool, seed):
-                    f.write(json.dumps(record) + "\n")
-        name = f"icd10_{chapter}"
-        tasks.append(
-            {
-                "name": name,
-                "format": "medqa",
-                "test": f"{chapter}_test.jsonl",
-                "fewshot": f"{chapter}_dev.jsonl",
-            }
-        )
-        counts[name] = len(test)
-    (folder / "suite.yaml").write_text(yaml.safe_dump({"name": "icd10", "tasks": tasks}))
-    return counts

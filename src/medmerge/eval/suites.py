@@ -6,7 +6,7 @@ A local suite is a folder with `suite.yaml`:
 name: cardio
 tasks:
   - name: cardio_mcq
-    format: medqa            # medqa | pubmedqa | mmlu | medmcqa | hellaswag | perplexity
+    format: medqa    # medqa | medqa_cloze | pubmedqa | mmlu | medmcqa | hellaswag | perplexity
     test: cardio_test.jsonl
     fewshot: cardio_dev.jsonl  # optional; else few-shot examples come from test (never the item)
 ```
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medmerge.errors import ConfigError
 from medmerge.hashing import cache_dir
 
-Format = Literal["medqa", "pubmedqa", "mmlu", "medmcqa", "hellaswag", "perplexity"]
+Format = Literal["medqa", "medqa_cloze", "pubmedqa", "mmlu", "medmcqa", "hellaswag", "perplexity"]
 
 # the paper's protocol: lm-eval task -> the hub dataset (and config) it downloads
 PAPER_TASKS = {
@@ -48,6 +48,20 @@ UPSTREAM = {
     "mmlu": "mmlu/default/_default_template_yaml",
     "medmcqa": "medmcqa/medmcqa.yaml",
     "hellaswag": "hellaswag/hellaswag.yaml",
+}
+
+# MedQA records scored as a cloze: the text of each option is the continuation, as lm-eval's
+# mmlu_continuation does for MMLU. Small models cannot map knowledge to answer letters (the
+# letter prompt scores chance on SmolLM2-135M), so their evaluations use this formulation.
+MEDQA_CLOZE = {
+    "output_type": "multiple_choice",
+    "doc_to_text": "Question: {{sent1}}\nAnswer:",
+    "doc_to_choice": "{{[ending0, ending1, ending2, ending3]}}",
+    "doc_to_target": "{{label}}",
+    "metric_list": [
+        {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
+    ],
+    "metadata": {"version": 1.0},
 }
 
 Label4 = Annotated[int, Field(ge=0, le=3)]
@@ -108,6 +122,7 @@ class PerplexityRecord(_Record):
 
 RECORDS: dict[str, type[_Record]] = {
     "medqa": MedQARecord,
+    "medqa_cloze": MedQARecord,
     "pubmedqa": PubMedQARecord,
     "mmlu": MMLURecord,
     "medmcqa": MedMCQARecord,
@@ -202,6 +217,8 @@ def _task_yaml(spec: TaskSpec, folder: Path, suite: str) -> dict:
         )
         cfg.pop("fewshot_split")
         cfg["training_split"] = None
+    elif spec.format == "medqa_cloze":
+        cfg.update(MEDQA_CLOZE)
     else:
         cfg["include"] = str(_upstream_dir() / UPSTREAM[spec.format])
         if spec.format == "mmlu":
