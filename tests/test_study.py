@@ -28,6 +28,7 @@ def study_config(tmp_path_factory):
             {"method": "task_arithmetic", "parameters": {"weight": [0.5, 1.0]}},
             {"method": "ties", "parameters": {"weight": 0.5, "density": 0.9}},
             {"method": "hierarchical"},
+            {"method": "linear", "name": "linear-again", "parameters": {"weight": 0.5}},
         ],
     }
 
@@ -96,6 +97,7 @@ def test_study_end_to_end_resume_and_report(study_config, tmp_path, monkeypatch)
         "task_arithmetic-weight1.0",
         "ties",
         "hierarchical",
+        "linear-again",
     ]
     assert resumed == names[1:]  # the finished run was not redone
     records = load_records(folder)
@@ -104,6 +106,13 @@ def test_study_end_to_end_resume_and_report(study_config, tmp_path, monkeypatch)
     assert merge.merge_seconds > 0 and merge.merge_peak_rss_mb > 0 and merge.fingerprint
 
     report = (folder / "report.md").read_text()
+    assert report.startswith("# Study report: tiny\n")
+    assert "questions), 0-shot, float32, lm-eval" in report
+    # the same merge twice: one evaluation, and the report says why the rows agree (task
+    # arithmetic at weight 0.5 over two models is the 0.5/0.5 linear merge, bit for bit)
+    assert records[-1].eval_cached and records[-1].fingerprint == merge.fingerprint
+    assert "identical weights" in report
+    assert "\n- linear, task_arithmetic-weight0.5, linear-again\n" in report
     for name in names:
         assert f"| {name} |" in report
     assert "McNemar" in report and "Cost per merge" in report

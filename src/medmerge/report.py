@@ -21,7 +21,7 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-from medmerge.study import RunRecord, load_records
+from medmerge.study import RunRecord, load_records, load_study
 
 PLOT_STYLE = {
     "figure.facecolor": "white",
@@ -273,6 +273,27 @@ def fig_sensitivity(records, tasks, method: str, param: str, path: Path) -> bool
     return True
 
 
+def protocol_line(records: list[RunRecord], suite: str) -> str:
+    """How the models were evaluated, from the stored protocol of the base's result."""
+    base = next(r for r in records if r.run.kind == "base")
+    p = base.result["protocol"]
+    sizes = ", ".join(f"{t} {s['n']}" for t, s in base.result["tasks"].items())
+    return (
+        f"Suite `{p.get('suite', suite)}` ({sizes} questions), {p['num_fewshot']}-shot, "
+        f"{p['dtype']}, lm-eval {p.get('lm_eval', '?')}"
+        + (f", limit {p['limit']} per task" if p.get("limit") else "")
+        + "."
+    )
+
+
+def identical_weights(records: list[RunRecord]) -> list[list[str]]:
+    """Names of the rows that share a weight fingerprint, in groups of two or more."""
+    groups: dict[str, list[str]] = {}
+    for r in records:
+        groups.setdefault(r.fingerprint, []).append(r.run.name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
 def write_report(folder: str | Path) -> Path:
     """Render the report of a study folder from its stored run records."""
     folder = Path(folder)
@@ -297,14 +318,22 @@ def write_report(folder: str | Path) -> Path:
             figures[name] = f"{method}: accuracy versus {param}"
     sig = significance(records, tasks)
     costs = [r for r in records if r.run.kind == "merge"]
+    study = load_study(folder / "study.yaml")
     md = [
-        f"# Study report: {folder.name}",
+        f"# Study report: {study.name}",
+        "",
+        protocol_line(records, study.suite),
         "",
         "Accuracy (%) ± standard error, best per column in bold.",
         "",
         markdown_table(records, tasks),
         "",
     ]
+    same = identical_weights(records)
+    if same:
+        md += ["Rows with identical weights (same fingerprint), so identical scores:", ""]
+        md += [f"- {', '.join(names)}" for names in same]
+        md += [""]
     for file, title in figures.items():
         md += [f"## {title}", "", f"![{title}]({file})", ""]
     md += [
