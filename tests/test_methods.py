@@ -2,10 +2,11 @@
 
 References here use numpy (float32, the precision the methods are specified in, so sign
 elections of near-cancelling sums agree) and full sorts (never the code under test's selection), and
-draw random masks the documented way: `torch.rand(shape, generator) < p` with the generator the
-engine seeds from (seed, tensor name, model index).
+draw random masks the documented way: `uniform(key) < p` with the counter-based draws keyed by
+(seed, tensor name, model index); the draws themselves are checked against a plain-Python hash.
 """
 
+import hashlib
 import math
 
 import numpy as np
@@ -19,6 +20,7 @@ from medmerge.errors import ConfigError, MergeError
 from medmerge.methods import REGISTRY
 from medmerge.methods import sparse as sp
 from medmerge.methods import spherical as sph
+from medmerge.methods.rng import uniform
 
 # ---- references (numpy) ------------------------------------------------------------
 
@@ -33,8 +35,8 @@ def ref_topk(x, k):
 
 
 def ref_rand(seed, name, i, shape):
-    g = torch.Generator().manual_seed(tensor_seed(seed, name, i))
-    return torch.rand(shape, generator=g).numpy()
+    n = math.prod(shape)
+    return uniform(tensor_seed(seed, name, i), slice(0, n)).reshape(shape).numpy()
 
 
 def ref_combine(base, deltas, w, ties, normalize, lam=1.0):
@@ -180,8 +182,18 @@ def merge_config(method, base, a, b):
     }
 
 
+@pytest.fixture(params=["whole", "chunked"])
+def chunking(request, monkeypatch):
+    """Tiny tensors fit in one chunk; "chunked" cuts them into 96-entry chunks, so statistics
+    passes, tie budgets carried across chunks and row-aligned chunks are exercised."""
+    if request.param == "chunked":
+        monkeypatch.setattr("medmerge.methods.CHUNK", 96)
+        monkeypatch.setattr("medmerge.engine.CHUNK", 96)
+    return request.param
+
+
 @pytest.mark.parametrize("method", sorted(PARAMS))
-def test_method_matches_reference_and_runs_in_transformers(family, tmp_path, method):
+def test_method_matches_reference_and_runs_in_transformers(family, tmp_path, method, chunking):
     base, a, b = family
     out = medmerge.merge(
         merge_config(method, base, a, b), tmp_path / "m", seed=SEED, progress=False
@@ -201,7 +213,7 @@ def test_method_matches_reference_and_runs_in_transformers(family, tmp_path, met
 # ---- selection and sparsifiers -----------------------------------------------------------------
 
 
-def test_radix_selection_equals_a_full_sort_including_ties():
+def test_radix_selection_equals_a_full_sort_including_ties(chunking):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(300, 257, generator=g).abs()
     x[::7] = 0.5  # many exact ties
@@ -212,34 +224,29 @@ def test_radix_selection_equals_a_full_sort_including_ties():
 def test_dare_keeps_density_within_three_sigma_and_is_unbiased():
     d = torch.randn(400, 500, generator=torch.Generator().manual_seed(1))
     for density in (0.1, 0.6, 0.9):
-        kept = sp.random_drop(d, density, torch.Generator().manual_seed(2), "inverse_density")
+        kept = sp.random_drop(d, density, 2, "inverse_density")
         n = d.numel()
         sigma = math.sqrt(n * density * (1 - density))
         assert abs(int((kept != 0).sum()) - density * n) < 3 * sigma
     small = d[:20, :25]
-    draws = torch.stack(
-        [
-            sp.random_drop(small, 0.5, torch.Generator().manual_seed(s), "inverse_density")
-            for s in range(2000)
-        ]
-    )
+    draws = torch.stack([sp.random_drop(small, 0.5, s, "inverse_density") for s in range(2000)])
     z = (draws.mean(0) - small) / (small.abs() * math.sqrt((1 - 0.5) / 0.5 / 2000))
     assert z.abs().mean() < 1.0 and z.abs().max() < 5
 
 
 def test_dare_rescale_l1_and_none():
     d = torch.randn(50, 60, generator=torch.Generator().manual_seed(3))
-    l1 = sp.random_drop(d, 0.3, torch.Generator().manual_seed(4), "l1")
+    l1 = sp.random_drop(d, 0.3, 4, "l1")
     torch.testing.assert_close(l1.abs().sum(), d.abs().sum())
-    none = sp.random_drop(d, 0.3, torch.Generator().manual_seed(4), "none")
+    none = sp.random_drop(d, 0.3, 4, "none")
     assert torch.equal(none != 0, l1 != 0) and torch.equal(none[none != 0], d[none != 0])
     with pytest.raises(ConfigError, match="rescale must be"):
-        sp.random_drop(d, 0.3, torch.Generator(), "sqrt")
+        sp.random_drop(d, 0.3, 0, "sqrt")
 
 
 def test_della_keep_rate_rises_with_magnitude_rank():
     d = torch.randn(2000, 100, generator=torch.Generator().manual_seed(5))
-    kept = sp.magprune(d, 0.5, 0.2, torch.Generator().manual_seed(6), "none") != 0
+    kept = sp.della_prune(d, 0.5, 0.2, 6, "none") != 0
     ranks = d.abs().argsort(1).argsort(1)
     rates = [
         kept[(ranks >= lo) & (ranks < lo + 20)].float().mean().item() for lo in range(0, 100, 20)
@@ -278,11 +285,11 @@ def test_density_zero_and_one():
     g = torch.Generator().manual_seed(9)
     base = torch.randn(30, 40, generator=g)
     models = [base + torch.randn(30, 40, generator=g) for _ in range(2)]
-    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    keys = [0, 1]
     for method in (sp.ties, sp.dare_ties, sp.dare_linear):
-        kw = {"generators": gens} if method is not sp.ties else {}
+        kw = {"keys": keys} if method is not sp.ties else {}
         assert torch.equal(method(base, models, weight=[0.5, 0.5], density=[0.0, 0.0], **kw), base)
-    full = sp.dare_linear(base, models, weight=[0.5, 0.5], density=[1.0, 1.0], generators=gens)
+    full = sp.dare_linear(base, models, weight=[0.5, 0.5], density=[1.0, 1.0], keys=keys)
     torch.testing.assert_close(full, base + 0.5 * (models[0] - base) + 0.5 * (models[1] - base))
     with pytest.raises(ConfigError, match="density must be between 0 and 1"):
         sp.ties(base, models, weight=[1, 1], density=[1.5, 1])
@@ -292,7 +299,7 @@ def test_single_identical_and_zero_task_vectors():
     g = torch.Generator().manual_seed(10)
     base = torch.randn(8, 9, generator=g)
     m = base + torch.randn(8, 9, generator=g)
-    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    keys = [0, 1]
     # identical models: consensus methods give that model back
     assert torch.allclose(sp.ties(base, [m, m], weight=[0.5, 0.5], density=[1, 1]), m)
     assert torch.allclose(sp.sce(base, [m, m]), m)
@@ -304,7 +311,7 @@ def test_single_identical_and_zero_task_vectors():
     # zero task vectors: the base back, never NaN
     for out in (
         sp.ties(base, [base, base], weight=[1, 1], density=[0.5, 0.5]),
-        sp.dare_ties(base, [base, base], weight=[1, 1], density=[0.5, 0.5], generators=gens),
+        sp.dare_ties(base, [base, base], weight=[1, 1], density=[0.5, 0.5], keys=keys),
         sp.sce(base, [base, base]),
         sph.model_stock(base, [base, base]),
         sph.nuslerp(base, [base, base], weight=[1, 1]),
@@ -316,10 +323,10 @@ def test_single_identical_and_zero_task_vectors():
 
 def test_one_element_tensors():
     base, a, b = torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([-1.0])
-    gens = [torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)]
+    keys = [0, 1]
     # deltas +1 and -2: the elected sign is -, so only the second model's delta survives
     assert torch.equal(sp.ties(base, [a, b], weight=[1, 1], density=[1, 1]), torch.tensor([-1.0]))
-    out = sp.della(base, [a, b], weight=[1, 1], density=[0.5, 0.5], epsilon=0.1, generators=gens)
+    out = sp.della(base, [a, b], weight=[1, 1], density=[0.5, 0.5], epsilon=0.1, keys=keys)
     assert torch.isfinite(out).all()
     assert torch.equal(sph.slerp(None, [a, b], t=0.0), a)
 
@@ -397,9 +404,35 @@ def test_same_seed_same_bytes_any_thread_count_different_seed_differs(mistral, t
     assert any(not torch.equal(one[n], other[n]) for n in one)
 
 
-def test_generators_depend_on_name_not_order():
-    from medmerge.engine import _generators
+def test_keys_depend_on_name_not_order():
+    from medmerge.engine import _keys
 
-    first = [_generators(3, n, 2)[1].initial_seed() for n in ("a", "b", "c")]
-    later = [_generators(3, n, 2)[1].initial_seed() for n in ("c", "b", "a")][::-1]
+    first = [_keys(3, n, 2)[1] for n in ("a", "b", "c")]
+    later = [_keys(3, n, 2)[1] for n in ("c", "b", "a")][::-1]
     assert first == later and len(set(first)) == 3
+
+
+def _fmix32(h):
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def test_uniform_draws_are_the_documented_hash_in_any_chunking():
+    key = 0x5DEECE66D1234567
+    digest = hashlib.blake2b(key.to_bytes(8, "little"), digest_size=8).digest()
+    k1, k2 = int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+    def draw(j):  # two keyed rounds of MurmurHash3's finaliser on the position's 32-bit pattern
+        h = _fmix32((j ^ 0x80000000) ^ k1)
+        return (_fmix32(h ^ k2) >> 8) / 2**24
+
+    for start, stop in ((0, 1000), (2**31 - 5, 2**31 + 5), (2**32 - 7, 2**32)):
+        assert uniform(key, slice(start, stop)).tolist() == [draw(j) for j in range(start, stop)]
+    whole = uniform(key, slice(0, 10_000))
+    pieces = {s: uniform(key, slice(s, min(s + 333, 10_000))) for s in range(9_990, -1, -333)}
+    assert torch.equal(torch.cat([pieces[s] for s in sorted(pieces)]), whole)
+    with pytest.raises(ConfigError, match="up to 2\\^32"):
+        uniform(key, slice(0, 2**32 + 1))

@@ -269,9 +269,8 @@ def tensor_seed(seed: int, name: str, model_index: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
-def _generators(seed: int, name: str, n: int) -> list[torch.Generator]:
-    # CPU generators, so the same seed draws the same numbers on every device
-    return [torch.Generator().manual_seed(tensor_seed(seed, name, i)) for i in range(n)]
+def _keys(seed: int, name: str, n: int) -> list[int]:
+    return [tensor_seed(seed, name, i) for i in range(n)]
 
 
 PREFETCH = 2  # groups read ahead of, and written behind, the arithmetic
@@ -318,8 +317,8 @@ def _engine_kwargs(plan: MergePlan, key: str, seed: int, diagnostics: list) -> d
         extra["diagnostics"] = diagnostics
     if "out_dtype" in method.engine_args:
         extra["out_dtype"] = plan.out_dtype
-    if "generators" in method.engine_args:
-        extra["generators"] = _generators(seed, key, len(plan.models))
+    if "keys" in method.engine_args:
+        extra["keys"] = _keys(seed, key, len(plan.models))
     if "name" in method.engine_args:
         extra["name"] = key
     return extra

@@ -16,7 +16,9 @@ bounds the float32 working memory. Group methods (`group=` a function that split
 tensor names into groups, e.g. one layer's q, k, v and o) take and return dicts name -> Tensor.
 
 The engine also passes, when the function names them, these keyword arguments:
-- `generators`: one `torch.Generator` per model, seeded from (seed, tensor name, model index);
+- `keys`: one 63-bit random key per model, derived from (seed, tensor name, model index), for
+  `medmerge.methods.rng.uniform` (counter-based: a draw depends only on the key and the entry's
+  position, so chunks can be drawn in any order, on any device);
 - `name`: the tensor name (tensor-wise) or `names` (group methods);
 - `config`: the base model's `config.json` as a dict;
 - `diagnostics`: a list to append JSON-able records to (written beside the provenance);
@@ -37,7 +39,7 @@ from medmerge.errors import ConfigError
 
 CHUNK = 1 << 20  # elements per chunk of elementwise work on the CPU: stays in cache
 
-ENGINE_ARGS = frozenset({"generators", "name", "names", "config", "diagnostics", "out_dtype"})
+ENGINE_ARGS = frozenset({"keys", "name", "names", "config", "diagnostics", "out_dtype"})
 REQUIRED = inspect.Parameter.empty
 
 
@@ -130,6 +132,15 @@ def chunkwise(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
             out = torch.empty(first.numel(), dtype=part.dtype)
         out[start : start + CHUNK] = part
     return out.reshape(first.shape)
+
+
+def spans(n: int, device: torch.device, row: int = 1) -> list[slice]:
+    """Flat slices to work through a tensor of n entries in: cache-sized chunks of whole rows
+    (`row` entries each) on the CPU, everything at once on other devices."""
+    if device.type != "cpu" or n <= CHUNK:
+        return [slice(0, n)]
+    step = max(row, CHUNK // row * row)
+    return [slice(start, min(start + step, n)) for start in range(0, n, step)]
 
 
 def config_name(key: str) -> str:

@@ -1,62 +1,104 @@
 """Sparsify -> weight -> sign consensus -> normalise: TIES, DARE, DELLA, Breadcrumbs, SCE.
 
 Each method is one pipeline with its variants as options:
-1. sparsify every task vector d_i = theta_i - b with a small pure function (top-k by magnitude,
-   random drop, magnitude-ranked random drop, outlier-and-small removal), rescaling survivors;
+1. sparsify every task vector d_i = theta_i - b (top-k by magnitude, random drop,
+   magnitude-ranked random drop, outlier-and-small removal), rescaling survivors;
 2. combine: a weighted sum, or TIES' sign election and disjoint mean;
 3. b + lambda * combined delta.
 
-Top-k selection never sorts the tensor: `kth_largest` finds the exact threshold with a 16-bit radix
-histogram and `torch.kthvalue` on the one bucket that holds it (0.25 s on a 4096x14336 tensor on 2
-cores, against 1.3 s for `kthvalue` on the whole tensor, 2.1 s for `topk` and 9 s for `sort`; same
-masks). Ties at the threshold are broken by position, so masks are exact and deterministic.
+The methods stream: inputs arrive in their stored dtype, and every step runs over cache-sized
+chunks (`spans`), converting to float32 chunk by chunk and writing the output dtype directly, so
+no full-size float32 copy of a tensor is ever made. What needs the whole tensor (a top-k
+threshold, an L1 norm) is a statistic gathered in a pass over the chunks before the output pass.
 
-Random masks are drawn on the CPU from the per-(seed, tensor, model) generator the engine passes,
-so a seed gives bit-identical results whatever the device, thread count or tensor order.
+Top-k selection never sorts: `top_k` finds the exact k-th largest value with a two-level radix
+histogram over the float bit patterns (non-negative floats order like their bits), 16 bits per
+level, one pass each. Ties at the threshold are broken by position (earliest kept), so masks are
+exact and deterministic.
+
+Random masks come from `medmerge.methods.rng.uniform` with the per-(seed, tensor, model) key the
+engine passes: the draw of an entry depends only on the key and its position.
 """
 
 from __future__ import annotations
 
+import math
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 from torch import Tensor
 
 from medmerge.errors import ConfigError
-from medmerge.methods import chunkwise, register
+from medmerge.methods import register, spans
+from medmerge.methods.rng import uniform
 
 Rescale = Literal["inverse_density", "l1", "none"]
+Chunks = Callable[[slice], Tensor]  # flat positions -> float32 values there
+Sparsifier = Callable[[Tensor, slice], Tensor]  # (task-vector chunk, its positions) -> sparsified
 
 
 # ---- selection ----------------------------------------------------------------------------
 
 
-def kth_largest(values: Tensor, k: int) -> tuple[Tensor, int]:
-    """The exact k-th largest entry of a flat non-negative float32 tensor (1 <= k <= numel),
-    and how many entries are strictly greater than it."""
-    high = values.view(torch.int32) >> 16  # non-negative floats order like their bit patterns
-    counts = torch.bincount(high, minlength=1 << 15)
+@dataclass(frozen=True)
+class TopK:
+    """The k largest of non-negative values: those above `value`, and the first `ties` (in flat
+    order) of those equal to it."""
+
+    value: float
+    ties: int
+
+
+def _bucket(counts: Tensor, k: int) -> tuple[int, int]:
+    """The highest bucket with at least k entries at or above it, and the count above it."""
     at_or_above = counts.flip(0).cumsum(0).flip(0)
     bucket = int(torch.nonzero(at_or_above >= k).max())
-    above = int(at_or_above[bucket + 1]) if bucket + 1 < len(at_or_above) else 0
-    inside = values[high == bucket]
-    threshold = torch.kthvalue(inside, inside.numel() - (k - above) + 1).values
-    return threshold, above + int((inside > threshold).sum())
+    above = int(at_or_above[bucket + 1]) if bucket + 1 < len(counts) else 0
+    return bucket, above
+
+
+def top_k(values: Chunks, parts: list[slice], k: int) -> TopK:
+    """The exact top-k of non-negative float32 values, in two histogram passes over the chunks."""
+    n = parts[-1].stop
+    if k <= 0:
+        return TopK(math.inf, 0)
+    if k >= n:
+        return TopK(-1.0, 0)
+    high = sum(torch.bincount(values(p).view(torch.int32) >> 16, minlength=1 << 15) for p in parts)
+    bucket, above = _bucket(high, k)
+    low = 0
+    for p in parts:
+        bits = values(p).view(torch.int32)
+        low = low + torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
+    sub, greater = _bucket(low, k - above)
+    (value,) = struct.unpack("<f", struct.pack("<i", bucket << 16 | sub))
+    return TopK(value, k - above - greater)
+
+
+class Selector:
+    """Applies a TopK to consecutive chunks, in order (it counts the ties already kept)."""
+
+    def __init__(self, top: TopK):
+        self.value, self.ties = top.value, top.ties
+
+    def __call__(self, values: Tensor) -> Tensor:
+        mask = values > self.value
+        if self.ties:
+            at = torch.nonzero(values == self.value).squeeze(1)[: self.ties]
+            mask[at] = True
+            self.ties -= len(at)
+        return mask
 
 
 def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
     """Mask of exactly k largest entries; ties at the threshold go to the earliest positions."""
     flat = magnitude.reshape(-1).float().contiguous()
-    if k <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    if k >= flat.numel():
-        return torch.ones_like(magnitude, dtype=torch.bool)
-    threshold, greater = kth_largest(flat, k)
-    mask = flat > threshold
-    if k > greater:
-        ties = torch.nonzero(flat == threshold).squeeze(1)[: k - greater]
-        mask[ties] = True
-    return mask.reshape(magnitude.shape)
+    parts = spans(flat.numel(), flat.device)
+    select = Selector(top_k(lambda p: flat[p], parts, k))
+    return torch.cat([select(flat[p]) for p in parts]).reshape(magnitude.shape)
 
 
 def _count(fraction: float, n: int, what: str) -> int:
@@ -65,114 +107,184 @@ def _count(fraction: float, n: int, what: str) -> int:
     return round(fraction * n)
 
 
-# ---- sparsifiers: (delta, ...) -> sparsified, rescaled delta --------------------------------
+# ---- sparsifiers: built from a task vector's chunks, applied chunk by chunk in order ----------
 
 
-def magnitude(d: Tensor, density: float) -> Tensor:
+def trim(task: Chunks, parts: list[slice], density: float) -> Sparsifier:
     """Keep the top `density` fraction of entries by |d| (TIES' trim)."""
-    return torch.where(top_k_mask(d.abs(), _count(density, d.numel(), "density")), d, 0.0)
+    k = _count(density, parts[-1].stop, "density")
+    select = Selector(top_k(lambda p: task(p).abs(), parts, k))
+    return lambda d, p: torch.where(select(d.abs()), d, 0.0)
 
 
-def random_drop(d: Tensor, density: float, generator: torch.Generator, rescale: Rescale) -> Tensor:
-    """Keep each entry with probability `density` (DARE), then rescale the survivors."""
-    _count(density, d.numel(), "density")
-    keep = torch.rand(d.shape, generator=generator).to(d.device) < density
-    return _rescale(d, keep, float(density), rescale)
+def crumbs(task: Chunks, parts: list[slice], density: float, gamma: float) -> Sparsifier:
+    """Drop the `gamma` fraction of largest |d| (outliers), keep the next `density` fraction."""
+    n = parts[-1].stop
+    outliers = _count(gamma, n, "gamma")
+    kept = min(_count(density, n, "density"), n - outliers)
+    magnitude_ = lambda p: task(p).abs()  # noqa: E731
+    upper = Selector(top_k(magnitude_, parts, outliers))
+    lower = Selector(top_k(magnitude_, parts, outliers + kept))
+
+    def apply(d: Tensor, p: slice) -> Tensor:
+        a = d.abs()
+        return torch.where(lower(a) & ~upper(a), d, 0.0)
+
+    return apply
 
 
-def magprune(
-    d: Tensor, density: float, epsilon: float, generator: torch.Generator, rescale: Rescale
-) -> Tensor:
-    """DELLA's MagPrune: per output row, keep probability rises linearly with the |d| rank,
-    p = density - epsilon + 2 epsilon * rank / (cols - 1), so large entries survive more often."""
-    _count(density, d.numel(), "density")
+KeepRule = Callable[[Tensor, slice], tuple[Tensor, Tensor | float]]  # -> (mask, keep probability)
+
+
+def drop(density: float, key: int) -> KeepRule:
+    """DARE: keep each entry with probability `density`."""
+    return lambda d, p: (uniform(key, p, d.device) < density, density)
+
+
+def magprune(density: float, epsilon: float, key: int, row: int) -> KeepRule:
+    """DELLA's MagPrune: per row of `row` entries, keep probability rises linearly with the |d|
+    rank, p = density - epsilon + 2 epsilon * rank / (row - 1), so large entries survive more."""
     if epsilon < 0 or density - epsilon < 0 or density + epsilon > 1:
         raise ConfigError(
             f"della needs 0 <= density - epsilon and density + epsilon <= 1 "
             f"(density={density}, epsilon={epsilon})"
         )
-    rows = d.reshape(d.shape[0], -1) if d.dim() > 1 else d.reshape(1, -1)
-    cols = rows.shape[1]
-    order = rows.abs().argsort(dim=1, stable=True)  # the method is defined by ranks
-    rank = torch.empty_like(order)
-    rank.scatter_(1, order, torch.arange(cols, device=d.device).expand_as(order))
-    scale = rank.float() / max(cols - 1, 1)
-    p = (density - epsilon + 2 * epsilon * scale).reshape(d.shape)
-    keep = torch.rand(d.shape, generator=generator).to(d.device) < p
-    return _rescale(d, keep, p, rescale)
+
+    def rule(d: Tensor, p: slice) -> tuple[Tensor, Tensor]:
+        rows = d.view(-1, row)
+        order = rows.abs().argsort(dim=1, stable=True)  # the method is defined by ranks
+        rank = torch.empty_like(order)
+        rank.scatter_(1, order, torch.arange(row, device=d.device).expand_as(order))
+        prob = (density - epsilon + 2 * epsilon * (rank.float() / max(row - 1, 1))).view(-1)
+        return uniform(key, p, d.device) < prob, prob
+
+    return rule
+
+
+def rescaled(rule: KeepRule, rescale: Rescale, task: Chunks, parts: list[slice]) -> Sparsifier:
+    """Entries the rule keeps, rescaled: `inverse_density` divides by the keep probability
+    (unbiased: E[kept / p] = d), `l1` matches the L1 norm of the undropped task vector."""
+    if rescale == "inverse_density":
+
+        def apply(d: Tensor, p: slice) -> Tensor:
+            keep, prob = rule(d, p)
+            if isinstance(prob, Tensor):
+                prob = prob.clamp_min(1e-12)
+            return torch.where(keep, d / prob, 0.0)
+
+        return apply
+    if rescale not in ("l1", "none"):
+        raise ConfigError(f"rescale must be inverse_density, l1 or none, got {rescale!r}")
+    factor = 1.0
+    if rescale == "l1":  # a first pass over the chunks: the draws are the same in the second
+        total = kept = 0.0
+        for p in parts:
+            d = task(p)
+            keep, _ = rule(d, p)
+            total += float(d.abs().sum(dtype=torch.float64))
+            kept += float(torch.where(keep, d.abs(), 0.0).sum(dtype=torch.float64))
+        factor = total / kept if kept > 0 else 1.0
+    return lambda d, p: torch.where(rule(d, p)[0], d * factor, 0.0)
+
+
+def _whole(d: Tensor, make: Callable[[Chunks, list[slice]], Sparsifier], row: int = 1) -> Tensor:
+    """A sparsifier applied to a whole tensor (the building blocks, used alone)."""
+    flat = d.reshape(-1).float()
+    parts = spans(flat.numel(), flat.device, row)
+    apply = make(lambda p: flat[p], parts)
+    return torch.cat([apply(flat[p], p) for p in parts]).reshape(d.shape)
+
+
+def magnitude(d: Tensor, density: float) -> Tensor:
+    """TIES' trim of a whole tensor."""
+    return _whole(d, lambda task, parts: trim(task, parts, density))
 
 
 def breadcrumbs(d: Tensor, density: float, gamma: float) -> Tensor:
-    """Drop the `gamma` fraction of largest |d| (outliers), keep the next `density` fraction."""
-    n = d.numel()
-    outliers = _count(gamma, n, "gamma")
-    kept = min(_count(density, n, "density"), n - outliers)
-    magnitude_ = d.abs()
-    mask = top_k_mask(magnitude_, outliers + kept) & ~top_k_mask(magnitude_, outliers)
-    return torch.where(mask, d, 0.0)
+    """Breadcrumbs' outlier-and-small removal of a whole tensor."""
+    return _whole(d, lambda task, parts: crumbs(task, parts, density, gamma))
 
 
-def _rescale(d: Tensor, keep: Tensor, p: Tensor | float, rescale: Rescale) -> Tensor:
-    if rescale == "inverse_density":  # unbiased: E[kept / p] = d
-        if isinstance(p, float):
-            return chunkwise(lambda x, k: torch.where(k, x / p, 0.0), d, keep)
-        return chunkwise(lambda x, k, q: torch.where(k, x / q.clamp_min(1e-12), 0.0), d, keep, p)
-    kept = chunkwise(lambda x, k: torch.where(k, x, 0.0), d, keep)
-    if rescale == "l1":  # match the L1 norm of the undropped delta
-        norm = kept.abs().sum()
-        return kept * (d.abs().sum() / norm) if norm > 0 else kept
-    if rescale == "none":
-        return kept
-    raise ConfigError(f"rescale must be inverse_density, l1 or none, got {rescale!r}")
+def random_drop(d: Tensor, density: float, key: int, rescale: Rescale) -> Tensor:
+    """DARE's random drop of a whole tensor, with rescaling."""
+    _count(density, d.numel(), "density")
+    return _whole(d, lambda task, parts: rescaled(drop(density, key), rescale, task, parts))
+
+
+def _row(shape: torch.Size) -> int:
+    """DELLA ranks within output rows: entries per row (a 1-d tensor is one row)."""
+    n = math.prod(shape)
+    return n // shape[0] if len(shape) > 1 and shape[0] else max(n, 1)
+
+
+def della_prune(d: Tensor, density: float, epsilon: float, key: int, rescale: Rescale) -> Tensor:
+    """DELLA's MagPrune of a whole tensor, with rescaling."""
+    _count(density, d.numel(), "density")
+    row = _row(d.shape)
+    rule = magprune(density, epsilon, key, row)
+    return _whole(d, lambda task, parts: rescaled(rule, rescale, task, parts), row)
 
 
 # ---- combination ---------------------------------------------------------------------------
 
 
-def combine(
+def combine(ds: list[Tensor], w: list[float], sign_consensus: bool, normalize: bool) -> Tensor:
+    """Weighted sum of (sparsified) task-vector chunks, or TIES' disjoint mean over the entries
+    agreeing with the elected sign; `normalize` divides by the sum of the weights that
+    contributed to each entry."""
+    merged = torch.zeros_like(ds[0])
+    for wi, d in zip(w, ds, strict=True):
+        merged.add_(d, alpha=wi)
+    if sign_consensus:
+        elected = torch.sign(merged)
+        merged.zero_()
+        weight_sum = torch.zeros_like(merged)
+        for wi, d in zip(w, ds, strict=True):
+            # where elected is 0, an agreeing d is 0 too: it adds nothing to `merged`
+            agree = torch.sign(d) == elected
+            merged.add_(torch.where(agree, d, 0.0), alpha=wi)
+            weight_sum.add_(agree.to(merged.dtype), alpha=wi)
+    else:
+        weight_sum = torch.full_like(merged, sum(w))
+    if normalize:
+        merged.div_(torch.where(weight_sum.abs() > 1e-12, weight_sum, 1.0))
+    return merged
+
+
+def sparse_merge(
     base: Tensor,
-    deltas: list[Tensor],
+    models: list[Tensor],
     weight: list[float],
+    make: Callable[[int, Chunks, list[slice]], Sparsifier],
     *,
     sign_consensus: bool,
     normalize: bool,
     lambda_: float,
+    out_dtype: torch.dtype,
+    row: int = 1,
 ) -> Tensor:
-    """b + lambda * (weighted sum, or TIES disjoint mean over entries agreeing with the elected
-    sign); `normalize` divides by the sum of the weights that contributed to each entry."""
+    """b + lambda * combine(sparsified task vectors), streamed over chunks of whole rows;
+    `make(i, task_i, parts)` builds model i's sparsifier (running any statistics passes)."""
+    flat_base = base.reshape(-1)
+    flats = [m.reshape(-1) for m in models]
+    parts = spans(flat_base.numel(), base.device, row)
     w = [float(x) for x in weight]
 
-    def merge(b: Tensor, *ds: Tensor) -> Tensor:
-        merged = torch.zeros_like(b)
-        if sign_consensus:
-            for wi, d in zip(w, ds, strict=True):
-                merged.add_(d, alpha=wi)
-            elected = torch.sign(merged)
-            merged.zero_()
-            weight_sum = torch.zeros_like(b)
-            for wi, d in zip(w, ds, strict=True):
-                # where elected is 0, an agreeing d is 0 too: it adds nothing to `merged`
-                agree = torch.sign(d) == elected
-                merged.add_(torch.where(agree, d, 0.0), alpha=wi)
-                weight_sum.add_(agree.to(b.dtype), alpha=wi)
-        else:
-            for wi, d in zip(w, ds, strict=True):
-                merged.add_(d, alpha=wi)
-            weight_sum = torch.full_like(b, sum(w))
-        if normalize:
-            merged.div_(torch.where(weight_sum.abs() > 1e-12, weight_sum, 1.0))
-        return b + lambda_ * merged
+    def task(flat: Tensor) -> Chunks:
+        return lambda p: flat[p].float() - flat_base[p].float()
 
-    return chunkwise(merge, base, *deltas)
-
-
-def _deltas(base: Tensor, models: list[Tensor]) -> list[Tensor]:
-    return [m - base for m in models]
+    sparsify = [make(i, task(f), parts) for i, f in enumerate(flats)]
+    out = torch.empty(flat_base.numel(), dtype=out_dtype, device=base.device)
+    for p in parts:
+        b = flat_base[p].float()
+        ds = [s(f[p].float() - b, p) for s, f in zip(sparsify, flats, strict=True)]
+        out[p] = b + lambda_ * combine(ds, w, sign_consensus, normalize)
+    return out.view(base.shape)
 
 
 # ---- the methods ---------------------------------------------------------------------------
 
-SPARSE = dict(needs_base=True, per_model=("weight", "density"))
+SPARSE = dict(needs_base=True, raw_inputs=True, per_model=("weight", "density"))
 
 
 @register("ties", **SPARSE)
@@ -184,18 +296,31 @@ def ties(
     density: list[float] = 1.0,
     normalize: bool = True,
     lambda_: float = 1.0,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Trim to top-density by magnitude, elect signs, disjoint mean  (Yadav et al. 2023)."""
-    deltas = [magnitude(d, k) for d, k in zip(_deltas(base, models), density, strict=True)]
-    return combine(base, deltas, weight, sign_consensus=True, normalize=normalize, lambda_=lambda_)
+    return sparse_merge(
+        base,
+        models,
+        weight,
+        lambda i, task, parts: trim(task, parts, density[i]),
+        sign_consensus=True,
+        normalize=normalize,
+        lambda_=lambda_,
+        out_dtype=out_dtype,
+    )
 
 
-def _dare(base, models, weight, density, generators, rescale, **combine_kw):
-    deltas = [
-        random_drop(d, k, g, rescale)
-        for d, k, g in zip(_deltas(base, models), density, generators, strict=True)
-    ]
-    return combine(base, deltas, weight, **combine_kw)
+def _dare(base, models, weight, density, keys, rescale, **kw):
+    for k in density:
+        _count(k, base.numel(), "density")
+    return sparse_merge(
+        base,
+        models,
+        weight,
+        lambda i, task, parts: rescaled(drop(density[i], keys[i]), rescale, task, parts),
+        **kw,
+    )
 
 
 @register("dare_ties", **SPARSE)
@@ -208,7 +333,8 @@ def dare_ties(
     rescale: Rescale = "inverse_density",
     normalize: bool = True,
     lambda_: float = 1.0,
-    generators: list[torch.Generator],
+    keys: list[int],
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Random drop with rescale, then TIES sign consensus  (Yu et al. 2024)."""
     return _dare(
@@ -216,11 +342,12 @@ def dare_ties(
         models,
         weight,
         density,
-        generators,
+        keys,
         rescale,
         sign_consensus=True,
         normalize=normalize,
         lambda_=lambda_,
+        out_dtype=out_dtype,
     )
 
 
@@ -234,7 +361,8 @@ def dare_linear(
     rescale: Rescale = "inverse_density",
     normalize: bool = False,
     lambda_: float = 1.0,
-    generators: list[torch.Generator],
+    keys: list[int],
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Random drop with rescale, then a weighted sum of task vectors  (Yu et al. 2024)."""
     return _dare(
@@ -242,20 +370,29 @@ def dare_linear(
         models,
         weight,
         density,
-        generators,
+        keys,
         rescale,
         sign_consensus=False,
         normalize=normalize,
         lambda_=lambda_,
+        out_dtype=out_dtype,
     )
 
 
-def _della(base, models, weight, density, epsilon, generators, rescale, **combine_kw):
-    deltas = [
-        magprune(d, k, epsilon, g, rescale)
-        for d, k, g in zip(_deltas(base, models), density, generators, strict=True)
-    ]
-    return combine(base, deltas, weight, **combine_kw)
+def _della(base, models, weight, density, epsilon, keys, rescale, **kw):
+    row = _row(base.shape)
+    rules = []
+    for k, key in zip(density, keys, strict=True):
+        _count(k, base.numel(), "density")
+        rules.append(magprune(k, epsilon, key, row))
+    return sparse_merge(
+        base,
+        models,
+        weight,
+        lambda i, task, parts: rescaled(rules[i], rescale, task, parts),
+        row=row,
+        **kw,
+    )
 
 
 @register("della", **SPARSE)
@@ -269,7 +406,8 @@ def della(
     rescale: Rescale = "inverse_density",
     normalize: bool = True,
     lambda_: float = 1.0,
-    generators: list[torch.Generator],
+    keys: list[int],
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """MagPrune, then sign election and fusion, scaled by lambda  (Deep et al. 2024)."""
     return _della(
@@ -278,11 +416,12 @@ def della(
         weight,
         density,
         epsilon,
-        generators,
+        keys,
         rescale,
         sign_consensus=True,
         normalize=normalize,
         lambda_=lambda_,
+        out_dtype=out_dtype,
     )
 
 
@@ -297,7 +436,8 @@ def della_linear(
     rescale: Rescale = "inverse_density",
     normalize: bool = False,
     lambda_: float = 1.0,
-    generators: list[torch.Generator],
+    keys: list[int],
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """MagPrune, then a weighted sum of task vectors, scaled by lambda  (Deep et al. 2024)."""
     return _della(
@@ -306,22 +446,26 @@ def della_linear(
         weight,
         density,
         epsilon,
-        generators,
+        keys,
         rescale,
         sign_consensus=False,
         normalize=normalize,
         lambda_=lambda_,
+        out_dtype=out_dtype,
     )
 
 
-def _breadcrumbs(base, models, weight, density, gamma, **combine_kw):
-    deltas = [
-        breadcrumbs(d, k, g) for d, k, g in zip(_deltas(base, models), density, gamma, strict=True)
-    ]
-    return combine(base, deltas, weight, **combine_kw)
+def _breadcrumbs(base, models, weight, density, gamma, **kw):
+    return sparse_merge(
+        base,
+        models,
+        weight,
+        lambda i, task, parts: crumbs(task, parts, density[i], gamma[i]),
+        **kw,
+    )
 
 
-BREADCRUMBS = dict(needs_base=True, per_model=("weight", "density", "gamma"))
+BREADCRUMBS = dict(needs_base=True, raw_inputs=True, per_model=("weight", "density", "gamma"))
 
 
 @register("breadcrumbs", **BREADCRUMBS)
@@ -334,6 +478,7 @@ def breadcrumbs_linear(
     gamma: list[float] = 0.01,
     normalize: bool = False,
     lambda_: float = 1.0,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Drop the gamma outliers and the smallest, keep density; weighted sum  (Davari 2023)."""
     return _breadcrumbs(
@@ -345,6 +490,7 @@ def breadcrumbs_linear(
         sign_consensus=False,
         normalize=normalize,
         lambda_=lambda_,
+        out_dtype=out_dtype,
     )
 
 
@@ -358,6 +504,7 @@ def breadcrumbs_ties(
     gamma: list[float] = 0.01,
     normalize: bool = True,
     lambda_: float = 1.0,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Drop the gamma outliers and the smallest, keep density; TIES consensus  (Davari 2023)."""
     return _breadcrumbs(
@@ -369,29 +516,46 @@ def breadcrumbs_ties(
         sign_consensus=True,
         normalize=normalize,
         lambda_=lambda_,
+        out_dtype=out_dtype,
     )
 
 
-@register("sce", needs_base=True)
+@register("sce", needs_base=True, raw_inputs=True)
 def sce(
-    base: Tensor, models: list[Tensor], *, select_topk: float = 1.0, lambda_: float = 1.0
+    base: Tensor,
+    models: list[Tensor],
+    *,
+    select_topk: float = 1.0,
+    lambda_: float = 1.0,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Select high-variance entries, Calculate weights from squared deltas, Erase sign
     conflicts  (Wan et al. 2024, FuseChat)."""
-    deltas = torch.stack(_deltas(base, models))
-    if len(models) > 1:
-        variance = deltas.var(dim=0, unbiased=False)
-        keep = top_k_mask(variance, _count(select_topk, base.numel(), "select_topk"))
-        deltas = deltas * keep
-    energy = deltas.pow(2).reshape(len(models), -1).mean(1)
-    total = energy.sum()
-    weight = (energy / total) if total > 0 else torch.full_like(energy, 1 / len(models))
-    merged = combine(
-        torch.zeros_like(base),
-        list(deltas),
-        weight.tolist(),
-        sign_consensus=True,
-        normalize=True,
-        lambda_=1.0,
-    )
-    return base + lambda_ * merged
+    n = base.numel()
+    flat_base = base.reshape(-1)
+    flats = [m.reshape(-1) for m in models]
+    parts = spans(n, base.device)
+
+    def deltas(p: slice) -> Tensor:
+        b = flat_base[p].float()
+        return torch.stack([f[p].float() - b for f in flats])
+
+    k = _count(select_topk, n, "select_topk") if len(models) > 1 else n
+    top = top_k(lambda p: deltas(p).var(dim=0, unbiased=False), parts, k)
+    select = Selector(top)
+    energy = torch.zeros(len(models), dtype=torch.float64, device=base.device)
+    for p in parts:  # the Calculate pass: mean squared selected task vector per model
+        d = deltas(p)
+        kept = d * select(d.var(dim=0, unbiased=False)) if k < n else d
+        energy += kept.pow(2).sum(dim=1, dtype=torch.float64)
+    total = float(energy.sum())
+    weight = (energy / total).tolist() if total > 0 else [1 / len(models)] * len(models)
+    out = torch.empty(n, dtype=out_dtype, device=base.device)
+    select = Selector(top)
+    for p in parts:
+        d = deltas(p)
+        if k < n:
+            d = d * select(d.var(dim=0, unbiased=False))
+        merged = combine(list(d), weight, sign_consensus=True, normalize=True)
+        out[p] = flat_base[p].float() + lambda_ * merged
+    return out.view(base.shape)

@@ -4,15 +4,67 @@ Tensors are treated as flat vectors (NuSLERP can work row by row). Interpolation
 the normalised vectors; the interpolation itself combines the original vectors, so magnitudes
 are kept (as in mergekit). Nearly parallel vectors fall back to linear interpolation, where the
 spherical formula divides by sin(angle) ~ 0.
+
+Every result on flat vectors is a linear combination of the inputs whose coefficients depend only
+on their inner products. So these methods stream in two passes over cache-sized chunks: the Gram
+matrix of the inputs (float64), then the coefficients applied chunk by chunk, written in the
+output dtype. Karcher's iterations run on the coefficients (an n x n problem), not on the tensor.
 """
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from medmerge.errors import ConfigError
-from medmerge.methods import register
+from medmerge.methods import register, spans
+
+Chunks = Callable[[slice], Tensor]
+
+
+def gram(vectors: list[Chunks], parts: list[slice]) -> Tensor:
+    """Float64 matrix of inner products of flat vectors given chunk by chunk."""
+    g = torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
+    for p in parts:
+        x = torch.stack([v(p) for v in vectors]).double()
+        g += (x @ x.T).cpu()
+    return g
+
+
+def combination(
+    coef: list[float], vectors: list[Chunks], parts: list[slice], shape, out_dtype, offset=None
+) -> Tensor:
+    """sum_j coef_j v_j (+ offset), chunk by chunk, in the output dtype."""
+    device = vectors[0](slice(0, 0)).device
+    out = torch.empty(math.prod(shape), dtype=out_dtype, device=device)
+    for p in parts:
+        acc = offset(p) if offset is not None else torch.zeros(p.stop - p.start, device=device)
+        for c, v in zip(coef, vectors, strict=True):
+            acc.add_(v(p), alpha=c)
+        out[p] = acc
+    return out.view(shape)
+
+
+def _chunks(t: Tensor, minus: Tensor | None = None) -> Chunks:
+    flat = t.reshape(-1)
+    if minus is None:
+        return lambda p: flat[p].float()
+    other = minus.reshape(-1)
+    return lambda p: flat[p].float() - other[p].float()
+
+
+def slerp_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
+    """(s_a, s_b) with slerp(a, b) = s_a a + s_b b, from |a|^2, |b|^2 and a.b."""
+    norm = max(math.sqrt(max(aa, 0.0)), EPS) * max(math.sqrt(max(bb, 0.0)), EPS)
+    cos = min(max(ab / norm, -1.0), 1.0)
+    if abs(cos) > COLINEAR:
+        return 1.0 - t, t
+    theta = math.acos(cos)
+    return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
+
 
 COLINEAR = 0.9995  # |cos| above this: interpolate linearly (the angle is too small to divide by)
 EPS = 1e-8
@@ -36,14 +88,31 @@ def slerp_vectors(t: float, a: Tensor, b: Tensor, dim: int | None = None) -> Ten
     return s_a * a + s_b * b
 
 
-@register("slerp", needs_base=False, min_models=2, max_models=2)
-def slerp(base: Tensor | None, models: list[Tensor], *, t: float = 0.5) -> Tensor:
+@register("slerp", needs_base=False, raw_inputs=True, min_models=2, max_models=2)
+def slerp(
+    base: Tensor | None,
+    models: list[Tensor],
+    *,
+    t: float = 0.5,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """Spherical interpolation of two models, t=0 the first (the base, if it is one of them)
     (Shoemake 1985; mergekit)."""
-    return slerp_vectors(t, models[0], models[1])
+    vectors = [_chunks(m) for m in models]
+    parts = spans(models[0].numel(), models[0].device)
+    g = gram(vectors, parts)
+    coef = slerp_coefficients(t, float(g[0, 0]), float(g[1, 1]), float(g[0, 1]))
+    return combination(list(coef), vectors, parts, models[0].shape, out_dtype)
 
 
-@register("nuslerp", needs_base=False, uses_base=True, per_model=("weight",), min_models=2)
+@register(
+    "nuslerp",
+    needs_base=False,
+    uses_base=True,
+    raw_inputs=True,
+    per_model=("weight",),
+    min_models=2,
+)
 def nuslerp(
     base: Tensor | None,
     models: list[Tensor],
@@ -51,16 +120,35 @@ def nuslerp(
     weight: list[float],
     nuslerp_flatten: bool = True,
     nuslerp_row_wise: bool = False,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Weighted SLERP of n models, or of their task vectors when a base is given; for n > 2,
     pairwise in model order with t = w_k / (w_1 + ... + w_k)  (mergekit's nuslerp)."""
     total = sum(weight)
     if total <= 0 or any(w < 0 for w in weight):
         raise ConfigError(f"nuslerp weights must be non-negative with a positive sum: {weight}")
-    vectors = [m - base for m in models] if base is not None else models
     dim = None if nuslerp_flatten else (1 if nuslerp_row_wise else 0)
-    if dim is not None and vectors[0].dim() < 2:
-        dim = None
+    if dim is None or models[0].dim() < 2:  # flat: on the Gram matrix, streamed
+        vectors = [_chunks(m, base) for m in models]
+        parts = spans(models[0].numel(), models[0].device)
+        g = gram(vectors, parts)
+        coef, acc_w = torch.zeros(len(models), dtype=torch.float64), weight[0]
+        coef[0] = 1.0
+        for k, w in enumerate(weight[1:], start=1):
+            if acc_w + w > 0:
+                gc = g @ coef
+                s_a, s_b = slerp_coefficients(
+                    w / (acc_w + w), float(coef @ gc), float(g[k, k]), float(gc[k])
+                )
+                coef *= s_a
+                coef[k] += s_b
+            acc_w += w
+        offset = _chunks(base) if base is not None else None
+        return combination(coef.tolist(), vectors, parts, models[0].shape, out_dtype, offset)
+    vectors = [m.float() for m in models]
+    if base is not None:
+        base = base.float()
+        vectors = [v - base for v in vectors]
     acc, acc_w = vectors[0], weight[0]
     for v, w in zip(vectors[1:], weight[1:], strict=True):
         if acc_w + w > 0:
@@ -69,7 +157,7 @@ def nuslerp(
     return acc + base if base is not None else acc
 
 
-@register("karcher", needs_base=False, per_model=("weight",), min_models=1)
+@register("karcher", needs_base=False, raw_inputs=True, per_model=("weight",), min_models=1)
 def karcher(
     base: Tensor | None,
     models: list[Tensor],
@@ -77,6 +165,7 @@ def karcher(
     weight: list[float] = 1.0,
     max_iter: int = 10,
     tol: float = 1e-5,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Weighted Riemannian (Karcher) mean of the models' directions on the unit sphere, scaled
     by the weighted mean norm  (Karcher 1977; mergekit's karcher)."""
@@ -84,49 +173,74 @@ def karcher(
     if w.sum() <= 0 or (w < 0).any():
         raise ConfigError(f"karcher weights must be non-negative with a positive sum: {weight}")
     w = w / w.sum()
-    flat = [m.reshape(-1).double() for m in models]
-    norms = torch.stack([f.norm() for f in flat])
+    vectors = [_chunks(m) for m in models]
+    parts = spans(models[0].numel(), models[0].device)
+    g = gram(vectors, parts)
+    norms = g.diagonal().clamp_min(0).sqrt()
     live = norms > EPS
     if not live.any():
-        return torch.zeros_like(models[0])
-    units = [f / n for f, n, ok in zip(flat, norms, live, strict=True) if ok]
+        return torch.zeros(models[0].shape, dtype=out_dtype, device=models[0].device)
+    # the mean stays in the span of the unit directions: iterate on coefficients x = U c
+    g_units = g[live][:, live] / torch.outer(norms[live], norms[live])
     wu = w[live] / w[live].sum()
-    x = sum(wi * u for wi, u in zip(wu, units, strict=True))
-    x = x / x.norm().clamp_min(EPS)
+
+    def norm(c: Tensor) -> float:
+        return math.sqrt(max(float(c @ g_units @ c), 0.0))
+
+    c = wu / max(norm(wu), EPS)
     for _ in range(max_iter):
-        tangent = torch.zeros_like(x)
-        for wi, u in zip(wu, units, strict=True):
-            cos = torch.dot(x, u).clamp(-1.0, 1.0)
-            theta = torch.arccos(cos)
+        cos = (g_units @ c).clamp(-1.0, 1.0)
+        tangent = torch.zeros_like(c)
+        for i, (wi, cos_i) in enumerate(zip(wu, cos, strict=True)):
+            theta = math.acos(float(cos_i))
             if theta > EPS:
-                tangent += wi * (u - cos * x) * (theta / torch.sin(theta))
-        step = tangent.norm()
+                direction = -cos_i * c
+                direction[i] += 1.0  # u_i - cos_i x
+                tangent += wi * direction * (theta / math.sin(theta))
+        step = norm(tangent)
         if step < tol:
             break
-        x = torch.cos(step) * x + torch.sin(step) * tangent / step
-        x = x / x.norm()
-    scale = (w * norms).sum()
-    return (x * scale).reshape(models[0].shape).to(models[0].dtype)
+        c = math.cos(step) * c + math.sin(step) * tangent / step
+        c = c / norm(c)
+    scale = float((w * norms).sum())
+    coef = torch.zeros(len(models), dtype=torch.float64)
+    coef[live] = c * scale / norms[live]
+    return combination(coef.tolist(), vectors, parts, models[0].shape, out_dtype)
 
 
-@register("model_stock", needs_base=True, min_models=2)
-def model_stock(base: Tensor, models: list[Tensor], *, filter_wise: bool = False) -> Tensor:
+@register("model_stock", needs_base=True, raw_inputs=True, min_models=2)
+def model_stock(
+    base: Tensor,
+    models: list[Tensor],
+    *,
+    filter_wise: bool = False,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
     """base + t (mean of models - base), t = n cos / (1 + (n - 1) cos) from the mean pairwise
     cosine of the task vectors, clamped to [0, 1]  (Jang et al. 2024)."""
     n = len(models)
-    deltas = [m - base for m in models]
-    dim = 1 if (filter_wise and base.dim() > 1) else None
+    if not (filter_wise and base.dim() > 1):  # one ratio per tensor: streamed
+        deltas = [_chunks(m, base) for m in models]
+        parts = spans(base.numel(), base.device)
+        g = gram(deltas, parts)
+        norms = g.diagonal().clamp_min(0).sqrt()
+        pairs = [
+            float(g[i, j] / (norms[i] * norms[j]).clamp_min(EPS))
+            for i in range(n)
+            for j in range(i + 1, n)
+        ]
+        # task vectors pointing apart share nothing to average: t = 0 keeps the base there
+        cos = min(max(sum(pairs) / len(pairs), 0.0), 1.0)
+        t = n * cos / (1 + (n - 1) * cos)
+        return combination([t / n] * n, deltas, parts, base.shape, out_dtype, _chunks(base))
+    base = base.float()
+    deltas = [m.float() - base for m in models]
 
     def cosine(a, b):
-        if dim is None:
-            return (a * b).sum() / (a.norm() * b.norm()).clamp_min(EPS)
-        return (a * b).sum(dim, keepdim=True) / (
-            a.norm(dim=dim, keepdim=True) * b.norm(dim=dim, keepdim=True)
-        ).clamp_min(EPS)
+        norms = a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True)
+        return (a * b).sum(1, keepdim=True) / norms.clamp_min(EPS)
 
     pairs = [cosine(deltas[i], deltas[j]) for i in range(n) for j in range(i + 1, n)]
-    # task vectors pointing apart share nothing to average: t = 0 keeps the base there
     cos = (sum(pairs) / len(pairs)).clamp(0.0, 1.0)
     t = n * cos / (1 + (n - 1) * cos)
-    mean = sum(models) / n
-    return t * mean + (1 - t) * base
+    return base + t * sum(deltas) / n

