@@ -197,8 +197,8 @@ def test_demo_pipeline_at_toy_size_then_rerun_from_cache(tmp_path, monkeypatch):
     from dataclasses import replace
 
     import medmerge.demo.finetune
-    from medmerge.demo.run import FULL, MERGES, run_demo
-    from medmerge.study import load_records
+    from medmerge.demo.run import FULL, run_demo
+    from medmerge.study import PAPER_MERGES, load_records
 
     toy = replace(
         FULL,
@@ -207,7 +207,9 @@ def test_demo_pipeline_at_toy_size_then_rerun_from_cache(tmp_path, monkeypatch):
         fewshot_pool=4,
         limit=4,
         control_size=8,
-        merges=tuple(m for m in MERGES if m["method"] in ("linear", "dare_ties", "hierarchical")),
+        merges=tuple(
+            m for m in PAPER_MERGES if m["method"] in ("linear", "dare_ties", "hierarchical")
+        ),
     )
     summary = run_demo(tmp_path / "demo", settings=toy, cache=tmp_path / "cache", progress=False)
     names = [

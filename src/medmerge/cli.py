@@ -244,6 +244,7 @@ def example(
     """Write a tiny base, two fine-tunes of it, a merge config, a small local suite and a study
     config for them into OUT_DIR (random weights and questions: a smoke test of the workflow)."""
     from medmerge.methods import get_method
+    from medmerge.study import PAPER_MERGES
     from medmerge.synthetic import tiny_config, write_family, write_suite
 
     base, a, b = _run(
@@ -270,22 +271,7 @@ def example(
         "models": [str(a.resolve()), str(b.resolve())],
         "suite": str(suite.resolve()),
         "protocol": {"num_fewshot": 2, "dtype": "float32"},
-        "merges": [
-            {"method": "linear", "parameters": {"weight": 0.5}},
-            {"method": "task_arithmetic", "parameters": {"weight": [0.5, 1.0]}},
-            {"method": "ties", "parameters": {"weight": 0.5, "density": 0.9}},
-            {"method": "dare_ties", "parameters": {"weight": 0.5, "density": [0.6, 0.9]}},
-            {"method": "della", "parameters": {"weight": 0.5, "density": 0.6}},
-            {"method": "breadcrumbs", "parameters": {"weight": 0.5, "density": 0.9}},
-            {"method": "slerp", "parameters": {"t": 0.5}},
-            {"method": "sce", "parameters": {"select_topk": 0.5}},
-            {"method": "hierarchical", "name": "hierarchical-joint"},
-            {
-                "method": "hierarchical",
-                "name": "hierarchical-per_tensor",
-                "parameters": {"alignment": "per_tensor"},
-            },
-        ],
+        "merges": PAPER_MERGES,
     }
     (out_dir / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
     typer.echo(

@@ -51,6 +51,26 @@ from medmerge.errors import ConfigError
 
 log = logging.getLogger("medmerge")
 
+# The paper's methods and hyperparameters where it gives them (linear and task arithmetic at
+# 0.5, DARE-TIES at density 0.6 and the 0.9 it recommends, DELLA 0.6/0.05, Breadcrumbs 0.9/0.01),
+# plus the two it could not run (SLERP, SCE) and both alignments of its hierarchical method.
+PAPER_MERGES = [
+    {"method": "linear", "parameters": {"weight": 0.5}},
+    {"method": "task_arithmetic", "parameters": {"weight": [0.5, 1.0]}},
+    {"method": "ties", "parameters": {"weight": 0.5, "density": 0.6}},
+    {"method": "dare_ties", "parameters": {"weight": 0.5, "density": [0.6, 0.9]}},
+    {"method": "della", "parameters": {"weight": 0.5, "density": 0.6, "epsilon": 0.05}},
+    {"method": "breadcrumbs", "parameters": {"weight": 0.5, "density": 0.9, "gamma": 0.01}},
+    {"method": "slerp", "parameters": {"t": 0.5}},
+    {"method": "sce", "parameters": {"select_topk": 0.5}},
+    {"method": "hierarchical", "name": "hierarchical-joint"},
+    {
+        "method": "hierarchical",
+        "name": "hierarchical-per_tensor",
+        "parameters": {"alignment": "per_tensor"},
+    },
+]
+
 
 class Protocol(BaseModel):
     model_config = ConfigDict(extra="forbid")

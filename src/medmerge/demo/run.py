@@ -23,32 +23,13 @@ from pathlib import Path
 from medmerge.demo.icd10 import chapter_items, load_table, training_texts
 from medmerge.demo.suite import CONTROL_TASK, task_name, write_suite
 from medmerge.hashing import cache_dir, sha256_file
+from medmerge.study import PAPER_MERGES
 
 log = logging.getLogger("medmerge")
 
 # bump when the conversion or the training code changes what it produces
 CONVERT_VERSION = 2
 FINETUNE_VERSION = 1
-
-# The paper's methods and hyperparameters where it gives them (linear and task arithmetic at
-# 0.5, DARE-TIES at density 0.6 and the 0.9 it recommends, DELLA 0.6/0.05, Breadcrumbs 0.9/0.01),
-# plus the two it could not run (SLERP, SCE) and both alignments of its hierarchical method.
-MERGES = [
-    {"method": "linear", "parameters": {"weight": 0.5}},
-    {"method": "task_arithmetic", "parameters": {"weight": [0.5, 1.0]}},
-    {"method": "ties", "parameters": {"weight": 0.5, "density": 0.6}},
-    {"method": "dare_ties", "parameters": {"weight": 0.5, "density": [0.6, 0.9]}},
-    {"method": "della", "parameters": {"weight": 0.5, "density": 0.6, "epsilon": 0.05}},
-    {"method": "breadcrumbs", "parameters": {"weight": 0.5, "density": 0.9, "gamma": 0.01}},
-    {"method": "slerp", "parameters": {"t": 0.5}},
-    {"method": "sce", "parameters": {"select_topk": 0.5}},
-    {"method": "hierarchical", "name": "hierarchical-joint"},
-    {
-        "method": "hierarchical",
-        "name": "hierarchical-per_tensor",
-        "parameters": {"alignment": "per_tensor"},
-    },
-]
 
 
 @dataclass(frozen=True)
@@ -62,7 +43,7 @@ class DemoSettings:
     limit: int | None = None  # questions per task (None: all)
     control_size: int = 200
     max_items: int | None = None  # first items of each chapter only (toy runs)
-    merges: tuple[dict, ...] = tuple(MERGES)
+    merges: tuple[dict, ...] = tuple(PAPER_MERGES)
 
 
 FULL = DemoSettings()
