@@ -36,7 +36,7 @@ from medmerge.checkpoint import (
 from medmerge.config import ConditionalParameter, MergeConfig, ParameterValue, load_config
 from medmerge.errors import ConfigError, IncompatibleModelsError, MergeError
 from medmerge.hashing import cache_dir, sha256_file
-from medmerge.methods import CHUNK, REQUIRED, MergeMethod, config_name, get_method
+from medmerge.methods import REQUIRED, MergeMethod, config_name, get_method, spans
 
 log = logging.getLogger("medmerge")
 
@@ -372,8 +372,7 @@ def _merge_chunked(plan, group: GroupInput, name: str, seed: int, diagnostics) -
     out = torch.empty(plan.reference.info(name).shape, dtype=plan.out_dtype)
     flat_out = out.view(-1)
     kwargs = {**plan.params[name], **_engine_kwargs(plan, name, seed, diagnostics)}
-    for start in range(0, flat_out.numel(), CHUNK):
-        part = slice(start, start + CHUNK)
+    for part in spans(flat_out.numel(), flat_out.device):
         base = flat_base[part].float() if flat_base is not None else None
         merged = plan.method.fn(base, [m[part].float() for m in flat_models], **kwargs)
         _check_finite(plan, name, merged)

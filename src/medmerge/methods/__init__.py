@@ -122,15 +122,16 @@ def chunkwise(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
     A chain of whole-tensor ops streams every intermediate through main memory; on chunks the
     intermediates stay in cache (4-5x faster on 2 cores for a 4096x14336 tensor)."""
     first = tensors[0]
-    if first.device.type != "cpu" or first.numel() <= CHUNK:
+    parts = spans(first.numel(), first.device)
+    if len(parts) == 1:
         return fn(*tensors)
     flats = [t.reshape(-1) for t in tensors]
     out = None
-    for start in range(0, first.numel(), CHUNK):
-        part = fn(*(f[start : start + CHUNK] for f in flats))
+    for part in parts:
+        result = fn(*(f[part] for f in flats))
         if out is None:
-            out = torch.empty(first.numel(), dtype=part.dtype)
-        out[start : start + CHUNK] = part
+            out = torch.empty(first.numel(), dtype=result.dtype)
+        out[part] = result
     return out.reshape(first.shape)
 
 

@@ -32,7 +32,7 @@ from medmerge.align import (
     projection,
 )
 from medmerge.errors import ConfigError
-from medmerge.methods import CHUNK, chunkwise, register
+from medmerge.methods import chunkwise, register, spans
 
 ATTENTION = re.compile(r"^(.*\.)(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$")
 
@@ -57,8 +57,7 @@ def delta_cosine(a: Tensor, b: Tensor, base: Tensor) -> float:
     """cos(a - base, b - base), accumulated over cache-sized chunks (no full-size deltas)."""
     dot = na = nb = 0.0
     fa, fb, f0 = a.reshape(-1), b.reshape(-1), base.reshape(-1)
-    for start in range(0, fa.numel(), CHUNK):
-        part = slice(start, start + CHUNK)
+    for part in spans(fa.numel(), fa.device):
         base_part = f0[part].float()
         da, db = fa[part].float() - base_part, fb[part].float() - base_part
         dot += float(torch.dot(da, db))
