@@ -39,6 +39,12 @@ def _fmix32(x: Tensor) -> Tensor:
     return x.bitwise_xor_((x >> 16) & 0xFFFF)
 
 
+def key_words(key: int) -> tuple[int, int]:
+    """The two 32-bit words (unsigned) that key the hash: halves of a BLAKE2b digest of key."""
+    digest = hashlib.blake2b(key.to_bytes(8, "little"), digest_size=8).digest()
+    return int.from_bytes(digest[:4], "little"), int.from_bytes(digest[4:], "little")
+
+
 def uniform(key: int, part: slice, device: torch.device | str = "cpu") -> Tensor:
     """Float32 draws in [0, 1) (24-bit resolution) for the flat positions `part` of a tensor."""
     if part.stop > 1 << 32:
@@ -46,7 +52,7 @@ def uniform(key: int, part: slice, device: torch.device | str = "cpu") -> Tensor
     # position j is hashed as the 32-bit pattern of j - 2^31, so int32 holds every position
     shift = 1 << 31
     x = torch.arange(part.start - shift, part.stop - shift, dtype=torch.int32, device=device)
-    digest = hashlib.blake2b(key.to_bytes(8, "little"), digest_size=8).digest()
-    x.bitwise_xor_(_int32(int.from_bytes(digest[:4], "little")))
-    _fmix32(x).bitwise_xor_(_int32(int.from_bytes(digest[4:], "little")))
+    first, second = key_words(key)
+    x.bitwise_xor_(_int32(first))
+    _fmix32(x).bitwise_xor_(_int32(second))
     return ((_fmix32(x) >> 8) & 0xFFFFFF).float().mul_(2.0**-24)

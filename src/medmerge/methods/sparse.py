@@ -28,12 +28,13 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from medmerge.errors import ConfigError
-from medmerge.methods import register, spans
-from medmerge.methods.rng import uniform
+from medmerge.methods import kernels, register, spans
+from medmerge.methods.rng import key_words, uniform
 
 Rescale = Literal["inverse_density", "l1", "none"]
 Chunks = Callable[[slice], Tensor]  # flat positions -> float32 values there
@@ -141,14 +142,18 @@ def drop(density: float, key: int) -> KeepRule:
     return lambda d, p: (uniform(key, p, d.device) < density, density)
 
 
-def magprune(density: float, epsilon: float, key: int, row: int) -> KeepRule:
-    """DELLA's MagPrune: per row of `row` entries, keep probability rises linearly with the |d|
-    rank, p = density - epsilon + 2 epsilon * rank / (row - 1), so large entries survive more."""
+def _check_epsilon(density: float, epsilon: float) -> None:
     if epsilon < 0 or density - epsilon < 0 or density + epsilon > 1:
         raise ConfigError(
             f"della needs 0 <= density - epsilon and density + epsilon <= 1 "
             f"(density={density}, epsilon={epsilon})"
         )
+
+
+def magprune(density: float, epsilon: float, key: int, row: int) -> KeepRule:
+    """DELLA's MagPrune: per row of `row` entries, keep probability rises linearly with the |d|
+    rank, p = density - epsilon + 2 epsilon * rank / (row - 1), so large entries survive more."""
+    _check_epsilon(density, epsilon)
 
     def rule(d: Tensor, p: slice) -> tuple[Tensor, Tensor]:
         rows = d.view(-1, row)
@@ -251,11 +256,45 @@ def combine(ds: list[Tensor], w: list[float], sign_consensus: bool, normalize: b
     return merged
 
 
+@dataclass(frozen=True)
+class Sparsify:
+    """How one model's task vector is sparsified: `trim` (top density by |d|), `crumbs`
+    (drop the gamma largest, keep the next density), `drop` (DARE) or `magprune` (DELLA), the
+    last two with a random `key` and a `rescale`."""
+
+    rule: Literal["trim", "crumbs", "drop", "magprune"]
+    density: float
+    gamma: float = 0.0
+    epsilon: float = 0.0
+    key: int = 0
+    rescale: Rescale = "none"
+
+    def check(self, n: int) -> None:
+        _count(self.density, n, "density")
+        _count(self.gamma, n, "gamma")
+        if self.rule == "magprune":
+            _check_epsilon(self.density, self.epsilon)
+        if self.rescale not in ("inverse_density", "l1", "none"):
+            raise ConfigError(f"rescale must be inverse_density, l1 or none, got {self.rescale!r}")
+
+    def sparsifier(self, task: Chunks, parts: list[slice], row: int) -> Sparsifier:
+        """The torch implementation, applied chunk by chunk."""
+        if self.rule == "trim":
+            return trim(task, parts, self.density)
+        if self.rule == "crumbs":
+            return crumbs(task, parts, self.density, self.gamma)
+        if self.rule == "drop":
+            rule = drop(self.density, self.key)
+        else:
+            rule = magprune(self.density, self.epsilon, self.key, row)
+        return rescaled(rule, self.rescale, task, parts)
+
+
 def sparse_merge(
     base: Tensor,
     models: list[Tensor],
     weight: list[float],
-    make: Callable[[int, Chunks, list[slice]], Sparsifier],
+    specs: list[Sparsify],
     *,
     sign_consensus: bool,
     normalize: bool,
@@ -263,23 +302,98 @@ def sparse_merge(
     out_dtype: torch.dtype,
     row: int = 1,
 ) -> Tensor:
-    """b + lambda * combine(sparsified task vectors), streamed over chunks of whole rows;
-    `make(i, task_i, parts)` builds model i's sparsifier (running any statistics passes)."""
+    """b + lambda * combine(sparsified task vectors): the CPU kernels where they apply,
+    else torch streamed over chunks of whole rows (`row` entries: DELLA ranks within rows)."""
+    for spec in specs:
+        spec.check(base.numel())
+    w = [float(x) for x in weight]
+    if kernels.usable(base, *models, out_dtype=out_dtype):
+        return _kernel_merge(
+            base, models, w, specs, sign_consensus, normalize, lambda_, out_dtype, row
+        )
     flat_base = base.reshape(-1)
     flats = [m.reshape(-1) for m in models]
     parts = spans(flat_base.numel(), base.device, row)
-    w = [float(x) for x in weight]
 
     def task(flat: Tensor) -> Chunks:
         return lambda p: flat[p].float() - flat_base[p].float()
 
-    sparsify = [make(i, task(f), parts) for i, f in enumerate(flats)]
+    sparsify = [spec.sparsifier(task(f), parts, row) for spec, f in zip(specs, flats, strict=True)]
     out = torch.empty(flat_base.numel(), dtype=out_dtype, device=base.device)
     for p in parts:
         b = flat_base[p].float()
         ds = [s(f[p].float() - b, p) for s, f in zip(sparsify, flats, strict=True)]
         out[p] = b + lambda_ * combine(ds, w, sign_consensus, normalize)
     return out.view(base.shape)
+
+
+def _kernel_params(models: int, weight: list[float], **given) -> dict:
+    """Parameters of `kernels.merge`: keep everything, no draws, unless `given` says."""
+    f32 = np.float32
+    params = dict(
+        keep_value=np.full(models, -1.0, f32),
+        keep_cut=np.zeros(models, np.int64),
+        drop_value=np.full(models, np.inf, f32),
+        drop_cut=np.zeros(models, np.int64),
+        draw_rule=np.zeros(models, np.int64),
+        density=np.zeros(models, f32),
+        low=np.zeros(models, f32),
+        span=np.zeros(models, f32),
+        first=np.zeros(models, np.uint32),
+        second=np.zeros(models, np.uint32),
+        divide=np.zeros(models, np.bool_),
+        factor=np.ones(models, f32),
+        weight=np.array(weight, f32),
+        sign_consensus=False,
+        normalize=False,
+        weight_total=f32(sum(weight)),
+        lam=f32(1.0),
+        select_variance=False,
+        square=False,
+    )
+    params.update(given)
+    return params
+
+
+def _kernel_merge(base, models, w, specs, sign_consensus, normalize, lambda_, out_dtype, row):
+    n = base.numel()
+    params = _kernel_params(
+        len(models),
+        w,
+        sign_consensus=sign_consensus,
+        normalize=normalize,
+        lam=np.float32(lambda_),
+    )
+    l1 = []
+    for i, spec in enumerate(specs):
+        if spec.rule in ("trim", "crumbs"):
+            outliers = _count(spec.gamma, n, "gamma") if spec.rule == "crumbs" else 0
+            kept = min(_count(spec.density, n, "density"), n - outliers)
+            (top, cut), (upper, upper_cut) = kernels.top_ks(
+                0, base, models, i, [outliers + kept, outliers]
+            )
+            params["keep_value"][i], params["keep_cut"][i] = top, cut
+            if spec.rule == "crumbs":
+                params["drop_value"][i], params["drop_cut"][i] = upper, upper_cut
+            continue
+        params["first"][i], params["second"][i] = key_words(spec.key)
+        if spec.rule == "drop":
+            params["draw_rule"][i], params["density"][i] = 1, spec.density
+        else:
+            params["draw_rule"][i] = 2
+            params["low"][i] = spec.density - spec.epsilon
+            params["span"][i] = 2 * spec.epsilon
+        params["divide"][i] = spec.rescale == "inverse_density"
+        if spec.rescale == "l1":
+            l1.append(i)
+    if l1:  # a first pass: the L1 norms of each task vector before and after dropping
+        sums = kernels.merge(base, models, None, row, params)
+        for i in l1:
+            total, kept = sums[i]
+            params["factor"][i] = total / kept if kept > 0 else 1.0
+    out = torch.empty(base.shape, dtype=out_dtype)
+    kernels.merge(base, models, out, row, params)
+    return out
 
 
 # ---- the methods ---------------------------------------------------------------------------
@@ -303,7 +417,7 @@ def ties(
         base,
         models,
         weight,
-        lambda i, task, parts: trim(task, parts, density[i]),
+        [Sparsify("trim", k) for k in density],
         sign_consensus=True,
         normalize=normalize,
         lambda_=lambda_,
@@ -312,15 +426,8 @@ def ties(
 
 
 def _dare(base, models, weight, density, keys, rescale, **kw):
-    for k in density:
-        _count(k, base.numel(), "density")
-    return sparse_merge(
-        base,
-        models,
-        weight,
-        lambda i, task, parts: rescaled(drop(density[i], keys[i]), rescale, task, parts),
-        **kw,
-    )
+    specs = [Sparsify("drop", k, key=key, rescale=rescale) for k, key in zip(density, keys)]
+    return sparse_merge(base, models, weight, specs, **kw)
 
 
 @register("dare_ties", **SPARSE)
@@ -380,19 +487,11 @@ def dare_linear(
 
 
 def _della(base, models, weight, density, epsilon, keys, rescale, **kw):
-    row = _row(base.shape)
-    rules = []
-    for k, key in zip(density, keys, strict=True):
-        _count(k, base.numel(), "density")
-        rules.append(magprune(k, epsilon, key, row))
-    return sparse_merge(
-        base,
-        models,
-        weight,
-        lambda i, task, parts: rescaled(rules[i], rescale, task, parts),
-        row=row,
-        **kw,
-    )
+    specs = [
+        Sparsify("magprune", k, epsilon=epsilon, key=key, rescale=rescale)
+        for k, key in zip(density, keys, strict=True)
+    ]
+    return sparse_merge(base, models, weight, specs, row=_row(base.shape), **kw)
 
 
 @register("della", **SPARSE)
@@ -456,13 +555,8 @@ def della_linear(
 
 
 def _breadcrumbs(base, models, weight, density, gamma, **kw):
-    return sparse_merge(
-        base,
-        models,
-        weight,
-        lambda i, task, parts: crumbs(task, parts, density[i], gamma[i]),
-        **kw,
-    )
+    specs = [Sparsify("crumbs", k, gamma=g) for k, g in zip(density, gamma, strict=True)]
+    return sparse_merge(base, models, weight, specs, **kw)
 
 
 BREADCRUMBS = dict(needs_base=True, raw_inputs=True, per_model=("weight", "density", "gamma"))
@@ -545,6 +639,14 @@ def sce(
         return sum((d - mean).square_() for d in ds) / len(ds)
 
     k = _count(select_topk, n, "select_topk") if len(models) > 1 else n
+    if kernels.usable(base, *models, out_dtype=out_dtype):
+        params = _kernel_params(len(models), [0.0] * len(models), select_variance=True)
+        params["keep_value"][:], params["keep_cut"][:] = kernels.top_ks(1, base, models, 0, [k])[0]
+        energy = kernels.merge(base, models, None, 1, dict(params, square=True))[:, 1]
+        params.update(weight=np.array(_energy_weights(energy), np.float32), lam=np.float32(lambda_))
+        out = torch.empty(base.shape, dtype=out_dtype)
+        kernels.merge(base, models, out, 1, dict(params, sign_consensus=True, normalize=True))
+        return out
     top = top_k(lambda p: variance(deltas(p)), parts, k)
 
     def selected(select: Selector, p: slice) -> list[Tensor]:
@@ -558,13 +660,19 @@ def sce(
     select = Selector(top)
     for p in parts:  # the Calculate pass: mean squared selected task vector per model
         energy += torch.tensor(
-            [float(d.square().sum(dtype=torch.float64)) for d in selected(select, p)]
+            [float(d.square().sum(dtype=torch.float64)) for d in selected(select, p)],
+            dtype=torch.float64,
         )
-    total = float(energy.sum())
-    weight = (energy / total).tolist() if total > 0 else [1 / len(models)] * len(models)
+    weight = _energy_weights(energy.numpy())
     out = torch.empty(n, dtype=out_dtype, device=base.device)
     select = Selector(top)
     for p in parts:
         merged = combine(selected(select, p), weight, sign_consensus=True, normalize=True)
         out[p] = flat_base[p].float() + lambda_ * merged
     return out.view(base.shape)
+
+
+def _energy_weights(energy: np.ndarray) -> list[float]:
+    """SCE's Calculate step: weights proportional to each model's selected squared deltas."""
+    total = float(energy.sum())
+    return (energy / total).tolist() if total > 0 else [1 / len(energy)] * len(energy)

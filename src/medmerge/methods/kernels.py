@@ -1,0 +1,408 @@
+"""CPU kernels for the sparse methods (TIES, DARE, DELLA, Breadcrumbs, SCE), compiled by numba.
+
+On the CPU a chain of torch ops pays for every intermediate: a top-k threshold, a random mask
+and the TIES sign election cost 10-30x the arithmetic of a linear merge. These kernels fuse
+each pass into one loop over the stored tensors (bfloat16 read as bits, or float32), on every
+core, with no intermediate tensors:
+
+- `top_k`: the exact k-th largest |theta_i - b| (or SCE's variance), a 16-bit radix histogram
+  then the entries of the one bucket that holds it, in two passes;
+- `sparse_merge`: sparsify, rescale and combine every model's task vector and write the output
+  dtype, in one pass (DELLA ranks each row inside the pass).
+
+They compute what the torch implementation in `medmerge.methods.sparse` computes, bit for bit:
+the same float32 operations in the same order (torch's `add(alpha=)` is a fused multiply-add,
+so it is one here), the same ties rule (earliest positions kept) and the same counter-based draws
+(`medmerge.methods.rng`). The tests check both paths against each other. Reductions run over
+fixed-size blocks, so results do not depend on the thread count. Other devices, other dtypes
+(float16, float64) and an environment without numba use the torch implementation;
+`MEDMERGE_KERNELS=0` forces it.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from torch import Tensor
+
+try:
+    import numba
+    from llvmlite import ir
+    from numba import njit, prange, types
+    from numba.core import cgutils
+    from numba.extending import intrinsic, overload
+except ImportError:  # pragma: no cover - numba is a dependency; torch runs instead
+    numba = None
+
+BLOCK = 1 << 14  # entries per unit of parallel work (and per partial sum): stays in cache
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+def usable(*tensors: Tensor, out_dtype: torch.dtype | None = None) -> bool:
+    """Whether the kernels can run on these tensors (else the torch implementation runs)."""
+    if numba is None or os.environ.get("MEDMERGE_KERNELS", "1") == "0":
+        return False
+    if out_dtype is not None and out_dtype not in DTYPES:
+        return False
+    return all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors)
+
+
+def array(t: Tensor) -> np.ndarray:
+    """A flat numpy view of a CPU tensor: bfloat16 as its uint16 bits."""
+    flat = t.reshape(-1)
+    if not flat.is_contiguous():
+        flat = flat.contiguous()
+    if flat.dtype == torch.bfloat16:
+        return flat.view(torch.int16).numpy().view(np.uint16)
+    return flat.numpy()
+
+
+if numba is not None:
+
+    def load(a, j):  # noqa: ARG001 - the numba overload below is the implementation
+        raise NotImplementedError
+
+    @overload(load, inline="always")
+    def _load(a, j):
+        """Entry j as float32 (bfloat16 stored as uint16 bits)."""
+        if a.dtype == types.uint16:
+            return lambda a, j: np.uint32(np.uint32(a[j]) << 16).view(np.float32)
+        return lambda a, j: np.float32(a[j])
+
+    def store(a, j, x):  # noqa: ARG001
+        raise NotImplementedError
+
+    @overload(store, inline="always")
+    def _store(a, j, x):
+        """Write float32 x as entry j, rounding to nearest even for bfloat16 (as torch does)."""
+        if a.dtype == types.uint16:
+
+            def to_bf16(a, j, x):
+                if x != x:
+                    a[j] = np.uint16(0x7FC0)
+                else:
+                    bits = np.float32(x).view(np.uint32)
+                    bias = np.uint32(((bits >> 16) & 1) + 0x7FFF)
+                    a[j] = np.uint16(np.uint32(bits + bias) >> 16)
+
+            return to_bf16
+
+        def to_f32(a, j, x):
+            a[j] = x
+
+        return to_f32
+
+    @intrinsic
+    def fma(typingctx, a, b, c):
+        """a * b + c rounded once (what torch's vectorised add(alpha=) computes)."""
+        sig = types.float32(types.float32, types.float32, types.float32)
+
+        def codegen(context, builder, signature, args):
+            f32 = ir.FloatType()
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(f32, [f32, f32, f32]), "llvm.fma.f32"
+            )
+            return builder.call(fn, args)
+
+        return sig, codegen
+
+    @njit(inline="always")
+    def _fmix32(x):
+        x = np.uint32(x ^ (x >> np.uint32(16)))
+        x = np.uint32((np.uint64(x) * np.uint64(0x85EBCA6B)) & np.uint64(0xFFFFFFFF))
+        x = np.uint32(x ^ (x >> np.uint32(13)))
+        x = np.uint32((np.uint64(x) * np.uint64(0xC2B2AE35)) & np.uint64(0xFFFFFFFF))
+        return np.uint32(x ^ (x >> np.uint32(16)))
+
+    @njit(inline="always")
+    def draw(first, second, j):
+        """`rng.uniform`'s draw for position j."""
+        x = np.uint32(np.uint64(j) ^ np.uint64(0x80000000))
+        x = _fmix32(np.uint32(x ^ first))
+        x = _fmix32(np.uint32(x ^ second))
+        return np.float32(np.uint32(x >> np.uint32(8)) & np.uint32(0xFFFFFF)) * np.float32(2.0**-24)
+
+    @njit(inline="always")
+    def value(mode, base, models, i, j):
+        """The statistic top-k ranks: |theta_i - b| (mode 0) or the variance across the
+        models' task vectors (mode 1, SCE), as sparse.py computes them."""
+        b = load(base, j)
+        if mode == 0:
+            return abs(load(models[i], j) - b)
+        n = len(models)
+        mean = np.float32(0.0)
+        for m in range(n):
+            mean = mean + (load(models[m], j) - b)
+        mean = mean / np.float32(n)
+        var = np.float32(0.0)
+        for m in range(n):
+            dev = (load(models[m], j) - b) - mean
+            var = var + dev * dev
+        return var / np.float32(n)
+
+    @njit(parallel=True, cache=True)
+    def _scan(mode, base, models, i, ranges, capacity, bits, positions, counts, threads):
+        """One pass over the statistic (`value`'s mode), in `threads` contiguous ranges: per
+        range, the counts of its float32 patterns' top 16 bits, and the patterns and positions
+        (in position order) of the entries whose top 16 bits fall in one of `ranges` (rows of
+        inclusive [low, high]), up to `capacity` per thread. Returns each thread's number of
+        such entries (above `capacity`: some were not kept)."""
+        n = base.size
+        step = (n + threads - 1) // threads
+        hits = np.zeros(threads, np.int64)
+        lo1, hi1, lo2, hi2 = ranges[0, 0], ranges[0, 1], ranges[1, 0], ranges[1, 1]
+        for t in prange(threads):
+            row = counts[t]
+            k = 0
+            offset = t * capacity
+            for j in range(t * step, min(n, (t + 1) * step)):
+                v = np.float32(value(mode, base, models, i, j)).view(np.uint32)
+                top = np.int64(v >> 16)
+                row[top] += 1
+                if (lo1 <= top <= hi1) or (lo2 <= top <= hi2):  # rare: predictable
+                    if k < capacity:
+                        bits[offset + k] = v
+                        positions[offset + k] = j
+                    k += 1
+            hits[t] = k
+        return hits
+
+    @njit(cache=True)
+    def _sample(mode, base, models, i, positions):
+        out = np.empty(len(positions), np.float32)
+        for s in range(len(positions)):
+            out[s] = value(mode, base, models, i, positions[s])
+        return out
+
+    @njit(inline="always")
+    def _first_k(v, value, cut, j):
+        """Whether entry j is among the top k given (value, cut): above the k-th largest value,
+        or equal to it and before the cut position (branch-free, so loops vectorise)."""
+        return (v > value) | ((v == value) & (j < cut))
+
+    @njit(inline="always")
+    def _ranks(base, model, start, row, keys, order, spare, ranks):
+        """Stable ascending ranks of |d| within one row (LSD radix sort, 11-bit digits)."""
+        for j in range(row):
+            keys[j] = np.float32(abs(load(model, start + j) - load(base, start + j))).view(
+                np.uint32
+            )
+            order[j] = j
+        counts = np.empty(2048, np.int64)
+        for shift in (0, 11, 22):
+            counts[:] = 0
+            for j in range(row):
+                counts[np.int64((keys[order[j]] >> shift) & 0x7FF)] += 1
+            total = 0
+            for c in range(2048):
+                total, counts[c] = total + counts[c], total
+            for j in range(row):
+                digit = np.int64((keys[order[j]] >> shift) & 0x7FF)
+                spare[counts[digit]] = order[j]
+                counts[digit] += 1
+            order, spare = spare, order
+        for r in range(row):
+            ranks[order[r]] = r
+
+    @njit(parallel=True, cache=True)
+    def _merge(
+        base, models, out, row, block,
+        keep_value, keep_cut, drop_value, drop_cut,
+        draw_rule, density, low, span, first, second, divide, factor,
+        weight, sign_consensus, normalize, weight_total, lam, select_variance, square, sums,
+    ):  # fmt: skip
+        """One pass: sparsify, rescale and combine each entry's task vectors and write the
+        output; or, when `sums` has rows, per block of `block` entries (whole rows of `row`:
+        DELLA ranks within rows) and model, the sum of |d| (d^2 with `square`) over all
+        entries and over the kept ones. The top-k tests apply to |d|, or with
+        `select_variance` to the variance across models (SCE). Work runs model by model over
+        a block, in loops simple enough to vectorise."""
+        n = base.size
+        models_n = len(models)
+        ranked = False
+        for i in range(models_n):
+            ranked = ranked or draw_rule[i] == 2
+        scale_rows = np.float32(max(row - 1, 1))
+        summing = sums.shape[0] > 0
+        for blk in prange((n + block - 1) // block):
+            start = blk * block
+            size = min(n, start + block) - start
+            kept = np.empty((models_n, size), np.float32)
+            acc = np.zeros(size, np.float32)
+            stat = np.empty(size, np.float32)
+            prob = np.empty(size, np.float32)
+            ranks = np.empty(size if ranked else 0, np.int64)
+            keys = np.empty(row if ranked else 0, np.uint32)
+            order = np.empty(row if ranked else 0, np.int64)
+            spare = np.empty(row if ranked else 0, np.int64)
+            if select_variance:
+                for t in range(size):
+                    stat[t] = value(1, base, models, 0, start + t)
+            for i in range(models_n):
+                model = models[i]
+                rule = draw_rule[i]
+                if rule == 2:
+                    for r in range(0, size, row):
+                        _ranks(base, model, start + r, row, keys, order, spare, ranks[r:])
+                    for t in range(size):
+                        prob[t] = low[i] + span[i] * (np.float32(ranks[t]) / scale_rows)
+                else:
+                    prob[:] = density[i]
+                # parameters as locals: loads the compiler cannot hoist past the array writes
+                # would keep the loops from vectorising
+                kv, kc, dv, dc = keep_value[i], keep_cut[i], drop_value[i], drop_cut[i]
+                k1, k2, w, f, div = first[i], second[i], weight[i], factor[i], divide[i]
+                if summing:
+                    everything = 0.0
+                    survivors = 0.0
+                    for t in range(size):
+                        j = start + t
+                        d = load(model, j) - load(base, j)
+                        s = stat[t] if select_variance else abs(d)
+                        keep = _first_k(s, kv, kc, j) & ~_first_k(s, dv, dc, j)
+                        if rule != 0:
+                            keep = keep & (draw(k1, k2, j) < prob[t])
+                        x = d * d if square else abs(d)
+                        everything += x
+                        survivors += x if keep else 0.0
+                    sums[blk, i, 0] = everything
+                    sums[blk, i, 1] = survivors
+                    continue
+                own = kept[i]
+                for t in range(size):
+                    j = start + t
+                    d = load(model, j) - load(base, j)
+                    s = stat[t] if select_variance else abs(d)
+                    keep = _first_k(s, kv, kc, j) & ~_first_k(s, dv, dc, j)
+                    if rule != 0:
+                        keep = keep & (draw(k1, k2, j) < prob[t])
+                    if div:
+                        p = prob[t]
+                        scaled = d / (max(p, np.float32(1e-12)) if rule == 2 else p)
+                    else:
+                        scaled = d * f
+                    own[t] = scaled if keep else np.float32(0.0)
+                    acc[t] = fma(w, own[t], acc[t])
+            if summing:
+                continue
+            if sign_consensus:
+                elected = stat  # reuse: the elected sign per entry
+                total = prob
+                for t in range(size):
+                    elected[t] = np.float32((acc[t] > 0) - (acc[t] < 0))
+                    acc[t] = 0.0
+                    total[t] = 0.0
+                for i in range(models_n):
+                    w = weight[i]
+                    own = kept[i]
+                    for t in range(size):
+                        d = own[t]
+                        agree = np.float32((d > 0) - (d < 0)) == elected[t]
+                        acc[t] = fma(w, d if agree else np.float32(0.0), acc[t])
+                        total[t] = fma(w, np.float32(1.0) if agree else np.float32(0.0), total[t])
+                for t in range(size):
+                    x = acc[t]
+                    if normalize:
+                        x = x / (total[t] if abs(total[t]) > np.float32(1e-12) else np.float32(1.0))
+                    store(out, start + t, load(base, start + t) + lam * x)
+            else:
+                for t in range(size):
+                    x = acc[t]
+                    if normalize:
+                        x = x / (
+                            weight_total if abs(weight_total) > np.float32(1e-12) else np.float32(1)
+                        )
+                    store(out, start + t, load(base, start + t) + lam * x)
+
+
+SAMPLE = 1 << 16  # entries sampled to predict which buckets hold a top-k threshold
+
+
+def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int]):
+    """[(value, cut)] per k: the k largest entries of the statistic (`value`'s mode) are those
+    above `value` and those equal to it before position `cut`.
+
+    Exact: a histogram of the top 16 bits of the float32 patterns finds the bucket of the k-th
+    largest, and the entries of that bucket (value and position) give the rest. A sample of
+    the entries predicts the bucket, so one pass does both; a wrong prediction (rare) costs a
+    second pass."""
+    base_, models_ = array(base), tuple(array(m) for m in models)
+    n = base_.size
+    ks = [min(max(k, 0), n) for k in ks]
+    inner = [k for k in ks if 0 < k < n]
+    found = {0: (float("inf"), 0), n: (-1.0, 0)}
+    if not inner:
+        return [found[k] for k in ks]
+    threads = numba.get_num_threads()
+    sample = np.sort(_sample(mode, base_, models_, i, np.arange(SAMPLE) * n // SAMPLE))[::-1]
+    ranges = np.full((2, 2), -1, np.int64)
+    expected = 0.0
+    for row, k in enumerate(sorted(set(inner))[:2]):
+        q = k / n
+        margin = 5 * (SAMPLE * q * (1 - q)) ** 0.5 + 8
+        low, high = (int(np.clip(SAMPLE * q + s * margin, 0, SAMPLE - 1)) for s in (1, -1))
+        ranges[row] = [_top(sample[low]), _top(sample[high])]
+        expected += np.mean((_tops(sample) >= ranges[row, 0]) & (_tops(sample) <= ranges[row, 1]))
+    if len(set(inner)) > 2:
+        ranges[1] = [0, 1 << 15]  # more than two thresholds (unused by the methods): collect all
+        expected = 1.0
+    capacity = int(expected * 1.5 * n / threads) + 4096
+    while True:
+        counts = np.zeros((threads, 1 << 15), np.int64)
+        bits = np.empty(threads * capacity, np.uint32)
+        positions = np.empty(len(bits), np.int64)
+        hits = _scan(mode, base_, models_, i, ranges, capacity, bits, positions, counts, threads)
+        at_or_above = counts.sum(0)[::-1].cumsum()[::-1]
+        buckets = {k: int(np.nonzero(at_or_above >= k)[0].max()) for k in inner}
+        inside = all(((b >= ranges[:, 0]) & (b <= ranges[:, 1])).any() for b in buckets.values())
+        if inside and hits.max() <= capacity:
+            break
+        # the sample predicted wrong (rare): a second pass for the buckets the histogram found
+        found_buckets = sorted(set(buckets.values()))
+        ranges = np.array([[b, b] for b in (found_buckets[0], found_buckets[-1])], np.int64)
+        capacity = int(counts[:, found_buckets].sum(1).max())
+    keep = np.concatenate([np.arange(t * capacity, t * capacity + h) for t, h in enumerate(hits)])
+    bits, positions = bits[keep], positions[keep]
+    for k, bucket in buckets.items():
+        above = int(at_or_above[bucket + 1]) if bucket + 1 < len(at_or_above) else 0
+        r = k - above
+        in_bucket = (bits >> 16) == bucket
+        these, where = bits[in_bucket], positions[in_bucket]
+        at_or_above_low = np.bincount(these & 0xFFFF, minlength=1 << 16)[::-1].cumsum()[::-1]
+        low = int(np.nonzero(at_or_above_low >= r)[0].max())
+        greater = int(at_or_above_low[low + 1]) if low + 1 < (1 << 16) else 0
+        target = np.uint32(bucket << 16 | low)
+        cut = int(where[these == target][r - greater - 1]) + 1
+        found[k] = (float(target.view(np.float32)), cut)
+    return [found[k] for k in ks]
+
+
+def _tops(values: np.ndarray) -> np.ndarray:
+    return (values.view(np.uint32) >> 16).astype(np.int64)
+
+
+def _top(value: np.float32) -> int:
+    return int(np.float32(value).view(np.uint32) >> 16)
+
+
+MERGE_PARAMS = (
+    "keep_value", "keep_cut", "drop_value", "drop_cut", "draw_rule", "density", "low", "span",
+    "first", "second", "divide", "factor", "weight", "sign_consensus", "normalize",
+    "weight_total", "lam", "select_variance", "square",
+)  # fmt: skip
+
+
+def merge(base: Tensor, models: list[Tensor], out: Tensor | None, row: int, params: dict):
+    """Run `_merge` with `params` (MERGE_PARAMS, as sparse.py builds them). With `out` None,
+    return per model the sums over all entries and over the kept ones of |d| (or d^2 with
+    `square`) instead of writing an output."""
+    base_, models_ = array(base), tuple(array(m) for m in models)
+    n = base_.size
+    block = max(row, BLOCK // row * row)
+    blocks = (n + block - 1) // block
+    sums = np.zeros((blocks if out is None else 0, len(models), 2), np.float64)
+    target = base_[:0] if out is None else array(out)
+    _merge(base_, models_, target, row, block, *(params[k] for k in MERGE_PARAMS), sums)
+    return sums.sum(0) if out is None else None

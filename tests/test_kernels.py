@@ -1,0 +1,110 @@
+"""The CPU kernels (numba) against the torch implementation of the sparse methods: bit for bit,
+for every method and option, in both stored dtypes, whatever the thread count."""
+
+import pytest
+import torch
+
+from medmerge.methods import get_method, kernels
+
+numba = pytest.importorskip("numba")
+
+CASES = {
+    "ties": dict(weight=[0.7, 0.4], density=[0.6, 0.3]),
+    "ties_all": dict(method="ties", weight=[0.5, 0.5], density=[1.0, 0.0], normalize=False),
+    "dare_ties": dict(weight=[0.5, 0.8], density=[0.6, 0.9], keys=[11, 12]),
+    "dare_linear": dict(weight=[0.5, 0.5], density=[0.6, 0.3], keys=[11, 12], lambda_=1.5),
+    "dare_l1": dict(
+        method="dare_linear", weight=[0.5, 0.5], density=[0.6, 0.3], keys=[3, 4], rescale="l1"
+    ),  # fmt: skip
+    "dare_none": dict(
+        method="dare_ties", weight=[1.0, -0.5], density=[0.2, 0.7], keys=[3, 4], rescale="none"
+    ),  # fmt: skip
+    "della": dict(weight=[0.5, 0.5], density=[0.6, 0.4], keys=[5, 6], epsilon=0.1),
+    "della_linear": dict(weight=[0.3, 0.6], density=[0.5, 0.5], keys=[5, 6], lambda_=0.8),
+    "della_l1": dict(
+        method="della", weight=[0.5, 0.5], density=[0.6, 0.4], keys=[5, 6], rescale="l1"
+    ),  # fmt: skip
+    "breadcrumbs": dict(weight=[0.5, 0.5], density=[0.8, 0.7], gamma=[0.05, 0.0]),
+    "breadcrumbs_ties": dict(weight=[0.5, 0.5], density=[0.9, 0.5], gamma=[0.01, 0.2]),
+    "sce": dict(select_topk=0.4, lambda_=1.2),
+    "sce_all": dict(method="sce", select_topk=1.0),
+}
+
+
+def family(shape, dtype, models=2, seed=0):
+    """Base and fine-tunes with many exactly equal task-vector entries (bfloat16 steps)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).to(dtype)
+    tuned = [
+        (base.float() + torch.randn(shape, generator=g) * 0.002).to(dtype) for _ in range(models)
+    ]
+    return base, tuned
+
+
+def run(case, base, models, out_dtype, monkeypatch, use_kernels):
+    params = dict(CASES[case])
+    method = get_method(params.pop("method", case))
+    if len(models) == 1:
+        params = {k: (v[:1] if isinstance(v, list) else v) for k, v in params.items()}
+    monkeypatch.setenv("MEDMERGE_KERNELS", "1" if use_kernels else "0")
+    assert kernels.usable(base, *models, out_dtype=out_dtype) == use_kernels
+    return method.fn(base, models, out_dtype=out_dtype, **params)
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16 if t.element_size() == 2 else torch.int32)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("shape", [(64, 700), (5000,)])
+def test_kernels_match_torch_bit_for_bit(case, dtype, shape, monkeypatch):
+    base, models = family(shape, dtype)
+    fast = run(case, base, models, dtype, monkeypatch, use_kernels=True)
+    reference = run(case, base, models, dtype, monkeypatch, use_kernels=False)
+    assert fast.dtype == reference.dtype == dtype
+    assert torch.equal(bits(fast), bits(reference)), f"{case}: kernels and torch differ"
+
+
+@pytest.mark.parametrize("case", ["ties", "della", "breadcrumbs", "dare_l1"])
+def test_kernels_one_model_and_float32_output(case, monkeypatch):
+    base, models = family((40, 130), torch.bfloat16, models=1, seed=3)
+    fast = run(case, base, models, torch.float32, monkeypatch, use_kernels=True)
+    reference = run(case, base, models, torch.float32, monkeypatch, use_kernels=False)
+    assert torch.equal(bits(fast), bits(reference))
+
+
+def test_top_k_recovers_from_a_wrong_prediction(monkeypatch):
+    """A tiny sample mispredicts the threshold's bucket: the second pass still finds it."""
+    base, models = family((300, 400), torch.bfloat16, seed=1)
+    n = base.numel()
+    ks = [n // 50, n // 2]
+    expected = kernels.top_ks(0, base, models, 0, ks)
+    monkeypatch.setattr(kernels, "SAMPLE", 2)
+    assert kernels.top_ks(0, base, models, 0, ks) == expected
+    magnitude = (models[0].float() - base.float()).abs().reshape(-1)
+    for k, (value, cut) in zip(ks, expected):
+        kept = (magnitude > value) | ((magnitude == value) & (torch.arange(n) < cut))
+        assert int(kept.sum()) == k
+        assert magnitude[kept].min() >= magnitude[~kept].max()
+
+
+@pytest.mark.parametrize("case", ["dare_ties", "della", "ties", "sce"])
+def test_kernels_do_not_depend_on_the_thread_count(case, monkeypatch):
+    base, models = family((64, 700), torch.bfloat16, seed=2)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = run(case, base, models, torch.bfloat16, monkeypatch, use_kernels=True)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        every = run(case, base, models, torch.bfloat16, monkeypatch, use_kernels=True)
+    finally:
+        numba.set_num_threads(before)
+    assert torch.equal(bits(one), bits(every))
+
+
+def test_other_dtypes_and_devices_use_torch():
+    half = torch.zeros(4, dtype=torch.float16)
+    assert not kernels.usable(half)
+    assert not kernels.usable(torch.zeros(4), out_dtype=torch.float16)
+    assert not kernels.usable(torch.zeros(4, device="meta"))
