@@ -170,6 +170,30 @@ if numba is not None:
         return hits
 
     @njit(cache=True)
+    def _resolve(bits, positions, hits, capacity, bucket, r):
+        """The r-th largest pattern among the collected entries of `bucket` and the position
+        after the entry equal to it that is the last one kept (ties go to the earliest)."""
+        at_or_above = np.zeros((1 << 16) + 1, np.int64)
+        for t in range(len(hits)):
+            for s in range(t * capacity, t * capacity + hits[t]):
+                if bits[s] >> 16 == bucket:
+                    at_or_above[np.int64(bits[s] & 0xFFFF)] += 1
+        for low in range((1 << 16) - 1, -1, -1):
+            at_or_above[low] += at_or_above[low + 1]
+        low = (1 << 16) - 1
+        while at_or_above[low] < r:
+            low -= 1
+        target = np.uint32(bucket << 16 | low)
+        ties = r - at_or_above[low + 1]
+        for t in range(len(hits)):
+            for s in range(t * capacity, t * capacity + hits[t]):
+                if bits[s] == target:
+                    ties -= 1
+                    if ties == 0:
+                        return target, positions[s] + 1
+        return target, 0  # unreachable: the bucket holds r entries at or above target
+
+    @njit(cache=True)
     def _sample(mode, base, models, i, positions):
         out = np.empty(len(positions), np.float32)
         for s in range(len(positions)):
@@ -363,19 +387,10 @@ def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int])
         found_buckets = sorted(set(buckets.values()))
         ranges = np.array([[b, b] for b in (found_buckets[0], found_buckets[-1])], np.int64)
         capacity = int(counts[:, found_buckets].sum(1).max())
-    keep = np.concatenate([np.arange(t * capacity, t * capacity + h) for t, h in enumerate(hits)])
-    bits, positions = bits[keep], positions[keep]
     for k, bucket in buckets.items():
         above = int(at_or_above[bucket + 1]) if bucket + 1 < len(at_or_above) else 0
-        r = k - above
-        in_bucket = (bits >> 16) == bucket
-        these, where = bits[in_bucket], positions[in_bucket]
-        at_or_above_low = np.bincount(these & 0xFFFF, minlength=1 << 16)[::-1].cumsum()[::-1]
-        low = int(np.nonzero(at_or_above_low >= r)[0].max())
-        greater = int(at_or_above_low[low + 1]) if low + 1 < (1 << 16) else 0
-        target = np.uint32(bucket << 16 | low)
-        cut = int(where[these == target][r - greater - 1]) + 1
-        found[k] = (float(target.view(np.float32)), cut)
+        target, cut = _resolve(bits, positions, hits, capacity, bucket, k - above)
+        found[k] = (float(np.uint32(target).view(np.float32)), int(cut))
     return [found[k] for k in ks]
 
 
