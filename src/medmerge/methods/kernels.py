@@ -311,9 +311,9 @@ if numba is not None:
                     acc[t] = fma(w, own[t], acc[t])
             if summing:
                 continue
+            total = prob  # reused: the summed weights of the agreeing models per entry
             if sign_consensus:
-                elected = stat  # reuse: the elected sign per entry
-                total = prob
+                elected = stat  # reused: the elected sign per entry
                 for t in range(size):
                     elected[t] = np.float32((acc[t] > 0) - (acc[t] < 0))
                     acc[t] = 0.0
@@ -326,19 +326,12 @@ if numba is not None:
                         agree = np.float32((d > 0) - (d < 0)) == elected[t]
                         acc[t] = fma(w, d if agree else np.float32(0.0), acc[t])
                         total[t] = fma(w, np.float32(1.0) if agree else np.float32(0.0), total[t])
-                for t in range(size):
-                    x = acc[t]
-                    if normalize:
-                        x = x / (total[t] if abs(total[t]) > np.float32(1e-12) else np.float32(1.0))
-                    store(out, start + t, load(base, start + t) + lam * x)
-            else:
-                for t in range(size):
-                    x = acc[t]
-                    if normalize:
-                        x = x / (
-                            weight_total if abs(weight_total) > np.float32(1e-12) else np.float32(1)
-                        )
-                    store(out, start + t, load(base, start + t) + lam * x)
+            for t in range(size):
+                x = acc[t]
+                if normalize:
+                    divisor = total[t] if sign_consensus else weight_total
+                    x = x / (divisor if abs(divisor) > np.float32(1e-12) else np.float32(1.0))
+                store(out, start + t, load(base, start + t) + lam * x)
 
 
 SAMPLE = 1 << 16  # entries sampled to predict which buckets hold a top-k threshold
