@@ -353,18 +353,18 @@ def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int])
     if not inner:
         return [found[k] for k in ks]
     threads = numba.get_num_threads()
+    if len(set(inner)) > 2:
+        raise ValueError(f"top_ks finds at most two thresholds in one pass, not {ks}")
     sample = np.sort(_sample(mode, base_, models_, i, np.arange(SAMPLE) * n // SAMPLE))[::-1]
+    tops = _tops(sample)
     ranges = np.full((2, 2), -1, np.int64)
     expected = 0.0
-    for row, k in enumerate(sorted(set(inner))[:2]):
+    for row, k in enumerate(sorted(set(inner))):
         q = k / n
         margin = 5 * (SAMPLE * q * (1 - q)) ** 0.5 + 8
         low, high = (int(np.clip(SAMPLE * q + s * margin, 0, SAMPLE - 1)) for s in (1, -1))
-        ranges[row] = [_top(sample[low]), _top(sample[high])]
-        expected += np.mean((_tops(sample) >= ranges[row, 0]) & (_tops(sample) <= ranges[row, 1]))
-    if len(set(inner)) > 2:
-        ranges[1] = [0, 1 << 15]  # more than two thresholds (unused by the methods): collect all
-        expected = 1.0
+        ranges[row] = [tops[low], tops[high]]
+        expected += np.mean((tops >= ranges[row, 0]) & (tops <= ranges[row, 1]))
     capacity = int(expected * 1.5 * n / threads) + 4096
     while True:
         counts = np.zeros((threads, 1 << 15), np.int64)
@@ -389,10 +389,6 @@ def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int])
 
 def _tops(values: np.ndarray) -> np.ndarray:
     return (values.view(np.uint32) >> 16).astype(np.int64)
-
-
-def _top(value: np.float32) -> int:
-    return int(np.float32(value).view(np.uint32) >> 16)
 
 
 MERGE_PARAMS = (
