@@ -108,3 +108,50 @@ def test_other_dtypes_and_devices_use_torch():
     assert not kernels.usable(half)
     assert not kernels.usable(torch.zeros(4), out_dtype=torch.float16)
     assert not kernels.usable(torch.zeros(4, device="meta"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("w", [0.0, 0.3, 0.4999999, 0.5, 0.8, 1.0])
+def test_lerp_matches_torch_bit_for_bit(dtype, out_dtype, w):
+    _, (a, b) = family((37, 1001), dtype, seed=4)
+    expected = torch.lerp(a.float(), b.float(), w).to(out_dtype)
+    fast = kernels.lerp(a, b, w, out_dtype)
+    assert fast.shape == a.shape and fast.dtype == out_dtype
+    assert torch.equal(bits(fast), bits(expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_delta_products_are_float64_sums(dtype):
+    """Near-orthogonal task vectors: the float64 sums give the cosine to ~1e-12, where a float32
+    sum of this many products would be off in the third digit."""
+    base, (a, b) = family((300, 1000), dtype, seed=5)
+    da, db = ((x.float() - base.float()).double() for x in (a, b))  # float32 differences
+    expected = [float((da * db).sum()), float((da * da).sum()), float((db * db).sum())]
+    got = kernels.delta_products(base, a, b)
+    assert got == pytest.approx(expected, rel=1e-12, abs=1e-12 * expected[1])
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        assert kernels.delta_products(base, a, b) == got
+    finally:
+        numba.set_num_threads(before)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_hierarchical_kernels_match_torch(dtype, monkeypatch):
+    hierarchical = get_method("hierarchical").fn
+    base, (a, b) = family((96, 500), dtype, seed=6)
+    name = "model.layers.0.mlp.up_proj.weight"
+    out = {}
+    for use_kernels in (True, False):
+        monkeypatch.setenv("MEDMERGE_KERNELS", "1" if use_kernels else "0")
+        records: list = []
+        merged = hierarchical(
+            {name: base}, [{name: a}, {name: b}], names=[name], config={},
+            diagnostics=records, out_dtype=dtype,
+        )  # fmt: skip
+        out[use_kernels] = merged[name], records[0]["weights"][name]
+    (fast, w_fast), (reference, w_reference) = out[True], out[False]
+    assert 0 < w_fast == pytest.approx(w_reference, rel=1e-12)
+    assert torch.equal(bits(fast), bits(reference))

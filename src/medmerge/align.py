@@ -19,6 +19,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from medmerge import buffers
 from medmerge.errors import IncompatibleModelsError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -76,7 +77,10 @@ def head_blocks(name: str, tensor: Tensor, count: int, dim: int) -> Tensor:
 
 
 def permute_blocks(name: str, tensor: Tensor, perm, count: int, dim: int) -> Tensor:
-    """Reorder the per-head blocks of one tensor: new block i is old block perm[i]."""
+    """Reorder the per-head blocks of one tensor: new block i is old block perm[i] (the
+    tensor itself for the identity, the usual case for parents fine-tuned from one base)."""
+    if list(perm) == list(range(count)):
+        return tensor
     index = torch.as_tensor(np.asarray(perm), device=tensor.device)
     if projection(name) == "o_proj" and name.endswith("weight"):
         out = tensor.reshape(tensor.shape[0], count, dim)[:, index]
@@ -103,11 +107,21 @@ def permute_heads(
 def _cosine_cost(pairs: list[tuple[Tensor, Tensor]]) -> np.ndarray:
     """1 - cos between every head of A and every head of B, each head's vector being its blocks
     from all the (A blocks, B blocks) pairs given, concatenated. Computed from Gram matrices and
-    norms, so no concatenated or normalised copy of the weights is made."""
+    norms (in float32 whatever the stored dtype), so no concatenated or normalised copy of the
+    weights is made."""
+    pairs = [(_float32(a), _float32(b)) for a, b in pairs]
     dot = sum(a @ b.T for a, b in pairs)
-    norm_a = torch.sqrt(sum(a.pow(2).sum(1) for a, _ in pairs)).clamp_min(1e-12)
-    norm_b = torch.sqrt(sum(b.pow(2).sum(1) for _, b in pairs)).clamp_min(1e-12)
+    norm_a = torch.sqrt(sum(torch.linalg.vector_norm(a, dim=1) ** 2 for a, _ in pairs))
+    norm_b = torch.sqrt(sum(torch.linalg.vector_norm(b, dim=1) ** 2 for _, b in pairs))
+    norm_a, norm_b = norm_a.clamp_min(1e-12), norm_b.clamp_min(1e-12)
     return (1.0 - dot / torch.outer(norm_a, norm_b)).double().cpu().numpy()
+
+
+def _float32(t: Tensor) -> Tensor:
+    """t in float32, in a fresh buffer from `buffers.empty` (each layer converts ~50 MB)."""
+    if t.dtype == torch.float32:
+        return t
+    return buffers.empty(t.shape, torch.float32, t.device).copy_(t)
 
 
 def _assign(cost: np.ndarray) -> np.ndarray:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from medmerge import buffers
 from medmerge.errors import CheckpointError, MergeError
 
 SAFETENSORS_DTYPES = {
@@ -150,8 +151,8 @@ class Checkpoint:
         info = self.info(name)
         if info.start < 0:
             return self._bin_shards[info.file][self.resolve(name)].clone()
-        # torch.empty rather than bytearray: no zero-fill pass before the read overwrites it
-        data = torch.empty(info.nbytes, dtype=torch.uint8)
+        # not a bytearray: no zero-fill pass before the read overwrites it
+        data = buffers.empty(info.nbytes, torch.uint8)
         view = memoryview(data.numpy()) if info.nbytes else memoryview(b"")
         fd = self._fds.get(info.file)
         if fd is None:

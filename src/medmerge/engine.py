@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from medmerge import __version__
+from medmerge import __version__, buffers
 from medmerge.checkpoint import (
     TOKENIZER_FILES,
     Checkpoint,
@@ -369,7 +369,7 @@ def _merge_chunked(plan, group: GroupInput, name: str, seed: int, diagnostics) -
     """Run an elementwise method over cache-sized chunks of the flattened tensor."""
     flat_base = group.base[name].reshape(-1) if group.base is not None else None
     flat_models = [m[name].reshape(-1) for m in group.models]
-    out = torch.empty(plan.reference.info(name).shape, dtype=plan.out_dtype)
+    out = buffers.empty(plan.reference.info(name).shape, plan.out_dtype)
     flat_out = out.view(-1)
     kwargs = {**plan.params[name], **_engine_kwargs(plan, name, seed, diagnostics)}
     for part in spans(flat_out.numel(), flat_out.device):

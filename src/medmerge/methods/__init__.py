@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from medmerge import buffers
 from medmerge.errors import ConfigError
 
 CHUNK = 1 << 20  # elements per chunk of elementwise work on the CPU: stays in cache
@@ -130,7 +131,7 @@ def chunkwise(fn: Callable[..., Tensor], *tensors: Tensor) -> Tensor:
     for part in parts:
         result = fn(*(f[part] for f in flats))
         if out is None:
-            out = torch.empty(first.numel(), dtype=result.dtype)
+            out = buffers.empty(first.numel(), result.dtype, first.device)
         out[part] = result
     return out.reshape(first.shape)
 

@@ -32,7 +32,7 @@ from medmerge.align import (
     projection,
 )
 from medmerge.errors import ConfigError
-from medmerge.methods import chunkwise, register, spans
+from medmerge.methods import chunkwise, kernels, register, spans
 
 ATTENTION = re.compile(r"^(.*\.)(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$")
 
@@ -54,17 +54,31 @@ def attention_groups(names: Sequence[str], config: dict) -> list[list[str]]:
 
 
 def delta_cosine(a: Tensor, b: Tensor, base: Tensor) -> float:
-    """cos(a - base, b - base), accumulated over cache-sized chunks (no full-size deltas)."""
-    dot = na = nb = 0.0
-    fa, fb, f0 = a.reshape(-1), b.reshape(-1), base.reshape(-1)
-    for part in spans(fa.numel(), fa.device):
-        base_part = f0[part].float()
-        da, db = fa[part].float() - base_part, fb[part].float() - base_part
-        dot += float(torch.dot(da, db))
-        na += float(torch.dot(da, da))
-        nb += float(torch.dot(db, db))
+    """cos(a - base, b - base): float32 task vectors, their products summed in float64 (a
+    float32 sum of millions of products loses digits that decide near-zero cosines),
+    accumulated over cache-sized chunks (no full-size deltas)."""
+    if kernels.usable(a, b, base):
+        dot, na, nb = kernels.delta_products(base, a, b)
+    else:
+        dot = na = nb = 0.0
+        fa, fb, f0 = a.reshape(-1), b.reshape(-1), base.reshape(-1)
+        for part in spans(fa.numel(), fa.device):
+            base_part = f0[part].float()
+            da = (fa[part].float() - base_part).double()
+            db = (fb[part].float() - base_part).double()
+            dot += float(torch.dot(da, db))
+            na += float(torch.dot(da, da))
+            nb += float(torch.dot(db, db))
     norm = (na * nb) ** 0.5
     return dot / norm if norm > 0 else 0.0
+
+
+def lerp(a: Tensor, b: Tensor, w: float, out_dtype: torch.dtype) -> Tensor:
+    """(1 - w) a + w b in float32 (torch.lerp), cast to `out_dtype`."""
+    if kernels.usable(a, b, out_dtype=out_dtype):
+        return kernels.lerp(a, b, w, out_dtype)
+    # chunk by chunk, each chunk cast to the output dtype at once
+    return chunkwise(lambda x, y: torch.lerp(x.float(), y.float(), w).to(out_dtype), a, b)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -129,9 +143,6 @@ def hierarchical(
             )
     a, b = models
     record: dict = {"group": _group_label(names), "alignment": None}
-    if projection(names[0]) is not None:  # attention tensors are small: align them in float32
-        a, b = ({n: t.float() for n, t in a.items()}, {n: t.float() for n, t in b.items()})
-        base = {n: t.float() for n, t in base.items()}
     is_attention = projection(names[0]) is not None and alignment != "none"
     weights_before_alignment = alignment == "per_tensor"
 
@@ -144,8 +155,8 @@ def hierarchical(
         layout = HeadLayout.from_config(config)
         for n in names:
             layout.check(n, a[n])
-        src_a = a if align_on == "weights" else {n: a[n] - base[n] for n in names}
-        src_b = b if align_on == "weights" else {n: b[n] - base[n] for n in names}
+        src_a = a if align_on == "weights" else {n: a[n].float() - base[n].float() for n in names}
+        src_b = b if align_on == "weights" else {n: b[n].float() - base[n].float() for n in names}
         started = time.perf_counter()
         if alignment == "joint":
             found = joint_alignment(src_a, src_b, layout)
@@ -177,15 +188,7 @@ def hierarchical(
         weights = {n: w_for(n, b[n]) for n in names}
     record["weights"] = weights
     diagnostics.append(record)
-    # LERP in float32 chunk by chunk, each chunk cast to the output dtype at once
-    return {
-        n: chunkwise(
-            lambda x, y, w=weights[n]: torch.lerp(x.float(), y.float(), w).to(out_dtype),
-            a[n],
-            b[n],
-        )
-        for n in names
-    }
+    return {n: lerp(a[n], b[n], weights[n], out_dtype) for n in names}
 
 
 def _group_label(names: list[str]) -> str:

@@ -1,17 +1,21 @@
-"""CPU kernels for the sparse methods (TIES, DARE, DELLA, Breadcrumbs, SCE), compiled by numba.
+"""CPU kernels for the sparse methods (TIES, DARE, DELLA, Breadcrumbs, SCE) and the paper's
+hierarchical method, compiled by numba.
 
 On the CPU a chain of torch ops pays for every intermediate: a top-k threshold, a random mask
 and the TIES sign election cost 10-30x the arithmetic of a linear merge. These kernels fuse
 each pass into one loop over the stored tensors (bfloat16 read as bits, or float32), on every
 core, with no intermediate tensors:
 
-- `top_k`: the exact k-th largest |theta_i - b| (or SCE's variance), a 16-bit radix histogram
+- `top_ks`: the exact k-th largest |theta_i - b| (or SCE's variance), a 16-bit radix histogram
   then the entries of the one bucket that holds it, in two passes;
-- `sparse_merge`: sparsify, rescale and combine every model's task vector and write the output
-  dtype, in one pass (DELLA ranks each row inside the pass).
+- `merge`: sparsify, rescale and combine every model's task vector and write the output
+  dtype, in one pass (DELLA ranks each row inside the pass);
+- `delta_products` and `lerp`: the hierarchical method's task-vector cosine (summed in
+  float64) and its interpolation, one pass each.
 
-They compute what the torch implementation in `medmerge.methods.sparse` computes, bit for bit:
-the same float32 operations in the same order (torch's `add(alpha=)` is a fused multiply-add,
+They compute what the torch implementations in `medmerge.methods.sparse` and `.hierarchical`
+compute, bit for bit (the cosine's float64 sums excepted: they add in another order): the same
+float32 operations in the same order (torch's `add(alpha=)` is a fused multiply-add,
 so it is one here), the same ties rule (earliest positions kept) and the same counter-based draws
 (`medmerge.methods.rng`). The tests check both paths against each other. Reductions run over
 fixed-size blocks, so results do not depend on the thread count. Other devices, other dtypes
@@ -26,6 +30,8 @@ import os
 import numpy as np
 import torch
 from torch import Tensor
+
+from medmerge import buffers
 
 try:
     import numba
@@ -64,12 +70,14 @@ if numba is not None:
     def load(a, j):  # noqa: ARG001 - the numba overload below is the implementation
         raise NotImplementedError
 
+    # Arrays are indexed with unsigned integers: a signed index gets a negative-index
+    # wraparound test, which keeps LLVM from vectorising the loop (7x slower on one core).
     @overload(load, inline="always")
     def _load(a, j):
         """Entry j as float32 (bfloat16 stored as uint16 bits)."""
         if a.dtype == types.uint16:
-            return lambda a, j: np.uint32(np.uint32(a[j]) << 16).view(np.float32)
-        return lambda a, j: np.float32(a[j])
+            return lambda a, j: np.uint32(np.uint32(a[np.uintp(j)]) << 16).view(np.float32)
+        return lambda a, j: np.float32(a[np.uintp(j)])
 
     def store(a, j, x):  # noqa: ARG001
         raise NotImplementedError
@@ -81,16 +89,16 @@ if numba is not None:
 
             def to_bf16(a, j, x):
                 if x != x:
-                    a[j] = np.uint16(0x7FC0)
+                    a[np.uintp(j)] = np.uint16(0x7FC0)
                 else:
                     bits = np.float32(x).view(np.uint32)
                     bias = np.uint32(((bits >> 16) & 1) + 0x7FFF)
-                    a[j] = np.uint16(np.uint32(bits + bias) >> 16)
+                    a[np.uintp(j)] = np.uint16(np.uint32(bits + bias) >> 16)
 
             return to_bf16
 
         def to_f32(a, j, x):
-            a[j] = x
+            a[np.uintp(j)] = x
 
         return to_f32
 
@@ -333,6 +341,46 @@ if numba is not None:
                     x = x / (divisor if abs(divisor) > np.float32(1e-12) else np.float32(1.0))
                 store(out, start + t, load(base, start + t) + lam * x)
 
+    @njit(fastmath={"reassoc"}, cache=True)
+    def _block_products(base, a, b, start, stop):
+        """`_delta_products` for one block. Reassociating the sums lets them vectorise (5x
+        faster); their order then depends on the vector width, not on the thread count."""
+        dot, aa, bb = 0.0, 0.0, 0.0
+        for j in range(start, stop):
+            origin = load(base, j)
+            da = np.float64(load(a, j) - origin)
+            db = np.float64(load(b, j) - origin)
+            dot += da * db
+            aa += da * da
+            bb += db * db
+        return dot, aa, bb
+
+    @njit(parallel=True, cache=True)
+    def _delta_products(base, a, b, sums):
+        """Per block: the sums of da*db, da*da and db*db in float64, for da = a - base and
+        db = b - base in float32 (as torch computes them)."""
+        n = base.size
+        for blk in prange((n + BLOCK - 1) // BLOCK):
+            stop = min(n, (blk + 1) * BLOCK)
+            sums[blk, 0], sums[blk, 1], sums[blk, 2] = _block_products(
+                base, a, b, blk * BLOCK, stop
+            )
+
+    @njit(parallel=True, cache=True)
+    def _lerp(a, b, w, out):
+        """torch.lerp(a, b, w) in float32 as torch's vectorised CPU kernel computes it, stored
+        in out's dtype. (Names differ from `store`'s parameters: numba 0.68 mis-renames a
+        variable that shares its name with a parameter of an inlined overload here.)"""
+        n = a.size
+        small = abs(w) < np.float32(0.5)
+        coeff = w if small else w - np.float32(1.0)
+        for blk in prange((n + BLOCK - 1) // BLOCK):
+            for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+                p = load(a, j)
+                q = load(b, j)
+                r = fma(coeff, q - p, p if small else q)
+                store(out, j, r)
+
 
 SAMPLE = 1 << 16  # entries sampled to predict which buckets hold a top-k threshold
 
@@ -410,3 +458,19 @@ def merge(base: Tensor, models: list[Tensor], out: Tensor | None, row: int, para
     target = base_[:0] if out is None else array(out)
     _merge(base_, models_, target, row, block, *(params[k] for k in MERGE_PARAMS), sums)
     return sums.sum(0) if out is None else None
+
+
+def delta_products(base: Tensor, a: Tensor, b: Tensor) -> tuple[float, float, float]:
+    """(sum da*db, sum da^2, sum db^2) for da = a - base, db = b - base, summed in float64."""
+    blocks = (base.numel() + BLOCK - 1) // BLOCK
+    sums = np.zeros((blocks, 3), np.float64)
+    _delta_products(array(base), array(a), array(b), sums)
+    dot, aa, bb = sums.sum(0)
+    return float(dot), float(aa), float(bb)
+
+
+def lerp(a: Tensor, b: Tensor, w: float, out_dtype: torch.dtype) -> Tensor:
+    """torch.lerp(a.float(), b.float(), w).to(out_dtype), bit for bit, in one pass."""
+    out = buffers.empty(a.shape, out_dtype)
+    _lerp(array(a), array(b), np.float32(w), array(out))
+    return out

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medmerge import buffers
 from medmerge.errors import ConfigError
 from medmerge.methods import kernels, register, spans
 from medmerge.methods.rng import key_words, uniform
@@ -319,7 +320,7 @@ def sparse_merge(
         return lambda p: flat[p].float() - flat_base[p].float()
 
     sparsify = [spec.sparsifier(task(f), parts, row) for spec, f in zip(specs, flats, strict=True)]
-    out = torch.empty(flat_base.numel(), dtype=out_dtype, device=base.device)
+    out = buffers.empty(flat_base.numel(), out_dtype, base.device)
     for p in parts:
         b = flat_base[p].float()
         ds = [s(f[p].float() - b, p) for s, f in zip(sparsify, flats, strict=True)]
@@ -391,7 +392,7 @@ def _kernel_merge(base, models, w, specs, sign_consensus, normalize, lambda_, ou
         for i in l1:
             total, kept = sums[i]
             params["factor"][i] = total / kept if kept > 0 else 1.0
-    out = torch.empty(base.shape, dtype=out_dtype)
+    out = buffers.empty(base.shape, out_dtype)
     kernels.merge(base, models, out, row, params)
     return out
 
@@ -644,7 +645,7 @@ def sce(
         params["keep_value"][:], params["keep_cut"][:] = kernels.top_ks(1, base, models, 0, [k])[0]
         energy = kernels.merge(base, models, None, 1, dict(params, square=True))[:, 1]
         params.update(weight=np.array(_energy_weights(energy), np.float32), lam=np.float32(lambda_))
-        out = torch.empty(base.shape, dtype=out_dtype)
+        out = buffers.empty(base.shape, out_dtype)
         kernels.merge(base, models, out, 1, dict(params, sign_consensus=True, normalize=True))
         return out
     top = top_k(lambda p: variance(deltas(p)), parts, k)
@@ -664,7 +665,7 @@ def sce(
             dtype=torch.float64,
         )
     weight = _energy_weights(energy.numpy())
-    out = torch.empty(n, dtype=out_dtype, device=base.device)
+    out = buffers.empty(n, out_dtype, base.device)
     select = Selector(top)
     for p in parts:
         merged = combine(selected(select, p), weight, sign_consensus=True, normalize=True)

@@ -19,6 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
+from medmerge import buffers
 from medmerge.errors import ConfigError
 from medmerge.methods import register, spans
 
@@ -39,7 +40,7 @@ def combination(
 ) -> Tensor:
     """sum_j coef_j v_j (+ offset), chunk by chunk, in the output dtype."""
     device = vectors[0](slice(0, 0)).device
-    out = torch.empty(math.prod(shape), dtype=out_dtype, device=device)
+    out = buffers.empty(math.prod(shape), out_dtype, device)
     for p in parts:
         acc = offset(p) if offset is not None else torch.zeros(p.stop - p.start, device=device)
         for c, v in zip(coef, vectors, strict=True):
