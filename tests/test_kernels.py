@@ -155,3 +155,33 @@ def test_hierarchical_kernels_match_torch(dtype, monkeypatch):
     (fast, w_fast), (reference, w_reference) = out[True], out[False]
     assert 0 < w_fast == pytest.approx(w_reference, rel=1e-12)
     assert torch.equal(bits(fast), bits(reference))
+
+
+SPHERICAL = {
+    "slerp": dict(t=0.3),
+    "nuslerp": dict(weight=[0.4, 0.6]),
+    "karcher": dict(weight=[1.0, 2.0]),
+    "model_stock": dict(),
+}
+
+
+@pytest.mark.parametrize("method", list(SPHERICAL))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_spherical_kernels_match_torch(method, dtype, monkeypatch):
+    """Same Gram matrix up to float64 rounding (the sums add in another order), so the same
+    coefficients, so the same output bits."""
+    base, models = family((64, 700), dtype, seed=7)
+    out = {}
+    for use_kernels in (True, False):
+        monkeypatch.setenv("MEDMERGE_KERNELS", "1" if use_kernels else "0")
+        out[use_kernels] = get_method(method).fn(base, models, out_dtype=dtype, **SPHERICAL[method])
+    assert torch.equal(bits(out[True]), bits(out[False]))
+
+
+@pytest.mark.parametrize("centered", [True, False])
+def test_gram_is_float64_sums(centered):
+    base, models = family((300, 1000), torch.bfloat16, models=3, seed=8)
+    x = torch.stack([(m.float() - (base.float() if centered else 0)).double() for m in models])
+    expected = (x.reshape(3, -1) @ x.reshape(3, -1).T).numpy()
+    got = kernels.gram(base if centered else None, models)
+    assert got == pytest.approx(expected, rel=1e-12)

@@ -208,6 +208,15 @@ if numba is not None:
             out[s] = value(mode, base, models, i, positions[s])
         return out
 
+    @njit(fastmath={"reassoc"}, cache=True)
+    def _total(x, size):
+        """The float64 sum of x[:size], reassociated so that it vectorises (the order then
+        depends on the vector width, never on the thread count)."""
+        total = 0.0
+        for t in range(size):
+            total += np.float64(x[t])
+        return total
+
     @njit(inline="always")
     def _first_k(v, value, cut, j):
         """Whether entry j is among the top k given (value, cut): above the k-th largest value,
@@ -286,9 +295,8 @@ if numba is not None:
                 # would keep the loops from vectorising
                 kv, kc, dv, dc = keep_value[i], keep_cut[i], drop_value[i], drop_cut[i]
                 k1, k2, w, f, div = first[i], second[i], weight[i], factor[i], divide[i]
-                if summing:
-                    everything = 0.0
-                    survivors = 0.0
+                own = kept[i]
+                if summing:  # |d| (or d^2) of every entry in acc, of the kept ones in own
                     for t in range(size):
                         j = start + t
                         d = load(model, j) - load(base, j)
@@ -297,12 +305,11 @@ if numba is not None:
                         if rule != 0:
                             keep = keep & (draw(k1, k2, j) < prob[t])
                         x = d * d if square else abs(d)
-                        everything += x
-                        survivors += x if keep else 0.0
-                    sums[blk, i, 0] = everything
-                    sums[blk, i, 1] = survivors
+                        acc[t] = x
+                        own[t] = x if keep else np.float32(0.0)
+                    sums[blk, i, 0] = _total(acc, size)
+                    sums[blk, i, 1] = _total(own, size)
                     continue
-                own = kept[i]
                 for t in range(size):
                     j = start + t
                     d = load(model, j) - load(base, j)
@@ -380,6 +387,47 @@ if numba is not None:
                 q = load(b, j)
                 r = fma(coeff, q - p, p if small else q)
                 store(out, j, r)
+
+    @njit(fastmath={"reassoc"}, cache=True)
+    def _block_gram(base, models, centered, start, stop, out):
+        """`gram` for one block (reassociated sums, as in `_block_products`)."""
+        n = len(models)
+        for i in range(n):
+            for k in range(i, n):
+                total = 0.0
+                for j in range(start, stop):
+                    origin = load(base, j) if centered else np.float32(0.0)
+                    total += np.float64(load(models[i], j) - origin) * np.float64(
+                        load(models[k], j) - origin
+                    )
+                out[i, k] = total
+                out[k, i] = total
+
+    @njit(parallel=True, cache=True)
+    def _gram(base, models, centered, sums):
+        n = models[0].size
+        for blk in prange((n + BLOCK - 1) // BLOCK):
+            stop = min(n, (blk + 1) * BLOCK)
+            _block_gram(base, models, centered, blk * BLOCK, stop, sums[blk])
+
+    @njit(parallel=True, cache=True)
+    def _combine(base, models, centered, coef, out):
+        """out = sum_i coef_i v_i (+ base when `centered`, v_i = models_i - base), each entry
+        accumulated in float32 model by model as torch's add_(alpha=) does."""
+        n = models[0].size
+        for blk in prange((n + BLOCK - 1) // BLOCK):
+            start = blk * BLOCK
+            size = min(n, start + BLOCK) - start
+            acc = np.empty(size, np.float32)
+            for t in range(size):
+                acc[t] = load(base, start + t) if centered else np.float32(0.0)
+            for i in range(len(models)):
+                model, c = models[i], coef[i]
+                for t in range(size):
+                    origin = load(base, start + t) if centered else np.float32(0.0)
+                    acc[t] = fma(c, load(model, start + t) - origin, acc[t])
+            for t in range(size):
+                store(out, start + t, acc[t])
 
 
 SAMPLE = 1 << 16  # entries sampled to predict which buckets hold a top-k threshold
@@ -473,4 +521,23 @@ def lerp(a: Tensor, b: Tensor, w: float, out_dtype: torch.dtype) -> Tensor:
     """torch.lerp(a.float(), b.float(), w).to(out_dtype), bit for bit, in one pass."""
     out = buffers.empty(a.shape, out_dtype)
     _lerp(array(a), array(b), np.float32(w), array(out))
+    return out
+
+
+def gram(base: Tensor | None, models: list[Tensor]) -> np.ndarray:
+    """The float64 Gram matrix of the models (of their task vectors when `base` is given)."""
+    models_ = tuple(array(m) for m in models)
+    blocks = (models_[0].size + BLOCK - 1) // BLOCK
+    sums = np.zeros((blocks, len(models), len(models)), np.float64)
+    origin = models_[0] if base is None else array(base)
+    _gram(origin, models_, base is not None, sums)
+    return sums.sum(0)
+
+
+def combine(base: Tensor | None, models: list[Tensor], coef, out_dtype: torch.dtype) -> Tensor:
+    """sum_i coef_i models_i, or base + sum_i coef_i (models_i - base), in out_dtype."""
+    models_ = tuple(array(m) for m in models)
+    out = buffers.empty(models[0].shape, out_dtype)
+    origin = models_[0] if base is None else array(base)
+    _combine(origin, models_, base is not None, np.asarray(coef, np.float32), array(out))
     return out

@@ -21,28 +21,40 @@ from torch import Tensor
 
 from medmerge import buffers
 from medmerge.errors import ConfigError
-from medmerge.methods import register, spans
+from medmerge.methods import kernels, register, spans
 
 Chunks = Callable[[slice], Tensor]
 
 
-def gram(vectors: list[Chunks], parts: list[slice]) -> Tensor:
-    """Float64 matrix of inner products of flat vectors given chunk by chunk."""
-    g = torch.zeros(len(vectors), len(vectors), dtype=torch.float64)
-    for p in parts:
+def gram(models: list[Tensor], base: Tensor | None = None) -> Tensor:
+    """Float64 matrix of inner products of the flat models (of their task vectors
+    models_i - base when a base is given), streamed chunk by chunk."""
+    if kernels.usable(*models, *([base] if base is not None else [])):
+        return torch.from_numpy(kernels.gram(base, models))
+    g = torch.zeros(len(models), len(models), dtype=torch.float64)
+    vectors = [_chunks(m, base) for m in models]
+    for p in spans(models[0].numel(), models[0].device):
         x = torch.stack([v(p) for v in vectors]).double()
         g += (x @ x.T).cpu()
     return g
 
 
 def combination(
-    coef: list[float], vectors: list[Chunks], parts: list[slice], shape, out_dtype, offset=None
+    coef: list[float], models: list[Tensor], base: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
-    """sum_j coef_j v_j (+ offset), chunk by chunk, in the output dtype."""
-    device = vectors[0](slice(0, 0)).device
+    """sum_j coef_j models_j, or base + sum_j coef_j (models_j - base) when a base is given,
+    accumulated in float32 chunk by chunk, in the output dtype."""
+    inputs = [*models, *([base] if base is not None else [])]
+    if kernels.usable(*inputs, out_dtype=out_dtype):
+        return kernels.combine(base, models, coef, out_dtype)
+    device, shape = models[0].device, models[0].shape
+    vectors = [_chunks(m, base) for m in models]
     out = buffers.empty(math.prod(shape), out_dtype, device)
-    for p in parts:
-        acc = offset(p) if offset is not None else torch.zeros(p.stop - p.start, device=device)
+    for p in spans(models[0].numel(), device):
+        if base is not None:
+            acc = base.reshape(-1)[p].to(torch.float32, copy=True)  # not a view: add_ below
+        else:
+            acc = torch.zeros(p.stop - p.start, device=device)
         for c, v in zip(coef, vectors, strict=True):
             acc.add_(v(p), alpha=c)
         out[p] = acc
@@ -99,11 +111,9 @@ def slerp(
 ) -> Tensor:
     """Spherical interpolation of two models, t=0 the first (the base, if it is one of them)
     (Shoemake 1985; mergekit)."""
-    vectors = [_chunks(m) for m in models]
-    parts = spans(models[0].numel(), models[0].device)
-    g = gram(vectors, parts)
+    g = gram(models)
     coef = slerp_coefficients(t, float(g[0, 0]), float(g[1, 1]), float(g[0, 1]))
-    return combination(list(coef), vectors, parts, models[0].shape, out_dtype)
+    return combination(list(coef), models, None, out_dtype)
 
 
 @register(
@@ -130,9 +140,7 @@ def nuslerp(
         raise ConfigError(f"nuslerp weights must be non-negative with a positive sum: {weight}")
     dim = None if nuslerp_flatten else (1 if nuslerp_row_wise else 0)
     if dim is None or models[0].dim() < 2:  # flat: on the Gram matrix, streamed
-        vectors = [_chunks(m, base) for m in models]
-        parts = spans(models[0].numel(), models[0].device)
-        g = gram(vectors, parts)
+        g = gram(models, base)
         coef, acc_w = torch.zeros(len(models), dtype=torch.float64), weight[0]
         coef[0] = 1.0
         for k, w in enumerate(weight[1:], start=1):
@@ -144,8 +152,7 @@ def nuslerp(
                 coef *= s_a
                 coef[k] += s_b
             acc_w += w
-        offset = _chunks(base) if base is not None else None
-        return combination(coef.tolist(), vectors, parts, models[0].shape, out_dtype, offset)
+        return combination(coef.tolist(), models, base, out_dtype)
     vectors = [m.float() for m in models]
     if base is not None:
         base = base.float()
@@ -174,9 +181,7 @@ def karcher(
     if w.sum() <= 0 or (w < 0).any():
         raise ConfigError(f"karcher weights must be non-negative with a positive sum: {weight}")
     w = w / w.sum()
-    vectors = [_chunks(m) for m in models]
-    parts = spans(models[0].numel(), models[0].device)
-    g = gram(vectors, parts)
+    g = gram(models)
     norms = g.diagonal().clamp_min(0).sqrt()
     live = norms > EPS
     if not live.any():
@@ -206,7 +211,7 @@ def karcher(
     scale = float((w * norms).sum())
     coef = torch.zeros(len(models), dtype=torch.float64)
     coef[live] = c * scale / norms[live]
-    return combination(coef.tolist(), vectors, parts, models[0].shape, out_dtype)
+    return combination(coef.tolist(), models, None, out_dtype)
 
 
 @register("model_stock", needs_base=True, raw_inputs=True, min_models=2)
@@ -221,9 +226,7 @@ def model_stock(
     cosine of the task vectors, clamped to [0, 1]  (Jang et al. 2024)."""
     n = len(models)
     if not (filter_wise and base.dim() > 1):  # one ratio per tensor: streamed
-        deltas = [_chunks(m, base) for m in models]
-        parts = spans(base.numel(), base.device)
-        g = gram(deltas, parts)
+        g = gram(models, base)
         norms = g.diagonal().clamp_min(0).sqrt()
         pairs = [
             float(g[i, j] / (norms[i] * norms[j]).clamp_min(EPS))
@@ -233,7 +236,7 @@ def model_stock(
         # task vectors pointing apart share nothing to average: t = 0 keeps the base there
         cos = min(max(sum(pairs) / len(pairs), 0.0), 1.0)
         t = n * cos / (1 + (n - 1) * cos)
-        return combination([t / n] * n, deltas, parts, base.shape, out_dtype, _chunks(base))
+        return combination([t / n] * n, models, base, out_dtype)
     base = base.float()
     deltas = [m.float() - base for m in models]
 
