@@ -81,12 +81,54 @@ def test_top_k_recovers_from_a_wrong_prediction(monkeypatch):
     ks = [n // 50, n // 2]
     expected = kernels.top_ks(0, base, models, 0, ks)
     monkeypatch.setattr(kernels, "SAMPLE", 2)
+    histograms = []
+    histogram = kernels._histogram
+    monkeypatch.setattr(kernels, "_histogram", lambda *a: histograms.append(1) or histogram(*a))
     assert kernels.top_ks(0, base, models, 0, ks) == expected
+    assert histograms, "the two-entry sample predicted right: the test needs another case"
     magnitude = (models[0].float() - base.float()).abs().reshape(-1)
     for k, (value, cut) in zip(ks, expected):
         kept = (magnitude > value) | ((magnitude == value) & (torch.arange(n) < cut))
         assert int(kept.sum()) == k
         assert magnitude[kept].min() >= magnitude[~kept].max()
+
+
+def top_k_reference(values: torch.Tensor, k: int) -> tuple[float, int]:
+    """(value, cut) by a stable sort: the k-th largest, and the position after the last kept."""
+    order = torch.sort(values, descending=True, stable=True).indices
+    if k == 0:
+        return float("inf"), 0
+    if k == len(values):
+        return -1.0, 0
+    value = float(values[order[k - 1]])
+    return value, int(order[:k][values[order[:k]] == value].max()) + 1
+
+
+@pytest.mark.parametrize("mode", [0, 1])
+@pytest.mark.parametrize("ks", [[1, 2], [0, 5000], [999, 1000], [59999, 60000], [17, 30000]])
+def test_top_ks_match_a_sort(mode, ks):
+    """Many equal values (bfloat16 task vectors), thresholds close together or far apart."""
+    base, models = family((200, 300), torch.bfloat16, seed=4)
+    deltas = torch.stack([m.float() - base.float() for m in models]).reshape(2, -1)
+    mean = (deltas[0] + deltas[1]) / 2
+    variance = ((deltas[0] - mean) ** 2 + (deltas[1] - mean) ** 2) / 2  # as SCE in float32
+    values = deltas[0].abs() if mode == 0 else variance
+    found = kernels.top_ks(mode, base, models, 0, ks)
+    assert found == [top_k_reference(values, k) for k in ks]
+
+
+def test_top_k_recovers_from_too_little_room(monkeypatch):
+    """Room for one collected entry per thread: a second pass with enough room."""
+    base, models = family((300, 400), torch.bfloat16, seed=1)
+    n = base.numel()
+    ks = [n // 50, n // 2]
+    expected = kernels.top_ks(0, base, models, 0, ks)
+    scans = []
+    scan = kernels._scan
+    monkeypatch.setattr(kernels, "_scan", lambda *a: scans.append(a[5]) or scan(*a))
+    monkeypatch.setattr(kernels, "_capacity", lambda expected, threads: 1)
+    assert kernels.top_ks(0, base, models, 0, ks) == expected
+    assert scans[0] == 1 and scans[1] > 1
 
 
 @pytest.mark.parametrize("case", ["dare_ties", "della", "ties", "sce"])
