@@ -74,6 +74,20 @@ def test_kernels_one_model_and_float32_output(case, monkeypatch):
     assert torch.equal(bits(fast), bits(reference))
 
 
+@pytest.mark.parametrize("base_value", [0.0, 0.5])
+def test_della_ranks_with_digits_every_key_shares(base_value, monkeypatch):
+    """A zero base leaves each |d| a bfloat16 (low 16 bits zero); a base of 0.5 and equal
+    models make every |d| the same: the radix sort skips those digits."""
+    base = torch.full((30, 200), base_value, dtype=torch.bfloat16)
+    g = torch.Generator().manual_seed(5)
+    models = [(torch.randn(30, 200, generator=g) * 0.1).bfloat16() for _ in range(2)]
+    if base_value:
+        models = [torch.full_like(base, 0.75)] * 2
+    fast = run("della", base, models, torch.bfloat16, monkeypatch, use_kernels=True)
+    reference = run("della", base, models, torch.bfloat16, monkeypatch, use_kernels=False)
+    assert torch.equal(bits(fast), bits(reference))
+
+
 def test_top_k_recovers_from_a_wrong_prediction(monkeypatch):
     """A tiny sample mispredicts the threshold's bucket: the second pass still finds it."""
     base, models = family((300, 400), torch.bfloat16, seed=1)

@@ -285,28 +285,37 @@ if numba is not None:
         return (v > value) | ((v == value) & (j < cut))
 
     @njit(inline="always")
-    def _ranks(base, model, start, row, keys, order, spare, ranks):
-        """Stable ascending ranks of |d| within one row (LSD radix sort, 11-bit digits)."""
+    def _ranks(base, model, start, row, keys, order, counts, ranks):
+        """Stable ascending ranks of |d| within one row: an LSD radix sort of (key, position)
+        pairs on 11-bit digits. One pass counts all three digits, and a digit that every key
+        shares (bfloat16 task vectors on a zero base leave the low bits zero) costs no pass.
+        `keys` and `order` hold two rows each, `counts` three rows of 2048."""
+        counts[:] = 0
         for j in range(row):
-            keys[j] = np.float32(abs(load(model, start + j) - load(base, start + j))).view(
-                np.uint32
-            )
-            order[j] = j
-        counts = np.empty(2048, np.int64)
-        for shift in (0, 11, 22):
-            counts[:] = 0
-            for j in range(row):
-                counts[np.int64((keys[order[j]] >> shift) & 0x7FF)] += 1
+            key = np.float32(abs(load(model, start + j) - load(base, start + j))).view(np.uint32)
+            keys[0, j] = key
+            order[0, j] = j
+            counts[0, key & 0x7FF] += 1
+            counts[1, (key >> 11) & 0x7FF] += 1
+            counts[2, key >> 22] += 1
+        now = 0
+        for digit in range(3):
+            shift = 11 * digit
+            at = counts[digit]
+            if at[(keys[now, 0] >> shift) & 0x7FF] == row:
+                continue
             total = 0
             for c in range(2048):
-                total, counts[c] = total + counts[c], total
+                total, at[c] = total + at[c], total
             for j in range(row):
-                digit = np.int64((keys[order[j]] >> shift) & 0x7FF)
-                spare[counts[digit]] = order[j]
-                counts[digit] += 1
-            order, spare = spare, order
+                key = keys[now, j]
+                to = at[(key >> shift) & 0x7FF]
+                keys[1 - now, to] = key
+                order[1 - now, to] = order[now, j]
+                at[(key >> shift) & 0x7FF] = to + 1
+            now = 1 - now
         for r in range(row):
-            ranks[order[r]] = r
+            ranks[order[now, r]] = r
 
     @njit(parallel=True, cache=True)
     def _merge(
@@ -336,9 +345,9 @@ if numba is not None:
             stat = np.empty(size, np.float32)
             prob = np.empty(size, np.float32)
             ranks = np.empty(size if ranked else 0, np.int64)
-            keys = np.empty(row if ranked else 0, np.uint32)
-            order = np.empty(row if ranked else 0, np.int64)
-            spare = np.empty(row if ranked else 0, np.int64)
+            keys = np.empty((2, row if ranked else 0), np.uint32)
+            order = np.empty((2, row if ranked else 0), np.uint32)
+            digits = np.empty((3, 2048), np.int64)
             if select_variance:
                 for t in range(size):
                     stat[t] = value(1, base, models, 0, start + t)
@@ -347,7 +356,7 @@ if numba is not None:
                 rule = draw_rule[i]
                 if rule == 2:
                     for r in range(0, size, row):
-                        _ranks(base, model, start + r, row, keys, order, spare, ranks[r:])
+                        _ranks(base, model, start + r, row, keys, order, digits, ranks[r:])
                     for t in range(size):
                         prob[t] = low[i] + span[i] * (np.float32(ranks[t]) / scale_rows)
                 else:
