@@ -25,6 +25,7 @@ fixed-size blocks, so results do not depend on the thread count. Other devices, 
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -500,7 +501,7 @@ if numba is not None:
                 store(out, start + t, acc[t])
 
 
-SAMPLE = 1 << 16  # entries sampled to predict which buckets hold a top-k threshold
+SAMPLE = 1 << 16  # at most this many entries sampled to predict a top-k threshold
 
 
 def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int]):
@@ -522,16 +523,15 @@ def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int])
         raise ValueError(f"top_ks finds at most two thresholds in one pass, not {ks}")
     rows = inner if len(inner) == 2 else inner * 2  # the scan takes two ranges
     threads = numba.get_num_threads()
-    # evenly spread, jittered so that they do not fall on the same columns of every row
-    jitter = np.random.default_rng(0).integers(0, max(n // SAMPLE, 1), SAMPLE)
-    sample = np.sort(_sample(mode, base_, models_, i, np.arange(SAMPLE) * n // SAMPLE + jitter))
-    sample = sample.view(np.uint32)
-    bounds = np.empty((2, 2), np.uint32)  # per k, inclusive float32 patterns
-    for row, k in enumerate(rows):
+    size = min(SAMPLE, max(n // 64, 1024))
+    sample = _sample(mode, base_, models_, i, _spots(n, size)).view(np.uint32)
+    ends = []  # per k, the sample ranks that bound it
+    for k in rows:
         q = 1 - k / n  # the k-th largest's quantile
-        margin = 4 * (SAMPLE * q * (1 - q)) ** 0.5 + 8  # 4 sigma: wrong 1 time in 15,000
-        low, high = (sample[int(np.clip(SAMPLE * q + s * margin, 0, SAMPLE - 1))] for s in (-1, 1))
-        bounds[row] = low, high
+        margin = 4 * (size * q * (1 - q)) ** 0.5 + 8  # 4 sigma: wrong 1 time in 15,000
+        ends.append([int(np.clip(size * q + m * margin, 0, size - 1)) for m in (-1, 1)])
+    sample.partition(sorted({e for pair in ends for e in pair}))
+    bounds = sample[ends]  # per k, inclusive float32 patterns
     collected = sum((sample >= low) & (sample <= high) for low, high in bounds)
     capacity = _capacity(collected.mean() * n, threads)
     while True:
@@ -557,6 +557,14 @@ def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int])
         target, cut = _resolve(bits, positions, hits, capacity, *bounds[row], k - above[row])
         found[k] = (float(target.view(np.float32)), int(cut))
     return [found[k] for k in ks]
+
+
+@functools.lru_cache(maxsize=16)
+def _spots(n: int, size: int) -> np.ndarray:
+    """`size` positions spread evenly over n, jittered so that they do not fall on the same
+    columns of every row."""
+    jitter = np.random.default_rng(0).integers(0, max(n // size, 1), size)
+    return np.arange(size) * n // size + jitter
 
 
 def _capacity(expected: float, threads: int) -> int:
