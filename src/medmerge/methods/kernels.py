@@ -286,6 +286,18 @@ if numba is not None:
         return (v > value) | ((v == value) & (j < cut))
 
     @njit(inline="always")
+    def _entry(base, model, j, variance, select_variance, keep_rule, rule, prob):
+        """Entry j's task vector d and whether the sparsifier keeps it: inside the top-k
+        bounds (of |d|, or of the variance across models), and drawn when `rule` draws."""
+        keep_value, keep_cut, drop_value, drop_cut, first, second = keep_rule
+        d = load(model, j) - load(base, j)
+        s = variance if select_variance else abs(d)
+        keep = _first_k(s, keep_value, keep_cut, j) & ~_first_k(s, drop_value, drop_cut, j)
+        if rule != 0:
+            keep = keep & (draw(first, second, j) < prob)
+        return d, keep
+
+    @njit(inline="always")
     def _ranks(base, model, start, row, keys, order, counts, ranks):
         """Stable ascending ranks of |d| within one row: an LSD radix sort of (key, position)
         pairs on 11-bit digits. One pass counts all three digits, and a digit that every key
@@ -364,17 +376,16 @@ if numba is not None:
                     prob[:] = density[i]
                 # parameters as locals: loads the compiler cannot hoist past the array writes
                 # would keep the loops from vectorising
-                kv, kc, dv, dc = keep_value[i], keep_cut[i], drop_value[i], drop_cut[i]
-                k1, k2, w, f, div = first[i], second[i], weight[i], factor[i], divide[i]
+                keep_rule = (keep_value[i], keep_cut[i], drop_value[i], drop_cut[i])
+                keep_rule = keep_rule + (first[i], second[i])
+                w, f, div = weight[i], factor[i], divide[i]
                 own = kept[i]
                 if summing:  # |d| (or d^2) of every entry in acc, of the kept ones in own
                     for t in range(size):
                         j = start + t
-                        d = load(model, j) - load(base, j)
-                        s = stat[t] if select_variance else abs(d)
-                        keep = _first_k(s, kv, kc, j) & ~_first_k(s, dv, dc, j)
-                        if rule != 0:
-                            keep = keep & (draw(k1, k2, j) < prob[t])
+                        d, keep = _entry(
+                            base, model, j, stat[t], select_variance, keep_rule, rule, prob[t]
+                        )
                         x = d * d if square else abs(d)
                         acc[t] = x
                         own[t] = x if keep else np.float32(0.0)
@@ -383,11 +394,9 @@ if numba is not None:
                     continue
                 for t in range(size):
                     j = start + t
-                    d = load(model, j) - load(base, j)
-                    s = stat[t] if select_variance else abs(d)
-                    keep = _first_k(s, kv, kc, j) & ~_first_k(s, dv, dc, j)
-                    if rule != 0:
-                        keep = keep & (draw(k1, k2, j) < prob[t])
+                    d, keep = _entry(
+                        base, model, j, stat[t], select_variance, keep_rule, rule, prob[t]
+                    )
                     if div:
                         p = prob[t]
                         scaled = d / (max(p, np.float32(1e-12)) if rule == 2 else p)
