@@ -322,10 +322,11 @@ if numba is not None:
                 total, at[c] = total + at[c], total
             for j in range(row):
                 key = keys[now, j]
-                to = at[(key >> shift) & 0x7FF]
+                bucket = (key >> shift) & 0x7FF
+                to = at[bucket]
                 keys[1 - now, to] = key
                 order[1 - now, to] = order[now, j]
-                at[(key >> shift) & 0x7FF] = to + 1
+                at[bucket] = to + 1
             now = 1 - now
         for r in range(row):
             ranks[order[now, r]] = r
