@@ -74,17 +74,35 @@ def test_kernels_one_model_and_float32_output(case, monkeypatch):
     assert torch.equal(bits(fast), bits(reference))
 
 
-@pytest.mark.parametrize("base_value", [0.0, 0.5])
-def test_della_ranks_with_digits_every_key_shares(base_value, monkeypatch):
-    """A zero base leaves each |d| a bfloat16 (low 16 bits zero); a base of 0.5 and equal
-    models make every |d| the same: the radix sort skips those digits."""
-    base = torch.full((30, 200), base_value, dtype=torch.bfloat16)
+def della_rows(kind: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Rows that take each path of the kernel's rank histogram."""
     g = torch.Generator().manual_seed(5)
-    models = [(torch.randn(30, 200, generator=g) * 0.1).bfloat16() for _ in range(2)]
-    if base_value:
-        models = [torch.full_like(base, 0.75)] * 2
-    fast = run("della", base, models, torch.bfloat16, monkeypatch, use_kernels=True)
-    reference = run("della", base, models, torch.bfloat16, monkeypatch, use_kernels=False)
+    noise = torch.randn(30, 200, generator=g)
+    zero = torch.zeros(30, 200)
+    if kind == "regular":  # a zero base leaves every |d| a bfloat16: no lower bits set
+        return zero.bfloat16(), [(noise * 0.1).bfloat16(), (noise * 0.3).bfloat16()]
+    if kind == "all_equal":
+        base = torch.full((30, 200), 0.5).bfloat16()
+        return base, [torch.full_like(base, 0.75)] * 2
+    if kind == "wide":  # |d| over 60 decades: coarser buckets, most entries sorted in them
+        wide = noise.sign() * 10 ** (torch.rand(30, 200, generator=g) * 60 - 30)
+        wide[:, ::7] = wide[:, 3:4]  # and ties among them
+        return zero, [wide, wide.flip(1)]
+    if kind == "tiny":  # subnormal |d| share bucket 0 with zero and rank above it
+        regular = (noise * 0.01).bfloat16().float().where(noise.abs() > 0.3, 0.0)
+        tiny = (noise * 1e-41).where(noise.abs() > 1, regular)
+        return zero, [tiny, tiny * 3]
+    if kind == "float32_ties":  # a coarse grid: many equal |d| among the sorted ones
+        grid = (noise * 64).round() / 64 + 1e-3
+        return zero + 0.3, [0.3 + grid, 0.3 - grid]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("kind", ["regular", "all_equal", "wide", "tiny", "float32_ties"])
+def test_della_rank_histogram_every_path(kind, monkeypatch):
+    base, models = della_rows(kind)
+    fast = run("della", base, models, base.dtype, monkeypatch, use_kernels=True)
+    reference = run("della", base, models, base.dtype, monkeypatch, use_kernels=False)
     assert torch.equal(bits(fast), bits(reference))
 
 

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import logits, state
+from scipy.stats import rankdata
 
 import medmerge
 from medmerge.engine import tensor_seed
@@ -68,7 +69,7 @@ def ref_rescale(d, keep, p, how):
 
 def ref_della_p(d, density, eps):
     rows = d.reshape(d.shape[0], -1) if d.ndim > 1 else d.reshape(1, -1)
-    ranks = np.argsort(np.argsort(np.abs(rows), axis=1, kind="stable"), axis=1, kind="stable")
+    ranks = rankdata(np.abs(rows), method="average", axis=1) - 1  # ties: their average rank
     scale = (ranks / max(rows.shape[1] - 1, 1)).astype(np.float32)
     return (np.float32(density - eps) + np.float32(2 * eps) * scale).reshape(d.shape)
 
@@ -253,6 +254,17 @@ def test_della_keep_rate_rises_with_magnitude_rank():
     assert rates == sorted(rates)
     expected = [0.5 - 0.2 + 0.4 * (lo + 9.5) / 99 for lo in range(0, 100, 20)]
     assert np.allclose(rates, expected, atol=0.02)
+
+
+def test_della_equal_magnitudes_share_their_average_rank():
+    d = torch.randint(-3, 4, (20, 30), generator=torch.Generator().manual_seed(2)).float()
+    _, prob = sp.magprune(0.5, 0.2, 1, 30)(d.reshape(-1), slice(0, d.numel()))
+    prob = prob.view(20, 30)
+    ranks = rankdata(d.abs().numpy(), method="average", axis=1) - 1
+    assert np.allclose(prob.numpy(), 0.3 + 0.4 * ranks / 29)
+    for row, p in zip(d.abs(), prob):
+        for value in row.unique():
+            assert p[row == value].unique().numel() == 1
 
 
 def test_breadcrumbs_removes_exactly_the_top_gamma_outliers():

@@ -45,6 +45,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; torch runs inst
     numba = None
 
 BLOCK = 1 << 14  # entries per unit of parallel work (and per partial sum): stays in cache
+BUCKETS = 1 << 13  # DELLA's rank histogram: slots per row (two per bucket)
 DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -165,7 +166,7 @@ if numba is not None:
             for s in range(size):
                 out[s] = np.float32(value(1, base, models, i, start + s)).view(np.uint32)
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _scan(mode, base, models, i, bounds, capacity, bits, positions, counts, threads):
         """One pass over the statistic (`value`'s mode) as float32 bit patterns, in `threads`
         contiguous ranges. Per range: in `counts[t, r]`, the number of patterns at or above
@@ -217,7 +218,7 @@ if numba is not None:
             hits[t] = k
         return hits
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _histogram(mode, base, models, i, counts, threads):
         """Per thread's contiguous range, the counts of the statistic's top 16 bits."""
         n = base.size
@@ -238,7 +239,7 @@ if numba is not None:
             index -= 1
         return index, above
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _collected_counts(bits, hits, capacity, low, high, bucket, counts):
         """Per thread, the counts of the top 16 bits of its collected patterns inside [low,
         high] (bucket < 0), or of the low 16 bits of those whose top 16 bits are `bucket`."""
@@ -252,7 +253,7 @@ if numba is not None:
                     elif x >> 16 == bucket:
                         row[x & 0xFFFF] += 1
 
-    @njit(cache=True)
+    @njit(cache=True, nogil=True)
     def _cut(bits, positions, hits, capacity, target, ties):
         """The position after the `ties`-th collected entry equal to target."""
         for t in range(len(hits)):
@@ -263,14 +264,14 @@ if numba is not None:
                         return positions[s] + 1
         return 0  # unreachable when `ties` such entries were collected
 
-    @njit(cache=True)
+    @njit(cache=True, nogil=True)
     def _sample(mode, base, models, i, positions):
         out = np.empty(len(positions), np.float32)
         for s in range(len(positions)):
             out[s] = value(mode, base, models, i, positions[s])
         return out
 
-    @njit(fastmath={"reassoc"}, cache=True)
+    @njit(fastmath={"reassoc"}, cache=True, nogil=True)
     def _total(x, size):
         """The float64 sum of x[:size], reassociated so that it vectorises (the order then
         depends on the vector width, never on the thread count)."""
@@ -298,40 +299,81 @@ if numba is not None:
         return d, keep
 
     @njit(inline="always")
-    def _ranks(base, model, start, row, keys, order, counts, ranks):
-        """Stable ascending ranks of |d| within one row: an LSD radix sort of (key, position)
-        pairs on 11-bit digits. One pass counts all three digits, and a digit that every key
-        shares (bfloat16 task vectors on a zero base leave the low bits zero) costs no pass.
-        `keys` and `order` hold two rows each, `counts` three rows of 2048."""
-        counts[:] = 0
+    def _bucket(key, shift, first):
+        """`_magprune`'s bucket of a |d| pattern: 0 for zero, then by the bits above `shift`."""
+        return max(key >> shift, first) - first
+
+    @njit(inline="always")
+    def _magprune(base, model, start, row, low, span, scale, scratch, counts, prob):
+        """DELLA's keep probability of each entry of one row, low + span * rank / scale, where
+        rank is the ascending rank of |d| in the row, ties given their average rank.
+
+        Counting, not sorting: a histogram of the |d| patterns by their top 16 bits, over the
+        range the row occupies (more bits per bucket where that range needs more than
+        `counts` holds), ranks every "regular" entry, one whose pattern has no lower bits set:
+        every |d| of two bfloat16 weights of the same exponent. The others, a few percent,
+        rank within their bucket by a sort. `scratch` has four rows of `row` entries."""
+        keys, odd_at, odd_before, slots = scratch[0], scratch[1], scratch[2], scratch[3]
+        least = np.uint32(0xFFFFFFFF)
+        most = np.uint32(0)
         for j in range(row):
             key = np.float32(abs(load(model, start + j) - load(base, start + j))).view(np.uint32)
-            keys[0, j] = key
-            order[0, j] = j
-            counts[0, key & 0x7FF] += 1
-            counts[1, (key >> 11) & 0x7FF] += 1
-            counts[2, key >> 22] += 1
-        now = 0
-        for digit in range(3):
-            shift = 11 * digit
-            at = counts[digit]
-            if at[(keys[now, 0] >> shift) & 0x7FF] == row:
-                continue
-            total = 0
-            for c in range(2048):
-                total, at[c] = total + at[c], total
-            for j in range(row):
-                key = keys[now, j]
-                bucket = (key >> shift) & 0x7FF
-                to = at[bucket]
-                keys[1 - now, to] = key
-                order[1 - now, to] = order[now, j]
-                at[bucket] = to + 1
-            now = 1 - now
-        for r in range(row):
-            ranks[order[now, r]] = r
+            keys[j] = key
+            least = min(least, key if key != 0 else np.uint32(0xFFFFFFFF))
+            most = max(most, key)
+        least = min(least, most)
+        shift = np.uint32(16)
+        while 2 * ((most >> shift) - (least >> shift) + 2) >= len(counts):
+            shift += np.uint32(1)
+        # bucket 0 holds zero (and any |d| below 2 ** shift), bucket 1 the least above
+        first = max(least >> shift, np.uint32(1)) - np.uint32(1)
+        lower = (np.uint32(1) << shift) - np.uint32(1)
+        slots_n = 2 * _bucket(most, shift, first) + 3
+        # slot 2b counts bucket b's regular entries, slot 2b + 1 the others (which are larger)
+        counts[:slots_n] = 0
+        m = 0
+        for j in range(row):
+            key = keys[j]
+            odd = np.uint32((key & lower) != 0)
+            slot = 2 * _bucket(key, shift, first) + odd
+            before = counts[slot]
+            counts[slot] = before + 1
+            odd_at[m] = j
+            odd_before[m] = before  # the bucket's others before this one
+            m += odd
+        total = 0
+        for c in range(slots_n):  # now the number of entries before each slot
+            total, counts[c] = total + counts[c], total
+        for j in range(row):  # twice the average rank: before the slot + before the next - 1
+            slot = 2 * _bucket(keys[j], shift, first)
+            twice = np.float32(counts[slot] + counts[slot + 1] - 1)
+            prob[j] = low + span * ((twice * np.float32(0.5)) / scale)
+        for e in range(m):  # the others in rank slots, bucket by bucket, unsorted within one
+            slot = 2 * _bucket(keys[odd_at[e]], shift, first) + 1
+            slots[counts[slot] + odd_before[e]] = odd_at[e]
+        for e in range(m):
+            if odd_before[e] != 0:
+                continue  # each bucket once, at its first
+            slot = 2 * _bucket(keys[odd_at[e]], shift, first) + 1
+            begin, end = counts[slot], counts[slot + 1]
+            for s in range(begin + 1, end):  # insertion sort by key: a bucket holds a few
+                j = slots[s]
+                t = s
+                while t > begin and keys[slots[t - 1]] > keys[j]:
+                    slots[t] = slots[t - 1]
+                    t -= 1
+                slots[t] = j
+            s = begin
+            while s < end:  # equal keys at ranks s..t-1 share their average
+                t = s + 1
+                while t < end and keys[slots[t]] == keys[slots[s]]:
+                    t += 1
+                p = low + span * ((np.float32(s + t - 1) * np.float32(0.5)) / scale)
+                for u in range(s, t):
+                    prob[slots[u]] = p
+                s = t
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _merge(
         base, models, out, row, block,
         keep_value, keep_cut, drop_value, drop_cut,
@@ -358,10 +400,8 @@ if numba is not None:
             acc = np.zeros(size, np.float32)
             stat = np.empty(size, np.float32)
             prob = np.empty(size, np.float32)
-            ranks = np.empty(size if ranked else 0, np.int64)
-            keys = np.empty((2, row if ranked else 0), np.uint32)
-            order = np.empty((2, row if ranked else 0), np.uint32)
-            digits = np.empty((3, 2048), np.int64)
+            scratch = np.empty((4, row if ranked else 0), np.uint32)
+            counts = np.empty(BUCKETS if ranked else 0, np.int64)
             if select_variance:
                 for t in range(size):
                     stat[t] = value(1, base, models, 0, start + t)
@@ -370,9 +410,10 @@ if numba is not None:
                 rule = draw_rule[i]
                 if rule == 2:
                     for r in range(0, size, row):
-                        _ranks(base, model, start + r, row, keys, order, digits, ranks[r:])
-                    for t in range(size):
-                        prob[t] = low[i] + span[i] * (np.float32(ranks[t]) / scale_rows)
+                        _magprune(
+                            base, model, start + r, row, low[i], span[i], scale_rows,
+                            scratch, counts, prob[r:],
+                        )  # fmt: skip
                 else:
                     prob[:] = density[i]
                 # parameters as locals: loads the compiler cannot hoist past the array writes
@@ -429,7 +470,7 @@ if numba is not None:
                     x = x / (divisor if abs(divisor) > np.float32(1e-12) else np.float32(1.0))
                 store(out, start + t, load(base, start + t) + lam * x)
 
-    @njit(fastmath={"reassoc"}, cache=True)
+    @njit(fastmath={"reassoc"}, cache=True, nogil=True)
     def _block_products(base, a, b, start, stop):
         """`_delta_products` for one block. Reassociating the sums lets them vectorise (5x
         faster); their order then depends on the vector width, not on the thread count."""
@@ -443,7 +484,7 @@ if numba is not None:
             bb += db * db
         return dot, aa, bb
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _delta_products(base, a, b, sums):
         """Per block: the sums of da*db, da*da and db*db in float64, for da = a - base and
         db = b - base in float32 (as torch computes them)."""
@@ -454,7 +495,7 @@ if numba is not None:
                 base, a, b, blk * BLOCK, stop
             )
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _lerp(a, b, w, out):
         """torch.lerp(a, b, w) in float32 as torch's vectorised CPU kernel computes it, stored
         in out's dtype. (Names differ from `store`'s parameters: numba 0.68 mis-renames a
@@ -469,7 +510,7 @@ if numba is not None:
                 r = fma(coeff, q - p, p if small else q)
                 store(out, j, r)
 
-    @njit(fastmath={"reassoc"}, cache=True)
+    @njit(fastmath={"reassoc"}, cache=True, nogil=True)
     def _block_gram(base, models, centered, start, stop, out):
         """`gram` for one block (reassociated sums, as in `_block_products`)."""
         n = len(models)
@@ -484,14 +525,14 @@ if numba is not None:
                 out[i, k] = total
                 out[k, i] = total
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _gram(base, models, centered, sums):
         n = models[0].size
         for blk in prange((n + BLOCK - 1) // BLOCK):
             stop = min(n, (blk + 1) * BLOCK)
             _block_gram(base, models, centered, blk * BLOCK, stop, sums[blk])
 
-    @njit(parallel=True, cache=True)
+    @njit(parallel=True, cache=True, nogil=True)
     def _combine(base, models, centered, coef, out):
         """out = sum_i coef_i v_i (+ base when `centered`, v_i = models_i - base), each entry
         accumulated in float32 model by model as torch's add_(alpha=) does."""

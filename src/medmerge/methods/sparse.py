@@ -153,15 +153,17 @@ def _check_epsilon(density: float, epsilon: float) -> None:
 
 def magprune(density: float, epsilon: float, key: int, row: int) -> KeepRule:
     """DELLA's MagPrune: per row of `row` entries, keep probability rises linearly with the |d|
-    rank, p = density - epsilon + 2 epsilon * rank / (row - 1), so large entries survive more."""
+    rank, p = density - epsilon + 2 epsilon * rank / (row - 1), so large entries survive more.
+    Equal |d| share their average rank: the probability depends on the magnitude alone."""
     _check_epsilon(density, epsilon)
 
     def rule(d: Tensor, p: slice) -> tuple[Tensor, Tensor]:
-        rows = d.view(-1, row)
-        order = rows.abs().argsort(dim=1, stable=True)  # the method is defined by ranks
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(row, device=d.device).expand_as(order))
-        prob = (density - epsilon + 2 * epsilon * (rank.float() / max(row - 1, 1))).view(-1)
+        magnitude = d.view(-1, row).abs()
+        ordered = magnitude.sort(dim=1).values
+        below = torch.searchsorted(ordered, magnitude)
+        through = torch.searchsorted(ordered, magnitude, right=True)
+        rank = (below + through - 1).float() * 0.5  # the average of ranks below..through-1
+        prob = (density - epsilon + 2 * epsilon * (rank / max(row - 1, 1))).view(-1)
         return uniform(key, p, d.device) < prob, prob
 
     return rule
