@@ -24,6 +24,40 @@ def test_reader_matches_safetensors_loader(family):
         assert torch.equal(got, tensor), name
 
 
+def test_read_tensors_are_private_and_outlive_the_reader(tmp_path):
+    """A read tensor maps the file copy-on-write: writing to it changes neither the file nor
+    a second read, and it stays valid after the checkpoint is closed."""
+    save_file(
+        {"w": torch.arange(6.0).reshape(2, 3), "e": torch.ones(0)}, tmp_path / "model.safetensors"
+    )
+    (tmp_path / "config.json").write_text("{}")
+    before = (tmp_path / "model.safetensors").read_bytes()
+    ckpt = Checkpoint(tmp_path)
+    w = ckpt.read("w")
+    w.fill_(7.0)
+    assert torch.equal(ckpt.read("w"), torch.arange(6.0).reshape(2, 3))
+    assert ckpt.read("e").shape == (0,)
+    ckpt.close()
+    assert w.sum() == 42 and (tmp_path / "model.safetensors").read_bytes() == before
+
+
+def test_read_tensor_at_an_odd_offset(tmp_path):
+    """safetensors does not require aligned offsets: a float32 tensor after a 3-byte one cannot
+    be a typed view of a map, and is copied instead."""
+    header = {
+        "b": {"dtype": "U8", "shape": [3], "data_offsets": [0, 3]},
+        "w": {"dtype": "F32", "shape": [2, 2], "data_offsets": [3, 19]},
+    }
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    data = bytes([1, 2, 3]) + torch.tensor([[1.5, -2.0], [0.25, 4.0]]).numpy().tobytes()
+    (tmp_path / "model.safetensors").write_bytes(len(text).to_bytes(8, "little") + text + data)
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = Checkpoint(tmp_path)
+    assert torch.equal(ckpt.read("w"), torch.tensor([[1.5, -2.0], [0.25, 4.0]]))
+    assert ckpt.read("b").tolist() == [1, 2, 3]
+
+
 def test_tied_head_reads_the_embeddings(tmp_path):
     from medmerge.synthetic import tiny_config, write_model
 

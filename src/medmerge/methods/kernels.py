@@ -338,9 +338,10 @@ if numba is not None:
             slot = 2 * _bucket(key, shift, first) + odd
             before = counts[slot]
             counts[slot] = before + 1
-            odd_at[m] = j
-            odd_before[m] = before  # the bucket's others before this one
-            m += odd
+            if odd:  # rare: a branch costs less than storing every entry
+                odd_at[m] = j
+                odd_before[m] = before  # the bucket's others before this one
+                m += 1
         total = 0
         for c in range(slots_n):  # now the number of entries before each slot
             total, counts[c] = total + counts[c], total
