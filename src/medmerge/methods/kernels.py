@@ -18,7 +18,8 @@ compute, bit for bit (the cosine's float64 sums excepted: they add in another or
 float32 operations in the same order (torch's `add(alpha=)` is a fused multiply-add,
 so it is one here), the same ties rule (earliest positions kept) and the same counter-based draws
 (`medmerge.methods.rng`). The tests check both paths against each other. Reductions run over
-fixed-size blocks, so results do not depend on the thread count. Other devices, other dtypes
+fixed-size blocks, so results do not depend on the thread count. The kernels release the GIL,
+so the engine's reader and writer threads run beside them. Other devices, other dtypes
 (float16, float64) and an environment without numba use the torch implementation;
 `MEDMERGE_KERNELS=0` forces it.
 """
