@@ -95,10 +95,12 @@ def della_rows(kind: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     if kind == "float32_ties":  # a coarse grid: many equal |d| among the sorted ones
         grid = (noise * 64).round() / 64 + 1e-3
         return zero + 0.3, [0.3 + grid, 0.3 - grid]
+    if kind == "narrow":  # float32 |d| in one bucket: the whole row sorts within it
+        return zero, [1 + torch.rand(30, 200, generator=g) / 256, 1 + noise.abs() / 512]
     raise ValueError(kind)
 
 
-@pytest.mark.parametrize("kind", ["regular", "all_equal", "wide", "tiny", "float32_ties"])
+@pytest.mark.parametrize("kind", ["regular", "all_equal", "wide", "tiny", "float32_ties", "narrow"])
 def test_della_rank_histogram_every_path(kind, monkeypatch):
     base, models = della_rows(kind)
     fast = run("della", base, models, base.dtype, monkeypatch, use_kernels=True)

@@ -305,6 +305,34 @@ if numba is not None:
         return max(key >> shift, first) - first
 
     @njit(inline="always")
+    def _keep_probability(twice_rank, low, span, scale):
+        """DELLA's keep probability from twice an entry's (average) rank, as sparse.py has it."""
+        return low + span * ((twice_rank * np.float32(0.5)) / scale)
+
+    @njit(inline="always")
+    def _sort_by_key(keys, positions):
+        """Sort `positions` by their `keys`: by insertion where they are few (bfloat16 task
+        vectors leave a handful per bucket), else by a sort of packed (key, position) pairs,
+        so that a bucket holding a whole row (float32 |d| within one narrow range) costs
+        n log n, not n^2."""
+        n = len(positions)
+        if n <= 32:
+            for s in range(1, n):
+                j = positions[s]
+                t = s
+                while t > 0 and keys[positions[t - 1]] > keys[j]:
+                    positions[t] = positions[t - 1]
+                    t -= 1
+                positions[t] = j
+            return
+        packed = np.empty(n, np.uint64)
+        for s in range(n):
+            packed[s] = (np.uint64(keys[positions[s]]) << np.uint64(32)) | np.uint64(positions[s])
+        packed.sort()
+        for s in range(n):
+            positions[s] = np.uint32(packed[s] & np.uint64(0xFFFFFFFF))
+
+    @njit(inline="always")
     def _magprune(base, model, start, row, low, span, scale, scratch, counts, prob):
         """DELLA's keep probability of each entry of one row, low + span * rank / scale, where
         rank is the ascending rank of |d| in the row, ties given their average rank.
@@ -313,7 +341,7 @@ if numba is not None:
         range the row occupies (more bits per bucket where that range needs more than
         `counts` holds), ranks every "regular" entry, one whose pattern has no lower bits set:
         every |d| of two bfloat16 weights of the same exponent. The others, a few percent,
-        rank within their bucket by a sort. `scratch` has four rows of `row` entries."""
+        rank within their bucket by `_sort_by_key`. `scratch` has four rows of `row` entries."""
         keys, odd_at, odd_before, slots = scratch[0], scratch[1], scratch[2], scratch[3]
         least = np.uint32(0xFFFFFFFF)
         most = np.uint32(0)
@@ -349,7 +377,7 @@ if numba is not None:
         for j in range(row):  # twice the average rank: before the slot + before the next - 1
             slot = 2 * _bucket(keys[j], shift, first)
             twice = np.float32(counts[slot] + counts[slot + 1] - 1)
-            prob[j] = low + span * ((twice * np.float32(0.5)) / scale)
+            prob[j] = _keep_probability(twice, low, span, scale)
         for e in range(m):  # the others in rank slots, bucket by bucket, unsorted within one
             slot = 2 * _bucket(keys[odd_at[e]], shift, first) + 1
             slots[counts[slot] + odd_before[e]] = odd_at[e]
@@ -358,19 +386,13 @@ if numba is not None:
                 continue  # each bucket once, at its first
             slot = 2 * _bucket(keys[odd_at[e]], shift, first) + 1
             begin, end = counts[slot], counts[slot + 1]
-            for s in range(begin + 1, end):  # insertion sort by key: a bucket holds a few
-                j = slots[s]
-                t = s
-                while t > begin and keys[slots[t - 1]] > keys[j]:
-                    slots[t] = slots[t - 1]
-                    t -= 1
-                slots[t] = j
+            _sort_by_key(keys, slots[begin:end])
             s = begin
             while s < end:  # equal keys at ranks s..t-1 share their average
                 t = s + 1
                 while t < end and keys[slots[t]] == keys[slots[s]]:
                     t += 1
-                p = low + span * ((np.float32(s + t - 1) * np.float32(0.5)) / scale)
+                p = _keep_probability(np.float32(s + t - 1), low, span, scale)
                 for u in range(s, t):
                     prob[slots[u]] = p
                 s = t
