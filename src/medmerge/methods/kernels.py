@@ -16,7 +16,8 @@ core, with no intermediate tensors:
 They compute what the torch implementations in `medmerge.methods.sparse` and `.hierarchical`
 compute, bit for bit (the cosine's float64 sums excepted: they add in another order): the same
 float32 operations in the same order (torch's `add(alpha=)` is a fused multiply-add,
-so it is one here), the same ties rule (earliest positions kept) and the same counter-based draws
+so it is one here), the same tie rules (top-k keeps the earliest positions, DELLA gives equal
+|d| their average rank) and the same counter-based draws
 (`medmerge.methods.rng`). The tests check both paths against each other. Reductions run over
 fixed-size blocks, so results do not depend on the thread count. The kernels release the GIL,
 so the engine's reader and writer threads run beside them. Other devices, other dtypes
