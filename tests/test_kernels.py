@@ -1,6 +1,7 @@
 """The CPU kernels (numba) against the torch implementation of the sparse methods: bit for bit,
 for every method and option, in both stored dtypes, whatever the thread count."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -163,6 +164,38 @@ def test_top_k_recovers_from_too_little_room(monkeypatch):
     monkeypatch.setattr(kernels, "_capacity", lambda expected, threads: 1)
     assert kernels.top_ks(0, base, models, 0, ks) == expected
     assert scans[0] == 1 and scans[1] > 1
+
+
+@pytest.mark.parametrize("where", ["high", "low", "between"])
+def test_top_k_in_a_tie_group_at_either_end_or_between(where, monkeypatch):
+    """The k-th largest sits in a tie group spread over many blocks and both threads' ranges.
+    A forced sample puts it at the predicted range's upper end, its lower end (the histogram
+    pass's bucket starts at it), or strictly inside; each way gives the stable sort's cut."""
+    base, models = family((300, 400), torch.bfloat16, seed=5)
+    values = (models[0].float() - base.float()).abs().reshape(-1)
+    n = len(values)
+    k = n // 2
+    value, _ = top_k_reference(values, k)
+    assert int((values == value).sum()) > 1000, "the test needs a large tie group at k"
+    pattern = int(torch.tensor(value).view(torch.int32))
+    assert pattern & 0xFFFF == 0  # the histogram's bucket for it starts at it
+    predicted = {
+        "high": [pattern] * 2,
+        "low": [0x7F000000] * 2,
+        "between": [pattern - 1, pattern + 1],
+    }
+    half = lambda spots: np.repeat(predicted[where], (len(spots) + 1) // 2)[: len(spots)]  # noqa: E731
+    monkeypatch.setattr(
+        kernels, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32)
+    )
+    calls = []
+    for name in ("_cut_equal", "_resolve"):
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a)
+        )
+    assert kernels.top_ks(0, base, models, 0, [k]) == [(value, top_k_reference(values, k)[1])]
+    assert calls == ["_resolve" if where == "between" else "_cut_equal"]
 
 
 @pytest.mark.parametrize("case", ["dare_ties", "della", "ties", "sce"])
