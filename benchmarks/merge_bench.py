@@ -7,7 +7,8 @@ The family (base + two fine-tunes, bf16, 1 GB shards) is generated once into the
 (`bench-cache/`, ignored by git). Then, in one run:
 - floor: every input byte read once with large sequential reads (the least any merge must do);
 - each method merging the two fine-tunes, in a fresh subprocess, so peak RSS is its own.
-Times are the best of `--repeat` runs, with the page cache warm for every row alike (the family
+Times are the best of `--repeat` runs (the methods run round by round, so that a slow spell of
+a shared machine slows one run of each, not every run of one), with the page cache warm for every row alike (the family
 is read once before timing). Input hashes for provenance are primed first, so rows time merging,
 not first-time hashing (reported separately).
 """
@@ -168,11 +169,12 @@ def main() -> None:
         io.append(child(code, floor_env))
     rows.append(("read+write floor", min(r[0] for r in io), max(r[1] for r in io)))
     methods = list(PARAMETERS) if args.methods == "all" else args.methods.split(",")
-    for method in methods:
-        runs = []
-        for _ in range(args.repeat):
-            runs.append(child(merge_code(method, models, fresh_out(), args.device), floor_env))
-        rows.append((method, min(r[0] for r in runs), max(r[1] for r in runs)))
+    runs = {method: [] for method in methods}
+    for _ in range(args.repeat):  # round by round: a slow spell of the machine hits every method
+        for method in methods:
+            code = merge_code(method, models, fresh_out(), args.device)
+            runs[method].append(child(code, floor_env))
+    rows += [(m, min(r[0] for r in runs[m]), max(r[1] for r in runs[m])) for m in methods]
     shutil.rmtree(out, ignore_errors=True)
 
     floor_s = rows[0][1]

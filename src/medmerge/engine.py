@@ -411,6 +411,7 @@ def merge(
     try:
         return _merge(plan, out_dir, device, shard_size, seed, overwrite, progress, started)
     finally:
+        buffers.release()
         for ckpt in plan.inputs:
             ckpt.close()
         for temp in plan.temp_dirs:
