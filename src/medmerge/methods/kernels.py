@@ -449,7 +449,7 @@ if numba is not None:
             stat = np.empty(size, np.float32)
             prob = np.empty(size, np.float32)
             scratch = np.empty((4, row if ranked else 0), np.uint32)
-            counts = np.empty(BUCKETS if ranked else 0, np.int64)
+            counts = np.empty(BUCKETS if ranked else 0, np.int32)
             if select_variance:
                 for t in range(size):
                     stat[t] = value(1, base, models, 0, start + t)
