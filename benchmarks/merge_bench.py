@@ -8,9 +8,9 @@ The family (base + two fine-tunes, bf16, 1 GB shards) is generated once into the
 - floor: every input byte read once with large sequential reads (the least any merge must do);
 - each method merging the two fine-tunes, in a fresh subprocess, so peak RSS is its own.
 Times are the best of `--repeat` runs (the methods run round by round, so that a slow spell of
-a shared machine slows one run of each, not every run of one), with the page cache warm for every row alike (the family
-is read once before timing). Input hashes for provenance are primed first, so rows time merging,
-not first-time hashing (reported separately).
+a shared machine slows one run of each, not every run of one), with the page cache warm for
+every row alike (the family is read once before timing). Input hashes for provenance are primed
+first, so rows time merging, not first-time hashing (reported separately).
 """
 
 from __future__ import annotations

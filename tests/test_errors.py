@@ -139,18 +139,32 @@ def test_lora_adapter_given_as_model(mistral, tmp_path):
     )
 
 
-def test_nan_in_an_input_is_named(mistral, tmp_path):
+@pytest.mark.parametrize(
+    "method, value, weight",
+    [
+        ("task_arithmetic", "nan", 0.5),
+        ("linear", "inf", 0.0),  # checked in the output: 0 * inf is NaN there
+        ("linear", "-inf", 0.5),
+        ("dare_ties", "nan", 0.5),  # may drop the entry: checked when read
+        ("ties", "inf", 0.5),
+    ],
+)
+def test_nan_in_an_input_is_named(mistral, tmp_path, method, value, weight):
     base, a, b = mistral
     bad = copy(b, tmp_path)
 
     def poison(tensors):
         if "model.norm.weight" in tensors:
-            tensors["model.norm.weight"][3] = float("nan")
+            tensors["model.norm.weight"][3] = float(value)
         return tensors
 
     rewrite(bad, poison)
+    config = cfg(base, [a, bad], method)
+    if method.endswith("ties"):
+        config["parameters"] = {"density": 0.5}
+    config["models"][1]["parameters"]["weight"] = weight
     fails(
-        cfg(base, [a, bad]),
+        config,
         tmp_path / "out",
         MergeError,
         r"'model.norm.weight' of .*copy has NaN or inf values",

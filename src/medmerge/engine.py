@@ -289,7 +289,10 @@ class GroupInput:
 def _read_group(plan: MergePlan, names: list[str]) -> GroupInput:
     use_base = plan.base is not None and plan.method.uses_base
     readers = ([plan.base] if use_base else []) + plan.models
-    tensors = [{n: _read_finite(c, n) for n in names} for c in readers]
+    # where a NaN would surely reach the output, the output's check stands in for a pass over
+    # the inputs (a linear merge took 3.6 s with that pass, 1.9 s without)
+    check = not plan.method.spreads_nonfinite
+    tensors = [{n: _read_finite(c, n) if check else c.read(n) for n in names} for c in readers]
     nbytes = sum(c.info(n).nbytes for c in readers for n in names)
     if use_base:
         return GroupInput(names, tensors[0], tensors[1:], nbytes)
@@ -299,6 +302,11 @@ def _read_group(plan: MergePlan, names: list[str]) -> GroupInput:
 def _read_finite(ckpt: Checkpoint, name: str) -> torch.Tensor:
     """Read a tensor, refusing NaN/inf: some methods would silently drop them (one fast pass)."""
     t = ckpt.read(name)
+    _refuse_nonfinite(ckpt, name, t)
+    return t
+
+
+def _refuse_nonfinite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
     if t.dtype.is_floating_point and t.numel():
         lo, hi = (v.item() for v in torch.aminmax(t))
         if not (math.isfinite(lo) and math.isfinite(hi)):
@@ -306,7 +314,6 @@ def _read_finite(ckpt: Checkpoint, name: str) -> torch.Tensor:
                 f"tensor {name!r} of {ckpt.path} has NaN or inf values; that model is damaged "
                 "(re-download or re-save it)"
             )
-    return t
 
 
 def _engine_kwargs(plan: MergePlan, key: str, seed: int, diagnostics: list) -> dict:
@@ -360,7 +367,7 @@ def _merge_group(
         }
     result = {}
     for n in names:
-        _check_finite(plan, n, out[n])
+        _check_finite(plan, group, n, out[n])
         result[n] = out[n].to(plan.out_dtype).cpu()
     return result
 
@@ -375,19 +382,24 @@ def _merge_chunked(plan, group: GroupInput, name: str, seed: int, diagnostics) -
     for part in spans(flat_out.numel(), flat_out.device):
         base = flat_base[part].float() if flat_base is not None else None
         merged = plan.method.fn(base, [m[part].float() for m in flat_models], **kwargs)
-        _check_finite(plan, name, merged)
+        _check_finite(plan, group, name, merged)
         flat_out[part] = merged
     return out
 
 
-def _check_finite(plan: MergePlan, name: str, merged: torch.Tensor) -> None:
-    """Raise if the float32 result has NaN/inf or does not fit the output dtype (the inputs
-    were checked when read)."""
+def _check_finite(plan: MergePlan, group: GroupInput, name: str, merged: torch.Tensor) -> None:
+    """Raise if the float32 result has NaN/inf or does not fit the output dtype: naming the
+    input that has NaN/inf, if one has (only methods that spread them skip the inputs' check
+    when reading)."""
     if merged.numel() == 0:
         return
     lo, hi = (v.item() for v in torch.aminmax(merged))  # one pass; NaN propagates
     if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= torch.finfo(plan.out_dtype).max:
         return
+    if group.base is not None:
+        _refuse_nonfinite(plan.base, name, group.base[name])
+    for ckpt, tensors in zip(plan.models, group.models, strict=True):
+        _refuse_nonfinite(ckpt, name, tensors[name])
     raise MergeError(
         f"merged tensor {name!r} has non-finite values: the result overflows {plan.out_dtype} "
         "or the parameters are extreme; check the weights, or write float32"

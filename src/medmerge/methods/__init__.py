@@ -51,6 +51,9 @@ class MergeMethod:
     needs_base: bool
     uses_base: bool  # read the base when there is one (true for every method that needs it)
     elementwise: bool  # out[j] depends only on inputs[j]: the engine may call it on chunks
+    # a NaN or inf input entry always makes its output entry NaN or inf (no entry is dropped):
+    # the engine checks the output, not the inputs first
+    spreads_nonfinite: bool
     raw_inputs: bool  # tensors arrive in their stored dtype; the method converts (per chunk)
     per_model: frozenset[str]
     defaults: dict[str, object]  # parameter -> default, REQUIRED when it has none
@@ -76,6 +79,7 @@ def register(
     needs_base: bool,
     uses_base: bool | None = None,
     elementwise: bool = False,
+    spreads_nonfinite: bool = False,
     raw_inputs: bool = False,
     per_model: Sequence[str] = (),
     aliases: Sequence[str] = (),
@@ -93,6 +97,7 @@ def register(
             needs_base=needs_base,
             uses_base=needs_base if uses_base is None else uses_base,
             elementwise=elementwise,
+            spreads_nonfinite=spreads_nonfinite,
             raw_inputs=raw_inputs,
             per_model=frozenset(per_model),
             defaults={p.name: p.default for p in kw if p.name not in ENGINE_ARGS},

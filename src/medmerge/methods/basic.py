@@ -21,7 +21,13 @@ def normalized(weight: list[float], normalize: bool, name: str) -> list[float]:
     return [w / total for w in weight]
 
 
-@register("linear", needs_base=False, elementwise=True, per_model=("weight",))
+@register(
+    "linear",
+    needs_base=False,
+    elementwise=True,
+    spreads_nonfinite=True,
+    per_model=("weight",),
+)
 def linear(
     base: Tensor | None,
     models: list[Tensor],
@@ -38,7 +44,13 @@ def linear(
     return out
 
 
-@register("task_arithmetic", needs_base=True, elementwise=True, per_model=("weight",))
+@register(
+    "task_arithmetic",
+    needs_base=True,
+    elementwise=True,
+    spreads_nonfinite=True,
+    per_model=("weight",),
+)
 def task_arithmetic(
     base: Tensor,
     models: list[Tensor],
