@@ -664,16 +664,16 @@ def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int])
     for r, k in enumerate(inner):
         low, high = bounds[r]
         at_high, at_low = equal[:, :, r, 1], equal[:, :, r, 0]
-        between = at_or_above[r] - at_low.sum()  # entries above low
+        above_low = at_or_above[r] - at_low.sum()
         if k <= above[r] + at_high.sum():  # the k-th largest equals high
             target = high
             cut = _cut_equal(mode, base_, models_, i, at_high, high, k - above[r], threads)
-        elif k <= between:  # it lies strictly between: among the collected entries
+        elif k <= above_low:  # it lies strictly between: among the collected entries
             rank = k - above[r] - at_high.sum()
             target, cut = _resolve(bits, positions, hits, capacity, low, high, rank)
         else:
             target = low
-            cut = _cut_equal(mode, base_, models_, i, at_low, low, k - between, threads)
+            cut = _cut_equal(mode, base_, models_, i, at_low, low, k - above_low, threads)
         found[k] = (float(np.uint32(target).view(np.float32)), int(cut))
     return [found[k] for k in ks]
 
