@@ -47,7 +47,7 @@ except ImportError:  # pragma: no cover - numba is a dependency; torch runs inst
     numba = None
 
 BLOCK = 1 << 14  # entries per unit of parallel work (and per partial sum): stays in cache
-BUCKETS = 1 << 13  # DELLA's rank histogram: slots per row (two per bucket)
+BUCKETS = 1 << 12  # DELLA's rank histogram: buckets per row
 DTYPES = (torch.bfloat16, torch.float32)
 
 
@@ -359,15 +359,18 @@ if numba is not None:
             positions[s] = np.uint32(packed[s] & np.uint64(0xFFFFFFFF))
 
     @njit(inline="always")
-    def _magprune(base, model, start, row, low, span, scale, scratch, counts, prob):
+    def _magprune(base, model, start, row, low, span, scale, scratch, counts, table, prob):
         """DELLA's keep probability of each entry of one row, low + span * rank / scale, where
         rank is the ascending rank of |d| in the row, ties given their average rank.
 
         Counting, not sorting: a histogram of the |d| patterns by their top 16 bits, over the
-        range the row occupies (more bits per bucket where that range needs more than
-        `counts` holds), ranks every "regular" entry, one whose pattern has no lower bits set:
-        every |d| of two bfloat16 weights of the same exponent. The others, a few percent,
-        rank within their bucket by `_sort_by_key`. `scratch` has four rows of `row` entries."""
+        range the row occupies (more bits per bucket where that range needs more than `table`
+        holds), ranks every "regular" entry, one whose pattern has no lower bits set: every
+        |d| of two bfloat16 weights of the same exponent. A bucket's regular entries are
+        equal, so they share one probability, looked up per entry in `table`. The others, a
+        few percent and larger than their bucket's regular ones, rank within their bucket:
+        directly when alone in it (most are), else by `_sort_by_key`. `scratch` has four rows
+        of `row` entries, `counts` two rows of `table`'s length."""
         keys, odd_at, odd_before, slots = scratch[0], scratch[1], scratch[2], scratch[3]
         least = np.uint32(0xFFFFFFFF)
         most = np.uint32(0)
@@ -378,40 +381,49 @@ if numba is not None:
             most = max(most, key)
         least = min(least, most)
         shift = np.uint32(16)
-        while 2 * ((most >> shift) - (least >> shift) + 2) >= len(counts):
+        while (most >> shift) - (least >> shift) + 3 >= len(table):
             shift += np.uint32(1)
         # bucket 0 holds zero (and any |d| below 2 ** shift), bucket 1 the least above
         first = max(least >> shift, np.uint32(1)) - np.uint32(1)
         lower = (np.uint32(1) << shift) - np.uint32(1)
-        slots_n = 2 * _bucket(most, shift, first) + 3
-        # slot 2b counts bucket b's regular entries, slot 2b + 1 the others (which are larger)
-        counts[:slots_n] = 0
+        buckets = _bucket(most, shift, first) + 1
+        before, others = counts[0], counts[1]  # entries per bucket, the others among them
+        before[: buckets + 1] = 0
+        others[:buckets] = 0
         m = 0
         for j in range(row):
             key = keys[j]
-            odd = np.uint32((key & lower) != 0)
-            slot = 2 * _bucket(key, shift, first) + odd
-            before = counts[slot]
-            counts[slot] = before + 1
-            if odd:  # rare: a branch costs less than storing every entry
+            b = _bucket(key, shift, first)
+            before[b] += 1
+            if (key & lower) != 0:  # rare: a branch costs less than storing every entry
                 odd_at[m] = j
-                odd_before[m] = before  # the bucket's others before this one
+                c = others[b]
+                odd_before[m] = c  # the bucket's others before this one
+                others[b] = c + 1
                 m += 1
-        total = 0
-        for c in range(slots_n):  # now the number of entries before each slot
-            total, counts[c] = total + counts[c], total
-        for j in range(row):  # twice the average rank: before the slot + before the next - 1
-            slot = 2 * _bucket(keys[j], shift, first)
-            twice = np.float32(counts[slot] + counts[slot + 1] - 1)
-            prob[j] = _keep_probability(twice, low, span, scale)
-        for e in range(m):  # the others in rank slots, bucket by bucket, unsorted within one
-            slot = 2 * _bucket(keys[odd_at[e]], shift, first) + 1
-            slots[counts[slot] + odd_before[e]] = odd_at[e]
+        total = np.int32(0)
+        for b in range(buckets + 1):  # now the number of entries before each bucket
+            total, before[b] = total + before[b], total
+        for b in range(buckets):  # twice the regular entries' average rank
+            twice = np.int32(before[b] + before[b + 1] - others[b] - np.int32(1))
+            table[b] = _keep_probability(np.float32(twice), low, span, scale)
+        for j in range(row):
+            prob[j] = table[_bucket(keys[j], shift, first)]
+        several = 0  # buckets with several others, listed in odd_before (read by then)
         for e in range(m):
-            if odd_before[e] != 0:
-                continue  # each bucket once, at its first
-            slot = 2 * _bucket(keys[odd_at[e]], shift, first) + 1
-            begin, end = counts[slot], counts[slot + 1]
+            j = odd_at[e]
+            b = _bucket(keys[j], shift, first)
+            begin = before[b + 1] - others[b]  # the bucket's others take ranks begin...
+            if others[b] == 1:
+                prob[j] = _keep_probability(np.float32(2 * begin), low, span, scale)
+                continue
+            slots[begin + odd_before[e]] = j
+            if odd_before[e] == 0:
+                odd_before[several] = b
+                several += 1
+        for e in range(several):
+            b = odd_before[e]
+            begin, end = before[b + 1] - others[b], before[b + 1]
             _sort_by_key(keys, slots[begin:end])
             s = begin
             while s < end:  # equal keys at ranks s..t-1 share their average
@@ -451,7 +463,8 @@ if numba is not None:
             stat = np.empty(size, np.float32)
             prob = np.empty(size, np.float32)
             scratch = np.empty((4, row if ranked else 0), np.uint32)
-            counts = np.empty(BUCKETS if ranked else 0, np.int32)
+            counts = np.empty((2, BUCKETS if ranked else 0), np.int32)
+            table = np.empty(BUCKETS if ranked else 0, np.float32)
             if select_variance:
                 for t in range(size):
                     stat[t] = value(1, base, models, 0, start + t)
@@ -462,7 +475,7 @@ if numba is not None:
                     for r in range(0, size, row):
                         _magprune(
                             base, model, start + r, row, low[i], span[i], scale_rows,
-                            scratch, counts, prob[r:],
+                            scratch, counts, table, prob[r:],
                         )  # fmt: skip
                 else:
                     prob[:] = density[i]
