@@ -315,14 +315,16 @@ if numba is not None:
 
     @njit(inline="always")
     def _entry(base, model, j, variance, select_variance, keep_rule, rule, prob):
-        """Entry j's task vector d and whether the sparsifier keeps it: inside the top-k
-        bounds (of |d|, or of the variance across models), and drawn when `rule` draws."""
+        """Entry j's task vector d and whether the sparsifier keeps it. `rule` is a constant
+        where this inlines, so each loop computes only its own test: (0) inside the top-k
+        bounds, of |d| or of the variance across models (SCE); (1, 2) drawn below `prob`."""
         keep_value, keep_cut, drop_value, drop_cut, first, second = keep_rule
         d = load(model, j) - load(base, j)
-        s = variance if select_variance else abs(d)
-        keep = _first_k(s, keep_value, keep_cut, j) & ~_first_k(s, drop_value, drop_cut, j)
-        if rule != 0:
-            keep = keep & (draw(first, second, j) < prob)
+        if rule == 0:
+            s = variance if select_variance else abs(d)
+            keep = _first_k(s, keep_value, keep_cut, j) & ~_first_k(s, drop_value, drop_cut, j)
+        else:
+            keep = draw(first, second, j) < prob
         return d, keep
 
     @njit(inline="always")
@@ -435,6 +437,37 @@ if numba is not None:
                     prob[slots[u]] = p
                 s = t
 
+    @njit(inline="always")
+    def _sparsify(
+        base, model, start, stat, select_variance, keep_rule, rule, prob,
+        scaling, square, own, acc, sums, blk, i,
+    ):  # fmt: skip
+        """Model i's pass over a block of `len(own)` entries from `start`: its kept task
+        vector, rescaled, in `own`, and weighted into `acc`; or when `sums` has rows, the sums
+        of |d| (d^2 with `square`) over all entries and over the kept ones in `sums[blk, i]`."""
+        w, f, div = scaling
+        size = len(own)
+        if sums.shape[0] > 0:  # |d| (or d^2) of every entry in acc, of the kept ones in own
+            for t in range(size):
+                j = start + t
+                d, keep = _entry(base, model, j, stat[t], select_variance, keep_rule, rule, prob[t])
+                x = d * d if square else abs(d)
+                acc[t] = x
+                own[t] = x if keep else np.float32(0.0)
+            sums[blk, i, 0] = _total(acc, size)
+            sums[blk, i, 1] = _total(own, size)
+            return
+        for t in range(size):
+            j = start + t
+            d, keep = _entry(base, model, j, stat[t], select_variance, keep_rule, rule, prob[t])
+            if div:
+                p = prob[t]
+                scaled = d / (max(p, np.float32(1e-12)) if rule == 2 else p)
+            else:
+                scaled = d * f
+            own[t] = scaled if keep else np.float32(0.0)
+            acc[t] = fma(w, own[t], acc[t])
+
     @njit(parallel=True, cache=True, nogil=True)
     def _merge(
         base, models, out, row, block,
@@ -477,38 +510,22 @@ if numba is not None:
                             base, model, start + r, row, low[i], span[i], scale_rows,
                             scratch, counts, table, prob[r:],
                         )  # fmt: skip
-                else:
+                elif rule == 1:
                     prob[:] = density[i]
                 # parameters as locals: loads the compiler cannot hoist past the array writes
                 # would keep the loops from vectorising
                 keep_rule = (keep_value[i], keep_cut[i], drop_value[i], drop_cut[i])
                 keep_rule = keep_rule + (first[i], second[i])
-                w, f, div = weight[i], factor[i], divide[i]
-                own = kept[i]
-                if summing:  # |d| (or d^2) of every entry in acc, of the kept ones in own
-                    for t in range(size):
-                        j = start + t
-                        d, keep = _entry(
-                            base, model, j, stat[t], select_variance, keep_rule, rule, prob[t]
-                        )
-                        x = d * d if square else abs(d)
-                        acc[t] = x
-                        own[t] = x if keep else np.float32(0.0)
-                    sums[blk, i, 0] = _total(acc, size)
-                    sums[blk, i, 1] = _total(own, size)
-                    continue
-                for t in range(size):
-                    j = start + t
-                    d, keep = _entry(
-                        base, model, j, stat[t], select_variance, keep_rule, rule, prob[t]
-                    )
-                    if div:
-                        p = prob[t]
-                        scaled = d / (max(p, np.float32(1e-12)) if rule == 2 else p)
-                    else:
-                        scaled = d * f
-                    own[t] = scaled if keep else np.float32(0.0)
-                    acc[t] = fma(w, own[t], acc[t])
+                scaling = (weight[i], factor[i], divide[i])
+                if rule == 0:  # a constant rule per call: no loop computes another's test
+                    _sparsify(base, model, start, stat, select_variance, keep_rule, 0, prob,
+                              scaling, square, kept[i], acc, sums, blk, i)  # fmt: skip
+                elif rule == 1:
+                    _sparsify(base, model, start, stat, select_variance, keep_rule, 1, prob,
+                              scaling, square, kept[i], acc, sums, blk, i)  # fmt: skip
+                else:
+                    _sparsify(base, model, start, stat, select_variance, keep_rule, 2, prob,
+                              scaling, square, kept[i], acc, sums, blk, i)  # fmt: skip
             if summing:
                 continue
             total = prob  # reused: the summed weights of the agreeing models per entry
