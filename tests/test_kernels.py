@@ -198,6 +198,28 @@ def test_top_k_in_a_tie_group_at_either_end_or_between(where, monkeypatch):
     assert calls == ["_resolve" if where == "between" else "_cut_equal"]
 
 
+@pytest.mark.parametrize(
+    "k", [kernels.BLOCK, 2 * kernels.BLOCK, kernels.BLOCK - 1, kernels.BLOCK + 1, 5, 0]
+)
+def test_top_k_cut_on_or_beside_a_merge_block_boundary(k, monkeypatch):
+    """Every |d| equal: the cut is position k itself. Blocks that hold no cut use a plain
+    comparison (every tie kept before the cut's block, none after it); a cut on a block's first
+    position must keep none of that block's ties, one at its end all of them."""
+    n = 3 * kernels.BLOCK
+    base = torch.zeros(n, dtype=torch.bfloat16)
+    models = [torch.full((n,), 0.5, dtype=torch.bfloat16)]
+    density = [k / n]
+    out = {}
+    for use_kernels in (True, False):
+        monkeypatch.setenv("MEDMERGE_KERNELS", "1" if use_kernels else "0")
+        out[use_kernels] = get_method("ties").fn(
+            base, models, weight=[1.0], density=density, out_dtype=torch.bfloat16
+        )
+    expected = torch.where(torch.arange(n) < k, 0.5, 0.0).bfloat16()
+    assert torch.equal(bits(out[False]), bits(expected))
+    assert torch.equal(bits(out[True]), bits(expected))
+
+
 @pytest.mark.parametrize("case", ["dare_ties", "della", "ties", "sce"])
 def test_kernels_do_not_depend_on_the_thread_count(case, monkeypatch):
     base, models = family((64, 700), torch.bfloat16, seed=2)

@@ -317,15 +317,26 @@ if numba is not None:
     def _entry(base, model, j, variance, select_variance, keep_rule, rule, prob):
         """Entry j's task vector d and whether the sparsifier keeps it. `rule` is a constant
         where this inlines, so each loop computes only its own test: (0) inside the top-k
-        bounds, of |d| or of the variance across models (SCE); (1, 2) drawn below `prob`."""
+        bounds, of |d| or of the variance across models (SCE), given as (value, cut); (3)
+        the same, in a block that holds neither cut: above each bound's `_threshold`; (1, 2)
+        drawn below `prob`."""
         keep_value, keep_cut, drop_value, drop_cut, first, second = keep_rule
         d = load(model, j) - load(base, j)
+        s = variance if select_variance else abs(d)
         if rule == 0:
-            s = variance if select_variance else abs(d)
             keep = _first_k(s, keep_value, keep_cut, j) & ~_first_k(s, drop_value, drop_cut, j)
+        elif rule == 3:
+            keep = (s > keep_value) & ~(s > drop_value)
         else:
             keep = draw(first, second, j) < prob
         return d, keep
+
+    @njit(inline="always")
+    def _threshold(value, cut, start):
+        """The value x such that `_first_k(v, value, cut, j)` is v > x for every j of a block
+        from `start` that does not hold `cut`: value itself if the cut lies before the
+        block, else the float just below it (the block's ties are then kept)."""
+        return value if cut <= start else np.nextafter(value, np.float32(-np.inf))
 
     @njit(inline="always")
     def _bucket(key, shift, first):
@@ -517,8 +528,16 @@ if numba is not None:
                 keep_rule = (keep_value[i], keep_cut[i], drop_value[i], drop_cut[i])
                 keep_rule = keep_rule + (first[i], second[i])
                 scaling = (weight[i], factor[i], divide[i])
-                if rule == 0:  # a constant rule per call: no loop computes another's test
+                cut_in = start < keep_cut[i] < start + size or start < drop_cut[i] < start + size
+                if rule == 0 and cut_in:  # a constant rule per call: no loop computes another's
                     _sparsify(base, model, start, stat, select_variance, keep_rule, 0, prob,
+                              scaling, square, kept[i], acc, sums, blk, i)  # fmt: skip
+                elif rule == 0:  # test; and where no cut lies in the block, a plain test
+                    bounds = (
+                        _threshold(keep_value[i], keep_cut[i], start), 0,
+                        _threshold(drop_value[i], drop_cut[i], start), 0, first[i], second[i],
+                    )  # fmt: skip
+                    _sparsify(base, model, start, stat, select_variance, bounds, 3, prob,
                               scaling, square, kept[i], acc, sums, blk, i)  # fmt: skip
                 elif rule == 1:
                     _sparsify(base, model, start, stat, select_variance, keep_rule, 1, prob,

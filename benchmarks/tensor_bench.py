@@ -1,0 +1,94 @@
+"""Per-tensor merge time of each method, in memory (no I/O): the kernels' own speed.
+
+    python benchmarks/tensor_bench.py [--shape 5632x2048] [--methods ties,della] [--repeat 12]
+
+One base tensor and two fine-tunes, bfloat16, made the way `medmerge.synthetic` makes the
+benchmark family's (base N(0, 0.02^2), deltas 5% of that), merged with `merge_bench.py`'s
+parameters on every core. Each method's time is the minimum over `--repeat` rounds, methods
+alternating round by round, with linear (the engine's chunked torch path) beside them as the
+baseline. Whole merges, with their I/O, are `merge_bench.py`'s job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from merge_bench import PARAMETERS  # beside this script
+
+from medmerge.engine import tensor_seed
+from medmerge.methods import get_method, spans
+
+SPARSE = ("ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs",
+          "breadcrumbs_ties", "sce")  # fmt: skip
+
+
+def family(shape: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g) * 0.02
+    models = [(base + torch.randn(shape, generator=g) * 0.001).bfloat16() for _ in range(2)]
+    return base.bfloat16(), models
+
+
+def runner(name: str, base: torch.Tensor, models: list[torch.Tensor]):
+    """A call merging the tensors with `name`, as the engine calls the method."""
+    method = get_method(name)
+    if method.group:
+        raise SystemExit(f"{name} merges groups of tensors: time it with merge_bench.py")
+    params = dict(method.defaults)
+    for key, value in PARAMETERS[name].items():
+        params[key] = [value] * len(models) if key in method.per_model else value
+    for key in method.per_model:
+        if not isinstance(params.get(key), list):
+            params[key] = [params[key]] * len(models)
+    if "keys" in method.engine_args:
+        params["keys"] = [tensor_seed(0, "bench", i) for i in range(len(models))]
+    if "out_dtype" in method.engine_args:
+        params["out_dtype"] = torch.bfloat16
+    if method.elementwise:  # as the engine runs them: float32 chunks, checked, stored
+        params["name"] = "bench"
+        flats = [t.reshape(-1) for t in (base, *models)]
+
+        def chunked():
+            out = torch.empty(base.numel(), dtype=torch.bfloat16)
+            for part in spans(base.numel(), base.device):
+                b, *ms = (f[part].float() for f in flats)
+                merged = method.fn(b, ms, **params)
+                torch.aminmax(merged)
+                out[part] = merged
+            return out
+
+        return chunked
+    return lambda: method.fn(base, models, **params)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="5632x2048")
+    ap.add_argument("--methods", default=",".join(("linear", *SPARSE)))
+    ap.add_argument("--repeat", type=int, default=12)
+    args = ap.parse_args()
+    shape = tuple(int(s) for s in args.shape.split("x"))
+    base, models = family(shape)
+    methods = args.methods.split(",")
+    calls = {m: runner(m, base, models) for m in methods}
+    for call in calls.values():  # compile the kernels before timing
+        call()
+    times = {m: [] for m in methods}
+    for _ in range(args.repeat):
+        for m, call in calls.items():
+            t = time.perf_counter()
+            call()
+            times[m].append(time.perf_counter() - t)
+    best = {m: min(ts) for m, ts in times.items()}
+    reference = best.get("linear")
+    print(f"{args.shape}, 2 models, bfloat16, {torch.get_num_threads()} threads, "
+          f"min of {args.repeat}")  # fmt: skip
+    for m in methods:
+        ratio = f"{best[m] / reference:8.2f}x linear" if reference else ""
+        print(f"{m:<18}{best[m] * 1e3:8.1f} ms{ratio}")
+
+
+if __name__ == "__main__":
+    main()
