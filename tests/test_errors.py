@@ -145,8 +145,12 @@ def test_lora_adapter_given_as_model(mistral, tmp_path):
         ("task_arithmetic", "nan", 0.5),
         ("linear", "inf", 0.0),  # checked in the output: 0 * inf is NaN there
         ("linear", "-inf", 0.5),
-        ("dare_ties", "nan", 0.5),  # may drop the entry: checked when read
+        ("dare_ties", "nan", 0.5),  # dropped entries spread NaN/inf to the output too
         ("ties", "inf", 0.5),
+        ("della", "-inf", 0.5),
+        ("dare_linear", "nan", 0.0),
+        ("breadcrumbs", "inf", 0.5),  # the largest |d|: an outlier, always dropped
+        ("sce", "nan", 0.5),
     ],
 )
 def test_nan_in_an_input_is_named(mistral, tmp_path, method, value, weight):
@@ -160,9 +164,12 @@ def test_nan_in_an_input_is_named(mistral, tmp_path, method, value, weight):
 
     rewrite(bad, poison)
     config = cfg(base, [a, bad], method)
-    if method.endswith("ties"):
+    if method in ("ties", "dare_ties", "dare_linear", "della", "breadcrumbs"):
         config["parameters"] = {"density": 0.5}
     config["models"][1]["parameters"]["weight"] = weight
+    if method == "sce":  # no weights: its own come from the task vectors
+        for model in config["models"]:
+            model.pop("parameters")
     fails(
         config,
         tmp_path / "out",

@@ -29,6 +29,11 @@ CASES = {
     "breadcrumbs_ties": dict(weight=[0.5, 0.5], density=[0.9, 0.5], gamma=[0.01, 0.2]),
     "sce": dict(select_topk=0.4, lambda_=1.2),
     "sce_all": dict(method="sce", select_topk=1.0),
+    "dare_drop_all": dict(method="dare_ties", weight=[0.5, 0.5], density=[0.0, 0.0], keys=[1, 2]),
+    "della_sparse": dict(
+        method="della", weight=[0.5, 0.5], density=[0.05, 0.05], epsilon=0.05, keys=[1, 2]
+    ),  # fmt: skip
+    "ties_negative": dict(method="ties", weight=[-0.5, 1.0], density=[0.5, 0.5]),
 }
 
 
@@ -65,6 +70,25 @@ def test_kernels_match_torch_bit_for_bit(case, dtype, shape, monkeypatch):
     reference = run(case, base, models, dtype, monkeypatch, use_kernels=False)
     assert fast.dtype == reference.dtype == dtype
     assert torch.equal(bits(fast), bits(reference)), f"{case}: kernels and torch differ"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("use_kernels", [True, False])
+def test_nonfinite_inputs_reach_the_output_where_kept_or_dropped(case, use_kernels, monkeypatch):
+    """NaN and +-inf in the base and in the models: every such entry is non-finite in the
+    output, also where the method drops it (density 0, outliers, random drops) or where its
+    sign loses the election (a negative weight), so the engine's check of the output finds
+    every damaged input and no pass over the inputs is needed."""
+    base, models = family((64, 700), torch.bfloat16, seed=9)
+    poison = {0: {10: "nan", 20000: "inf"}, 1: {5: "nan", 3000: "-inf", 40000: "inf"}}
+    poison[2] = {7: "inf", 44000: "nan", 3000: "-inf"}
+    tensors = [base, *models]
+    for member, spots in poison.items():
+        for spot, value in spots.items():
+            tensors[member].view(-1)[spot] = float(value)
+    out = run(case, tensors[0], tensors[1:], torch.bfloat16, monkeypatch, use_kernels)
+    spots = sorted({spot for spots in poison.values() for spot in spots})
+    assert not torch.isfinite(out.view(-1)[spots].float()).any()
 
 
 @pytest.mark.parametrize("case", ["ties", "della", "breadcrumbs", "dare_l1"])

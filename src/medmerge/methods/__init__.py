@@ -51,8 +51,8 @@ class MergeMethod:
     needs_base: bool
     uses_base: bool  # read the base when there is one (true for every method that needs it)
     elementwise: bool  # out[j] depends only on inputs[j]: the engine may call it on chunks
-    # a NaN or inf input entry always makes its output entry NaN or inf (no entry is dropped):
-    # the engine checks the output, not the inputs first
+    # a NaN or inf input entry always makes its output entry NaN or inf (even where the method
+    # drops it): the engine checks the output, not the inputs first
     spreads_nonfinite: bool
     raw_inputs: bool  # tensors arrive in their stored dtype; the method converts (per chunk)
     per_model: frozenset[str]

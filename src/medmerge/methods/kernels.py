@@ -476,7 +476,7 @@ if numba is not None:
                 scaled = d / (max(p, np.float32(1e-12)) if rule == 2 else p)
             else:
                 scaled = d * f
-            own[t] = scaled if keep else np.float32(0.0)
+            own[t] = scaled if keep else d - d  # 0, or NaN for a non-finite d: it spreads
             acc[t] = fma(w, own[t], acc[t])
 
     @njit(parallel=True, cache=True, nogil=True)
@@ -560,7 +560,7 @@ if numba is not None:
                     for t in range(size):
                         d = own[t]
                         agree = np.float32((d > 0) - (d < 0)) == elected[t]
-                        acc[t] = fma(w, d if agree else np.float32(0.0), acc[t])
+                        acc[t] = fma(w, d if agree else d - d, acc[t])
                         total[t] = fma(w, np.float32(1.0) if agree else np.float32(0.0), total[t])
             for t in range(size):
                 x = acc[t]

@@ -112,11 +112,18 @@ def _count(fraction: float, n: int, what: str) -> int:
 # ---- sparsifiers: built from a task vector's chunks, applied chunk by chunk in order ----------
 
 
+def dropped(keep: Tensor, kept: Tensor, d: Tensor) -> Tensor:
+    """`kept` where `keep`, elsewhere 0, or NaN where the task vector d is NaN or inf: a
+    non-finite input entry reaches the output even where it is dropped, and the engine's check
+    of the output names the damaged input (so the inputs need no pass of their own)."""
+    return torch.where(keep, kept, d - d)
+
+
 def trim(task: Chunks, parts: list[slice], density: float) -> Sparsifier:
     """Keep the top `density` fraction of entries by |d| (TIES' trim)."""
     k = _count(density, parts[-1].stop, "density")
     select = Selector(top_k(lambda p: task(p).abs(), parts, k))
-    return lambda d, p: torch.where(select(d.abs()), d, 0.0)
+    return lambda d, p: dropped(select(d.abs()), d, d)
 
 
 def crumbs(task: Chunks, parts: list[slice], density: float, gamma: float) -> Sparsifier:
@@ -130,7 +137,7 @@ def crumbs(task: Chunks, parts: list[slice], density: float, gamma: float) -> Sp
 
     def apply(d: Tensor, p: slice) -> Tensor:
         a = d.abs()
-        return torch.where(lower(a) & ~upper(a), d, 0.0)
+        return dropped(lower(a) & ~upper(a), d, d)
 
     return apply
 
@@ -178,7 +185,7 @@ def rescaled(rule: KeepRule, rescale: Rescale, task: Chunks, parts: list[slice])
             keep, prob = rule(d, p)
             if isinstance(prob, Tensor):
                 prob = prob.clamp_min(1e-12)
-            return torch.where(keep, d / prob, 0.0)
+            return dropped(keep, d / prob, d)
 
         return apply
     if rescale not in ("l1", "none"):
@@ -192,7 +199,7 @@ def rescaled(rule: KeepRule, rescale: Rescale, task: Chunks, parts: list[slice])
             total += float(d.abs().sum(dtype=torch.float64))
             kept += float(torch.where(keep, d.abs(), 0.0).sum(dtype=torch.float64))
         factor = total / kept if kept > 0 else 1.0
-    return lambda d, p: torch.where(rule(d, p)[0], d * factor, 0.0)
+    return lambda d, p: dropped(rule(d, p)[0], d * factor, d)
 
 
 def _whole(d: Tensor, make: Callable[[Chunks, list[slice]], Sparsifier], row: int = 1) -> Tensor:
@@ -250,7 +257,7 @@ def combine(ds: list[Tensor], w: list[float], sign_consensus: bool, normalize: b
         for wi, d in zip(w, ds, strict=True):
             # where elected is 0, an agreeing d is 0 too: it adds nothing to `merged`
             agree = torch.sign(d) == elected
-            merged.add_(torch.where(agree, d, 0.0), alpha=wi)
+            merged.add_(dropped(agree, d, d), alpha=wi)
             weight_sum.add_(agree.to(merged.dtype), alpha=wi)
     else:
         weight_sum = torch.full_like(merged, sum(w))
@@ -401,7 +408,10 @@ def _kernel_merge(base, models, w, specs, sign_consensus, normalize, lambda_, ou
 
 # ---- the methods ---------------------------------------------------------------------------
 
-SPARSE = dict(needs_base=True, raw_inputs=True, per_model=("weight", "density"))
+# every method here spreads non-finite inputs to the output (`dropped`)
+SPARSE = dict(
+    needs_base=True, raw_inputs=True, spreads_nonfinite=True, per_model=("weight", "density")
+)
 
 
 @register("ties", **SPARSE)
@@ -562,7 +572,7 @@ def _breadcrumbs(base, models, weight, density, gamma, **kw):
     return sparse_merge(base, models, weight, specs, **kw)
 
 
-BREADCRUMBS = dict(needs_base=True, raw_inputs=True, per_model=("weight", "density", "gamma"))
+BREADCRUMBS = dict(SPARSE, per_model=("weight", "density", "gamma"))
 
 
 @register("breadcrumbs", **BREADCRUMBS)
@@ -617,7 +627,7 @@ def breadcrumbs_ties(
     )
 
 
-@register("sce", needs_base=True, raw_inputs=True)
+@register("sce", **dict(SPARSE, per_model=()))
 def sce(
     base: Tensor,
     models: list[Tensor],
@@ -639,7 +649,9 @@ def sce(
 
     def variance(ds: list[Tensor]) -> Tensor:  # elementwise: 27x faster than stack().var(0)
         mean = sum(ds) / len(ds)
-        return sum((d - mean).square_() for d in ds) / len(ds)
+        # abs: the NaN of a non-finite input may come with its sign bit set, which `top_k`'s
+        # bit patterns of non-negative floats cannot hold (it changes no other value)
+        return (sum((d - mean).square_() for d in ds) / len(ds)).abs_()
 
     k = _count(select_topk, n, "select_topk") if len(models) > 1 else n
     if kernels.usable(base, *models, out_dtype=out_dtype):
@@ -657,7 +669,7 @@ def sce(
         if k == n:
             return ds
         keep = select(variance(ds))
-        return [torch.where(keep, d, 0.0) for d in ds]
+        return [dropped(keep, d, d) for d in ds]
 
     energy = torch.zeros(len(models), dtype=torch.float64)
     select = Selector(top)
