@@ -5,8 +5,8 @@
 One base tensor and two fine-tunes, bfloat16, made the way `medmerge.synthetic` makes the
 benchmark family's (base N(0, 0.02^2), deltas 5% of that), merged with `merge_bench.py`'s
 parameters on every core. Each method's time is the minimum over `--repeat` rounds, methods
-alternating round by round, with linear (the engine's chunked torch path) beside them as the
-baseline. Whole merges, with their I/O, are `merge_bench.py`'s job.
+alternating round by round, with linear beside them as the baseline. Whole merges, with their
+I/O, are `merge_bench.py`'s job.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from merge_bench import PARAMETERS  # beside this script
 
 from medmerge.engine import tensor_seed
-from medmerge.methods import get_method, spans
+from medmerge.methods import get_method
 
 SPARSE = ("ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs",
           "breadcrumbs_ties", "sce")  # fmt: skip
@@ -46,20 +46,8 @@ def runner(name: str, base: torch.Tensor, models: list[torch.Tensor]):
         params["keys"] = [tensor_seed(0, "bench", i) for i in range(len(models))]
     if "out_dtype" in method.engine_args:
         params["out_dtype"] = torch.bfloat16
-    if method.elementwise:  # as the engine runs them: float32 chunks, checked, stored
+    if "name" in method.engine_args:
         params["name"] = "bench"
-        flats = [t.reshape(-1) for t in (base, *models)]
-
-        def chunked():
-            out = torch.empty(base.numel(), dtype=torch.bfloat16)
-            for part in spans(base.numel(), base.device):
-                b, *ms = (f[part].float() for f in flats)
-                merged = method.fn(b, ms, **params)
-                torch.aminmax(merged)
-                out[part] = merged
-            return out
-
-        return chunked
     return lambda: method.fn(base, models, **params)
 
 

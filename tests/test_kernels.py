@@ -312,7 +312,9 @@ def test_hierarchical_kernels_match_torch(dtype, monkeypatch):
     assert torch.equal(bits(fast), bits(reference))
 
 
-SPHERICAL = {
+COMBINATIONS = {
+    "linear": dict(weight=[0.4, 0.6], name="w"),
+    "task_arithmetic": dict(weight=[0.7, -0.5], name="w"),
     "slerp": dict(t=0.3),
     "nuslerp": dict(weight=[0.4, 0.6]),
     "karcher": dict(weight=[1.0, 2.0]),
@@ -320,16 +322,19 @@ SPHERICAL = {
 }
 
 
-@pytest.mark.parametrize("method", list(SPHERICAL))
+@pytest.mark.parametrize("method", list(COMBINATIONS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_spherical_kernels_match_torch(method, dtype, monkeypatch):
-    """Same Gram matrix up to float64 rounding (the sums add in another order), so the same
-    coefficients, so the same output bits."""
+def test_combination_kernels_match_torch(method, dtype, monkeypatch):
+    """Linear combinations of the models: the same output bits from the kernel and torch
+    (for the spherical methods: the same Gram matrix up to float64 rounding, the sums adding
+    in another order, so the same coefficients)."""
     base, models = family((64, 700), dtype, seed=7)
     out = {}
     for use_kernels in (True, False):
         monkeypatch.setenv("MEDMERGE_KERNELS", "1" if use_kernels else "0")
-        out[use_kernels] = get_method(method).fn(base, models, out_dtype=dtype, **SPHERICAL[method])
+        out[use_kernels] = get_method(method).fn(
+            base, models, out_dtype=dtype, **COMBINATIONS[method]
+        )
     assert torch.equal(bits(out[True]), bits(out[False]))
 
 

@@ -36,7 +36,7 @@ from medmerge.checkpoint import (
 from medmerge.config import ConditionalParameter, MergeConfig, ParameterValue, load_config
 from medmerge.errors import ConfigError, IncompatibleModelsError, MergeError
 from medmerge.hashing import cache_dir, sha256_file
-from medmerge.methods import REQUIRED, MergeMethod, config_name, get_method, spans
+from medmerge.methods import REQUIRED, MergeMethod, config_name, get_method
 
 log = logging.getLogger("medmerge")
 
@@ -341,8 +341,6 @@ def _merge_group(
         # integer and bool buffers (none in Llama/Mistral) are not merged: the reference's is kept
         src = group.base if group.base is not None else group.models[0]
         return {names[0]: src[names[0]]}
-    if method.elementwise and device.type == "cpu":
-        return {n: _merge_chunked(plan, group, n, seed, diagnostics) for n in names}
 
     def f32(t: torch.Tensor) -> torch.Tensor:
         if method.raw_inputs:  # the method converts chunk by chunk, sparing full-size copies
@@ -370,21 +368,6 @@ def _merge_group(
         _check_finite(plan, group, n, out[n])
         result[n] = out[n].to(plan.out_dtype).cpu()
     return result
-
-
-def _merge_chunked(plan, group: GroupInput, name: str, seed: int, diagnostics) -> torch.Tensor:
-    """Run an elementwise method over cache-sized chunks of the flattened tensor."""
-    flat_base = group.base[name].reshape(-1) if group.base is not None else None
-    flat_models = [m[name].reshape(-1) for m in group.models]
-    out = buffers.empty(plan.reference.info(name).shape, plan.out_dtype)
-    flat_out = out.view(-1)
-    kwargs = {**plan.params[name], **_engine_kwargs(plan, name, seed, diagnostics)}
-    for part in spans(flat_out.numel(), flat_out.device):
-        base = flat_base[part].float() if flat_base is not None else None
-        merged = plan.method.fn(base, [m[part].float() for m in flat_models], **kwargs)
-        _check_finite(plan, group, name, merged)
-        flat_out[part] = merged
-    return out
 
 
 def _check_finite(plan: MergePlan, group: GroupInput, name: str, merged: torch.Tensor) -> None:

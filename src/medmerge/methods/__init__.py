@@ -9,11 +9,10 @@ Tensor-wise methods (the default) look like
 
     fn(base: Tensor | None, models: list[Tensor], *, weight: list[float], ...) -> Tensor
 
-with float32 tensors on the merge device. Methods registered `elementwise=True` (each output
-entry depends only on the same entry of the inputs, e.g. linear) are called on cache-sized chunks
-of flattened tensors on the CPU, which is several times faster than whole-tensor arithmetic and
-bounds the float32 working memory. Group methods (`group=` a function that splits the
-tensor names into groups, e.g. one layer's q, k, v and o) take and return dicts name -> Tensor.
+with float32 tensors on the merge device (or, registered `raw_inputs=True`, in their stored
+dtype: the method converts chunk by chunk or runs a CPU kernel on them). Group methods
+(`group=` a function that splits the tensor names into groups, e.g. one layer's q, k, v and o)
+take and return dicts name -> Tensor.
 
 The engine also passes, when the function names them, these keyword arguments:
 - `keys`: one 63-bit random key per model, derived from (seed, tensor name, model index), for
@@ -38,7 +37,7 @@ from torch import Tensor
 from medmerge import buffers
 from medmerge.errors import ConfigError
 
-CHUNK = 1 << 20  # elements per chunk of elementwise work on the CPU: stays in cache
+CHUNK = 1 << 20  # elements per chunk of torch work on the CPU: stays in cache
 
 ENGINE_ARGS = frozenset({"keys", "name", "names", "config", "diagnostics", "out_dtype"})
 REQUIRED = inspect.Parameter.empty
@@ -50,7 +49,6 @@ class MergeMethod:
     fn: Callable
     needs_base: bool
     uses_base: bool  # read the base when there is one (true for every method that needs it)
-    elementwise: bool  # out[j] depends only on inputs[j]: the engine may call it on chunks
     # a NaN or inf input entry always makes its output entry NaN or inf (even where the method
     # drops it): the engine checks the output, not the inputs first
     spreads_nonfinite: bool
@@ -78,7 +76,6 @@ def register(
     *,
     needs_base: bool,
     uses_base: bool | None = None,
-    elementwise: bool = False,
     spreads_nonfinite: bool = False,
     raw_inputs: bool = False,
     per_model: Sequence[str] = (),
@@ -96,7 +93,6 @@ def register(
             fn=fn,
             needs_base=needs_base,
             uses_base=needs_base if uses_base is None else uses_base,
-            elementwise=elementwise,
             spreads_nonfinite=spreads_nonfinite,
             raw_inputs=raw_inputs,
             per_model=frozenset(per_model),

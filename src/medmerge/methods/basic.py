@@ -1,15 +1,53 @@
-"""Linear averaging and task arithmetic.
+"""Linear averaging and task arithmetic, and the streamed linear combination they (and the
+spherical methods) compute.
 
-Both accumulate one model at a time instead of stacking, so memory stays at a few tensors
-whatever the number of models.
+A combination accumulates one model at a time instead of stacking, so memory stays at a few
+tensors whatever the number of models; on the CPU it is one kernel pass that writes the output
+dtype (`kernels.combine`), elsewhere torch ops over cache-sized chunks.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
+import torch
 from torch import Tensor
 
+from medmerge import buffers
 from medmerge.errors import ConfigError
-from medmerge.methods import register
+from medmerge.methods import kernels, register, spans
+
+
+def combination(
+    coef: list[float], models: list[Tensor], base: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    """sum_j coef_j models_j, or base + sum_j coef_j (models_j - base) when a base is given,
+    accumulated in float32 chunk by chunk, in the output dtype."""
+    inputs = [*models, *([base] if base is not None else [])]
+    if kernels.usable(*inputs, out_dtype=out_dtype):
+        return kernels.combine(base, models, coef, out_dtype)
+    device, shape = models[0].device, models[0].shape
+    vectors = [chunks(m, base) for m in models]
+    out = buffers.empty(math.prod(shape), out_dtype, device)
+    for p in spans(models[0].numel(), device):
+        if base is not None:
+            acc = base.reshape(-1)[p].to(torch.float32, copy=True)  # not a view: add_ below
+        else:
+            acc = torch.zeros(p.stop - p.start, device=device)
+        for c, v in zip(coef, vectors, strict=True):
+            acc.add_(v(p), alpha=c)
+        out[p] = acc
+    return out.view(shape)
+
+
+def chunks(t: Tensor, minus: Tensor | None = None) -> Callable[[slice], Tensor]:
+    """Flat chunks of t (of t - minus) in float32, by flat positions."""
+    flat = t.reshape(-1)
+    if minus is None:
+        return lambda p: flat[p].float()
+    other = minus.reshape(-1)
+    return lambda p: flat[p].float() - other[p].float()
 
 
 def normalized(weight: list[float], normalize: bool, name: str) -> list[float]:
@@ -22,11 +60,7 @@ def normalized(weight: list[float], normalize: bool, name: str) -> list[float]:
 
 
 @register(
-    "linear",
-    needs_base=False,
-    elementwise=True,
-    spreads_nonfinite=True,
-    per_model=("weight",),
+    "linear", needs_base=False, raw_inputs=True, spreads_nonfinite=True, per_model=("weight",)
 )
 def linear(
     base: Tensor | None,
@@ -35,19 +69,16 @@ def linear(
     weight: list[float],
     normalize: bool = True,
     name: str,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """sum_i w_i theta_i / sum_i w_i  (Wortsman et al. 2022, model soups)."""
-    w = normalized(weight, normalize, name)
-    out = models[0] * w[0]
-    for wi, m in zip(w[1:], models[1:], strict=True):
-        out.add_(m, alpha=wi)
-    return out
+    return combination(normalized(weight, normalize, name), models, None, out_dtype)
 
 
 @register(
     "task_arithmetic",
     needs_base=True,
-    elementwise=True,
+    raw_inputs=True,
     spreads_nonfinite=True,
     per_model=("weight",),
 )
@@ -58,10 +89,7 @@ def task_arithmetic(
     weight: list[float],
     normalize: bool = False,
     name: str,
+    out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """base + sum_i w_i (theta_i - base)  (Ilharco et al. 2023)."""
-    w = normalized(weight, normalize, name)
-    out = base.clone()
-    for wi, m in zip(w, models, strict=True):
-        out.add_(m - base, alpha=wi)
-    return out
+    return combination(normalized(weight, normalize, name), models, base, out_dtype)

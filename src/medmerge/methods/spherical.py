@@ -14,16 +14,13 @@ output dtype. Karcher's iterations run on the coefficients (an n x n problem), n
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from medmerge import buffers
 from medmerge.errors import ConfigError
 from medmerge.methods import kernels, register, spans
-
-Chunks = Callable[[slice], Tensor]
+from medmerge.methods.basic import chunks, combination
 
 
 def gram(models: list[Tensor], base: Tensor | None = None) -> Tensor:
@@ -32,41 +29,11 @@ def gram(models: list[Tensor], base: Tensor | None = None) -> Tensor:
     if kernels.usable(*models, *([base] if base is not None else [])):
         return torch.from_numpy(kernels.gram(base, models))
     g = torch.zeros(len(models), len(models), dtype=torch.float64)
-    vectors = [_chunks(m, base) for m in models]
+    vectors = [chunks(m, base) for m in models]
     for p in spans(models[0].numel(), models[0].device):
         x = torch.stack([v(p) for v in vectors]).double()
         g += (x @ x.T).cpu()
     return g
-
-
-def combination(
-    coef: list[float], models: list[Tensor], base: Tensor | None, out_dtype: torch.dtype
-) -> Tensor:
-    """sum_j coef_j models_j, or base + sum_j coef_j (models_j - base) when a base is given,
-    accumulated in float32 chunk by chunk, in the output dtype."""
-    inputs = [*models, *([base] if base is not None else [])]
-    if kernels.usable(*inputs, out_dtype=out_dtype):
-        return kernels.combine(base, models, coef, out_dtype)
-    device, shape = models[0].device, models[0].shape
-    vectors = [_chunks(m, base) for m in models]
-    out = buffers.empty(math.prod(shape), out_dtype, device)
-    for p in spans(models[0].numel(), device):
-        if base is not None:
-            acc = base.reshape(-1)[p].to(torch.float32, copy=True)  # not a view: add_ below
-        else:
-            acc = torch.zeros(p.stop - p.start, device=device)
-        for c, v in zip(coef, vectors, strict=True):
-            acc.add_(v(p), alpha=c)
-        out[p] = acc
-    return out.view(shape)
-
-
-def _chunks(t: Tensor, minus: Tensor | None = None) -> Chunks:
-    flat = t.reshape(-1)
-    if minus is None:
-        return lambda p: flat[p].float()
-    other = minus.reshape(-1)
-    return lambda p: flat[p].float() - other[p].float()
 
 
 def slerp_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
