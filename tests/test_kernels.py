@@ -345,3 +345,20 @@ def test_gram_is_float64_sums(centered):
     expected = (x.reshape(3, -1) @ x.reshape(3, -1).T).numpy()
     got = kernels.gram(base if centered else None, models)
     assert got == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("method, params", [
+    ("ties", CASES["ties"]), ("della", CASES["della"]), ("sce", CASES["sce"]),
+    ("linear", COMBINATIONS["linear"]), ("slerp", COMBINATIONS["slerp"]),
+])  # fmt: skip
+def test_models_in_mixed_dtypes_use_torch(method, params, monkeypatch):
+    """A bfloat16 and a float32 fine-tune (say, one folded from an adapter): the kernels take
+    the models as one typed tuple, so this runs on torch, the same with kernels on or off."""
+    base, (a, b) = family((64, 700), torch.bfloat16, seed=10)
+    models = [a, b.float()]
+    assert not kernels.usable(base, *models)
+    out = {}
+    for use_kernels in (True, False):
+        monkeypatch.setenv("MEDMERGE_KERNELS", "1" if use_kernels else "0")
+        out[use_kernels] = get_method(method).fn(base, models, out_dtype=torch.bfloat16, **params)
+    assert torch.equal(bits(out[True]), bits(out[False]))

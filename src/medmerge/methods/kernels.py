@@ -1,5 +1,6 @@
-"""CPU kernels for the sparse methods (TIES, DARE, DELLA, Breadcrumbs, SCE) and the paper's
-hierarchical method, compiled by numba.
+"""CPU kernels for every merge method, compiled by numba: the sparse methods (TIES, DARE,
+DELLA, Breadcrumbs, SCE), linear combinations (linear, task arithmetic, the spherical methods)
+and the paper's hierarchical method.
 
 On the CPU a chain of torch ops pays for every intermediate: a top-k threshold, a random mask
 and the TIES sign election cost 10-30x the arithmetic of a linear merge. These kernels fuse
@@ -11,7 +12,9 @@ core, with no intermediate tensors:
 - `merge`: sparsify, rescale and combine every model's task vector and write the output
   dtype, in one pass (DELLA ranks each row inside the pass);
 - `delta_products` and `lerp`: the hierarchical method's task-vector cosine (summed in
-  float64) and its interpolation, one pass each.
+  float64) and its interpolation, one pass each;
+- `gram` and `combine`: inner products (float64) of the models or task vectors, and
+  sum_i c_i v_i (+ base) in the output dtype, one pass each.
 
 They compute what the torch implementations in `medmerge.methods.sparse` and `.hierarchical`
 compute, bit for bit (the cosine's float64 sums excepted: they add in another order): the same
@@ -53,12 +56,16 @@ DTYPES = (torch.bfloat16, torch.float32)
 
 
 def usable(*tensors: Tensor, out_dtype: torch.dtype | None = None) -> bool:
-    """Whether the kernels can run on these tensors (else the torch implementation runs)."""
+    """Whether the kernels can run on these tensors (else the torch implementation runs): on
+    the CPU, in one dtype of DTYPES (the kernels take the models as one typed tuple)."""
     if numba is None or os.environ.get("MEDMERGE_KERNELS", "1") == "0":
         return False
     if out_dtype is not None and out_dtype not in DTYPES:
         return False
-    return all(t.device.type == "cpu" and t.dtype in DTYPES for t in tensors)
+    dtypes = {t.dtype for t in tensors}
+    return (
+        len(dtypes) == 1 and dtypes <= set(DTYPES) and all(t.device.type == "cpu" for t in tensors)
+    )
 
 
 def array(t: Tensor) -> np.ndarray:
@@ -379,10 +386,11 @@ if numba is not None:
         probability, looked up per entry in `table`. The others, a few percent and larger
         than their bucket's regular ones, rank within their bucket: directly when alone in it
         (most are), else by `_sort_by_key`. The tables are indexed by the pattern's bits
-        themselves (no offset or clamp in the per-entry loops: 5% faster); bucket 0 (zero, and
-        any |d| below 2 ** shift) is counted at `first`, the bucket below the least other
-        |d|'s, which holds nothing else, so that the buckets in use are first..last. `scratch`
-        has four rows of `row` entries, `counts` two rows of PATTERNS."""
+        themselves, no offset or clamp in the per-entry loops (DELLA on a 5632x2048 tensor:
+        45 -> 38.5 ms); bucket 0 (zero, and any |d| below 2 ** shift) is counted at `first`,
+        the bucket below the least other |d|'s, which holds nothing else, so that the buckets
+        in use are first..last. `scratch` has four rows of `row` entries, `counts` two rows of
+        PATTERNS."""
         keys, odd_at, odd_before, slots = scratch[0], scratch[1], scratch[2], scratch[3]
         least = np.uint32(0xFFFFFFFF)
         most = np.uint32(0)
