@@ -47,15 +47,20 @@ def input_files(models: list[Path]) -> list[Path]:
 
 def read_floor(files: list[Path], copy_to: Path | None = None, copies: int = 0) -> None:
     """Read every byte of `files`; with `copy_to`, also write the first `copies` files there
-    (the I/O floor of a merge: read all inputs, write one model-sized output)."""
-    buf = bytearray(64 * 2**20)
-    view = memoryview(buf)
+    the way merges write theirs (the I/O floor of a merge: read all inputs, write one
+    model-sized output)."""
+    import numpy as np
+
+    from medmerge.checkpoint import SequentialFile, staging_buffer
+
+    buf = np.empty(64 * 2**20, np.uint8)
+    stage = staging_buffer()
     for i, file in enumerate(files):
-        out = open(copy_to / file.name, "wb") if copy_to and i < copies else None  # noqa: SIM115
+        out = SequentialFile(copy_to / file.name, stage) if copy_to and i < copies else None
         with open(file, "rb", buffering=0) as f:
-            while n := f.readinto(view):
+            while n := f.readinto(buf):
                 if out:
-                    out.write(view[:n])
+                    out.write(buf[:n])
         if out:
             out.close()
 

@@ -1,14 +1,25 @@
+import errno
 import json
 import math
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 from conftest import state
 from safetensors.torch import load_file, save_file
 
-from medmerge.checkpoint import Checkpoint, ShardWriter, atomic_folder, parse_size
+from medmerge.checkpoint import (
+    ALIGN,
+    STAGE_BYTES,
+    Checkpoint,
+    SequentialFile,
+    ShardWriter,
+    atomic_folder,
+    parse_size,
+    staging_buffer,
+)
 from medmerge.errors import CheckpointError, MergeError
 
 
@@ -118,6 +129,56 @@ def test_writer_streams_valid_shards_within_the_limit(tmp_path, limit):
         index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
         assert set(index["weight_map"].values()) == set(shards)
         assert index["metadata"]["total_size"] == sum(math.prod(s) * d.itemsize for _, s, d in plan)
+
+
+@pytest.mark.parametrize("direct", ["1", "0"])
+@pytest.mark.parametrize("sizes", [[], [1], [ALIGN - 1, 2], [ALIGN], [5, STAGE_BYTES, ALIGN + 3]])
+def test_sequential_file_writes_every_byte_once(tmp_path, monkeypatch, direct, sizes):
+    """Staged and written in whole blocks (direct), or straight through the page cache: the
+    file holds exactly the bytes given, in order, across stage boundaries and after files that
+    reused the stage."""
+    monkeypatch.setenv("MEDMERGE_DIRECT_IO", direct)
+    rng = np.random.default_rng(len(sizes))
+    stage = staging_buffer()
+    for name in ("first", "second"):
+        pieces = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+        f = SequentialFile(tmp_path / name, stage)
+        if direct == "0" or not hasattr(os, "O_DIRECT"):
+            assert not f.direct
+        for piece in pieces:
+            f.write(piece)
+        f.close()
+        expected = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+        assert np.array_equal(np.fromfile(tmp_path / name, np.uint8), expected)
+
+
+def test_sequential_file_falls_back_when_a_direct_write_is_refused(tmp_path):
+    """A device that wants coarser alignment refuses a direct write (EINVAL): the file goes on
+    through the page cache, bytes intact."""
+    f = SequentialFile(tmp_path / "f", staging_buffer())
+    if not f.direct:
+        pytest.skip("this filesystem takes no direct I/O")
+
+    class Refusing:  # the file object, refusing the first write
+        def __init__(self, raw):
+            self.raw, self.refused = raw, False
+
+        def write(self, data):
+            if not self.refused:
+                self.refused = True
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return self.raw.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.raw, name)
+
+    f._raw = Refusing(f._raw)
+    data = np.random.default_rng(0).integers(0, 256, STAGE_BYTES + 10, dtype=np.uint8)
+    f.write(data[:7])
+    f.write(data[7:])
+    f.close()
+    assert f._raw.refused and not f.direct
+    assert np.array_equal(np.fromfile(tmp_path / "f", np.uint8), data)
 
 
 def test_writer_refuses_out_of_order_and_wrong_shape(tmp_path):

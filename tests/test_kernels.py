@@ -265,6 +265,29 @@ def test_other_dtypes_and_devices_use_torch():
     assert not kernels.usable(torch.zeros(4, device="meta"))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+@pytest.mark.parametrize("bad", [None, "inf", "-inf", "nan", "-nan", "max", "tiny"])
+def test_largest_magnitude_is_max_abs_with_nan_above_inf(dtype, bad, monkeypatch):
+    """The engine's finite checks: max |x| from the stored bits, bit for bit what torch gives
+    (float16 runs on torch), NaN where any entry is NaN, whatever its sign or place."""
+    _, (t,) = family((300, 1001), dtype, models=1, seed=9)
+    t = t.clone()
+    special = {"inf": float("inf"), "-inf": float("-inf"), "max": -torch.finfo(dtype).max,
+               "tiny": torch.finfo(dtype).tiny}  # fmt: skip
+    if bad in ("nan", "-nan"):
+        t[299, 1000] = float("nan")
+        if bad == "-nan":
+            t.neg_()  # a NaN with the sign bit set
+    elif bad is not None:
+        t[0, 0] = special[bad]
+    expected = t.float().abs().max().item()
+    for use_kernels in ("1", "0"):
+        monkeypatch.setenv("MEDMERGE_KERNELS", use_kernels)
+        got = kernels.largest_magnitude(t)
+        assert got == expected or (np.isnan(got) and np.isnan(expected)), use_kernels
+    assert kernels.largest_magnitude(t[:0]) == 0.0
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("w", [0.0, 0.3, 0.4999999, 0.5, 0.8, 1.0])

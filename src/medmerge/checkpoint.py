@@ -18,6 +18,8 @@ Guarantees:
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import mmap
@@ -31,6 +33,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -260,6 +263,84 @@ def parse_size(size: str | int) -> int:
     return int(float(m.group(1)) * base**power)
 
 
+ALIGN = 4096  # direct writes: file offsets, lengths and buffer addresses are multiples of it
+STAGE_BYTES = 16 << 20
+
+
+def staging_buffer() -> np.ndarray:
+    """An aligned buffer for `SequentialFile` (anonymous maps start on a page)."""
+    return np.frombuffer(mmap.mmap(-1, STAGE_BYTES), np.uint8)
+
+
+class SequentialFile:
+    """A new file written front to back, bypassing the page cache (O_DIRECT) where the system
+    allows: bytes are staged in `stage`, an aligned buffer reused from file to file, written in
+    whole blocks, and the file is cut to its length when closed.
+
+    Written through the page cache, every byte of a merged model is copied into newly allocated
+    pages. On the benchmark VM that copy took a third of a TIES merge's CPU time, CPU the merge
+    needs: 2.2 GB took 1.65 s of CPU (and 1.65-6.2 s of wall time) written that way, 0.35 s
+    (1.4-1.55 s) staged and written direct. Where the filesystem refuses direct I/O (tmpfs,
+    some network filesystems), or with MEDMERGE_DIRECT_IO=0, the bytes go through the page
+    cache unstaged."""
+
+    def __init__(self, path: Path, stage: np.ndarray):
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+        direct = getattr(os, "O_DIRECT", 0) if os.environ.get("MEDMERGE_DIRECT_IO") != "0" else 0
+        try:
+            fd = os.open(path, flags | direct, 0o666)
+        except OSError as e:
+            if not direct or e.errno != errno.EINVAL:
+                raise
+            fd, direct = os.open(path, flags, 0o666), 0
+        self._raw = open(fd, "wb", buffering=0)  # noqa: SIM115 - closes the descriptor, also on gc
+        self.direct = bool(direct)
+        self._stage = stage
+        self._fill = 0  # bytes staged
+        self._length = 0  # bytes given
+
+    def write(self, data: np.ndarray) -> None:
+        """Append the bytes of a contiguous uint8 array."""
+        self._length += len(data)
+        done = 0
+        while done < len(data):
+            if not self.direct:
+                self._write(data[done:])
+                return
+            n = min(len(self._stage) - self._fill, len(data) - done)
+            self._stage[self._fill : self._fill + n] = data[done : done + n]  # releases the GIL
+            self._fill += n
+            done += n
+            if self._fill == len(self._stage):
+                self._flush()
+
+    def close(self) -> None:
+        if self._fill:
+            self._flush()
+        os.ftruncate(self._raw.fileno(), self._length)  # less the last block's padding
+        self._raw.close()
+
+    def _flush(self) -> None:
+        """Write the staged bytes, the last block padded with zeros."""
+        end = self._fill + (-self._fill % ALIGN)
+        self._stage[self._fill : end] = 0
+        self._fill = 0
+        self._write(self._stage[:end])
+
+    def _write(self, data: np.ndarray) -> None:
+        done = 0
+        while done < len(data):
+            try:
+                done += self._raw.write(data[done:])
+            except OSError as e:
+                if not self.direct or e.errno != errno.EINVAL:
+                    raise
+                # the device wants coarser alignment than ALIGN: go through the page cache
+                fd = self._raw.fileno()
+                fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+                self.direct = False
+
+
 class ShardWriter:
     """Streams tensors, in a fixed planned order, into size-limited safetensors shards."""
 
@@ -289,7 +370,8 @@ class ShardWriter:
         self.order = [name for _, entries in self.shards for name, _, _ in entries]
         self._next = 0
         self._shard = -1
-        self._file = None
+        self._file: SequentialFile | None = None
+        self._stage: np.ndarray | None = None
         self._left_in_shard = 0
         self.total_size = sum(math.prod(s) * d.itemsize for _, s, d in plan)
 
@@ -327,8 +409,10 @@ class ShardWriter:
             offset += nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # the format aligns the data section to 8 bytes
-        self._file = open(self.folder / file_name, "wb")  # noqa: SIM115 (closed after last tensor)
-        self._file.write(len(raw).to_bytes(8, "little") + raw)
+        if self._stage is None:
+            self._stage = staging_buffer()
+        self._file = SequentialFile(self.folder / file_name, self._stage)
+        self._file.write(np.frombuffer(len(raw).to_bytes(8, "little") + raw, np.uint8))
         self._left_in_shard = len(entries)
 
     def finish(self) -> list[str]:

@@ -36,7 +36,7 @@ from medmerge.checkpoint import (
 from medmerge.config import ConditionalParameter, MergeConfig, ParameterValue, load_config
 from medmerge.errors import ConfigError, IncompatibleModelsError, MergeError
 from medmerge.hashing import cache_dir, sha256_file
-from medmerge.methods import REQUIRED, MergeMethod, config_name, get_method
+from medmerge.methods import REQUIRED, MergeMethod, config_name, get_method, kernels
 
 log = logging.getLogger("medmerge")
 
@@ -307,13 +307,11 @@ def _read_finite(ckpt: Checkpoint, name: str) -> torch.Tensor:
 
 
 def _refuse_nonfinite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
-    if t.dtype.is_floating_point and t.numel():
-        lo, hi = (v.item() for v in torch.aminmax(t))
-        if not (math.isfinite(lo) and math.isfinite(hi)):
-            raise MergeError(
-                f"tensor {name!r} of {ckpt.path} has NaN or inf values; that model is damaged "
-                "(re-download or re-save it)"
-            )
+    if t.dtype.is_floating_point and not math.isfinite(kernels.largest_magnitude(t)):
+        raise MergeError(
+            f"tensor {name!r} of {ckpt.path} has NaN or inf values; that model is damaged "
+            "(re-download or re-save it)"
+        )
 
 
 def _engine_kwargs(plan: MergePlan, key: str, seed: int, diagnostics: list) -> dict:
@@ -374,10 +372,7 @@ def _check_finite(plan: MergePlan, group: GroupInput, name: str, merged: torch.T
     """Raise if the float32 result has NaN/inf or does not fit the output dtype: naming the
     input that has NaN/inf, if one has (only methods that spread them skip the inputs' check
     when reading)."""
-    if merged.numel() == 0:
-        return
-    lo, hi = (v.item() for v in torch.aminmax(merged))  # one pass; NaN propagates
-    if math.isfinite(lo) and math.isfinite(hi) and max(-lo, hi) <= torch.finfo(plan.out_dtype).max:
+    if kernels.largest_magnitude(merged) <= torch.finfo(plan.out_dtype).max:  # False for NaN
         return
     if group.base is not None:
         _refuse_nonfinite(plan.base, name, group.base[name])

@@ -31,6 +31,7 @@ so the engine's reader and writer threads run beside them. Other devices, other 
 from __future__ import annotations
 
 import functools
+import math
 import os
 
 import numpy as np
@@ -138,9 +139,13 @@ if numba is not None:
         return np.uint32(x ^ (x >> np.uint32(16)))
 
     @njit(inline="always")
-    def draw(first, second, j):
-        """`rng.uniform`'s draw for position j."""
-        x = np.uint32(np.uint64(j) ^ np.uint64(0x80000000))
+    def draw(first, second, position):
+        """`rng.uniform`'s draw for an entry, given its position's low 32 bits (all the draw
+        uses) as a uint32. Loops count that position in a uint32 of their own: derived from
+        a 64-bit index, it vectorised in 512-bit lanes, and on Intel cores a 512-bit
+        instruction in flight shuts one of the two 256-bit vector ports (per 5632x2048
+        tensor: dare_linear 14.7 -> 8.7 ms, della 38.2 -> 27.5 ms)."""
+        x = np.uint32(position ^ np.uint32(0x80000000))
         x = _fmix32(np.uint32(x ^ first))
         x = _fmix32(np.uint32(x ^ second))
         return np.float32(np.uint32(x >> np.uint32(8)) & np.uint32(0xFFFFFF)) * np.float32(2.0**-24)
@@ -209,12 +214,12 @@ if numba is not None:
                 for r in range(equal.shape[2]):
                     low, high = bounds[r, 0], bounds[r, 1]
                     ge, at_low, gt, at_high = np.int32(0), np.int32(0), np.int32(0), np.int32(0)
-                    for s in range(size):  # int32 counts per block: they vectorise
-                        x = v[s]
-                        ge += np.int32(x >= low)
-                        at_low += np.int32(x == low)
-                        gt += np.int32(x > high)
-                        at_high += np.int32(x == high)
+                    for s in range(size):  # int32 counts per block (numba's sum of two
+                        x = v[s]  # is an int64: cast back, 8 lanes per vector, not 4)
+                        ge = np.int32(ge + np.int32(x >= low))
+                        at_low = np.int32(at_low + np.int32(x == low))
+                        gt = np.int32(gt + np.int32(x > high))
+                        at_high = np.int32(at_high + np.int32(x == high))
                         flags[s] |= (x > low) & (x < high)
                     counts[t, r, 0] += ge
                     counts[t, r, 1] += gt
@@ -322,7 +327,7 @@ if numba is not None:
         return (v > value) | ((v == value) & (j < cut))
 
     @njit(inline="always")
-    def _entry(base, model, j, variance, select_variance, keep_rule, rule, prob):
+    def _entry(base, model, j, position, variance, select_variance, keep_rule, rule, prob):
         """Entry j's task vector d and whether the sparsifier keeps it. `rule` is a constant
         where this inlines, so each loop computes only its own test: (0) inside the top-k
         bounds, of |d| or of the variance across models (SCE), given as (value, cut); (3)
@@ -336,7 +341,7 @@ if numba is not None:
         elif rule == 3:
             keep = (s > keep_value) & ~(s > drop_value)
         else:
-            keep = draw(first, second, j) < prob
+            keep = draw(first, second, position) < prob
         return d, keep
 
     @njit(inline="always")
@@ -473,10 +478,12 @@ if numba is not None:
         of |d| (d^2 with `square`) over all entries and over the kept ones in `sums[blk, i]`."""
         w, f, div = scaling
         size = len(own)
+        position = np.uint32(start)  # a uint32 for the draws (see `draw`)
         if sums.shape[0] > 0:  # |d| (or d^2) of every entry in acc, of the kept ones in own
             for t in range(size):
-                j = start + t
-                d, keep = _entry(base, model, j, stat[t], select_variance, keep_rule, rule, prob[t])
+                d, keep = _entry(base, model, start + t, position, stat[t], select_variance,
+                                 keep_rule, rule, prob[t])  # fmt: skip
+                position = np.uint32(position + np.uint32(1))
                 x = d * d if square else abs(d)
                 acc[t] = x
                 own[t] = x if keep else np.float32(0.0)
@@ -484,8 +491,9 @@ if numba is not None:
             sums[blk, i, 1] = _total(own, size)
             return
         for t in range(size):
-            j = start + t
-            d, keep = _entry(base, model, j, stat[t], select_variance, keep_rule, rule, prob[t])
+            d, keep = _entry(base, model, start + t, position, stat[t], select_variance,
+                             keep_rule, rule, prob[t])  # fmt: skip
+            position = np.uint32(position + np.uint32(1))
             if div:
                 p = prob[t]
                 scaled = d / (max(p, np.float32(1e-12)) if rule == 2 else p)
@@ -564,9 +572,10 @@ if numba is not None:
                 continue
             total = prob  # reused: the summed weights of the agreeing models per entry
             if sign_consensus:
-                elected = stat  # reused: the elected sign per entry
+                # the elected sign per entry is the weighted sum's: compared as it is, the
+                # sum needs no sign of its own (as an int64, which took 512-bit lanes)
+                elected, acc = acc, stat  # stat reused: the sum of the agreeing entries
                 for t in range(size):
-                    elected[t] = np.float32((acc[t] > 0) - (acc[t] < 0))
                     acc[t] = 0.0
                     total[t] = 0.0
                 for i in range(models_n):
@@ -574,7 +583,7 @@ if numba is not None:
                     own = kept[i]
                     for t in range(size):
                         d = own[t]
-                        e = elected[t]  # sign(d) == e, in compares: a float sign of d
+                        e = elected[t]  # d and the weighted sum agree in sign, in compares
                         agree = ((d > 0) == (e > 0)) & ((d < 0) == (e < 0))  # took 4x longer
                         acc[t] = fma(w, d if agree else d - d, acc[t])
                         total[t] = fma(w, np.float32(1.0) if agree else np.float32(0.0), total[t])
@@ -584,6 +593,20 @@ if numba is not None:
                     divisor = total[t] if sign_consensus else weight_total
                     x = x / (divisor if abs(divisor) > np.float32(1e-12) else np.float32(1.0))
                 store(out, start + t, load(base, start + t) + lam * x)
+
+    @njit(parallel=True, cache=True, nogil=True)
+    def _largest_pattern(a, maxima):
+        """Per block, the largest pattern of |x| (the bits without the sign; as unsigned
+        integers, magnitudes order as the floats do, and every NaN lies above inf): cast back
+        to the array's width at each step, so that 16 bfloat16 lanes fit a 256-bit vector."""
+        n = a.size
+        bits = a.dtype.type  # uint16 (bfloat16) or uint32 (float32)
+        magnitude = bits(0x7FFF) if a.itemsize == 2 else bits(0x7FFFFFFF)
+        for blk in prange((n + BLOCK - 1) // BLOCK):
+            most = bits(0)
+            for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+                most = max(most, bits(a[np.uintp(j)] & magnitude))
+            maxima[blk] = most
 
     @njit(fastmath={"reassoc"}, cache=True, nogil=True)
     def _block_products(base, a, b, start, stop):
@@ -788,6 +811,25 @@ def merge(base: Tensor, models: list[Tensor], out: Tensor | None, row: int, para
     target = base_[:0] if out is None else array(out)
     _merge(base_, models_, target, row, block, *(params[k] for k in MERGE_PARAMS), sums)
     return sums.sum(0) if out is None else None
+
+
+def largest_magnitude(t: Tensor) -> float:
+    """max |x| over a floating tensor: inf where one is infinite, NaN where one is NaN. On the
+    CPU one pass over the stored bits (torch's aminmax on bfloat16, which the merge engine's
+    checks used, took 15% of a SLERP merge's CPU time), else torch."""
+    if t.numel() == 0:
+        return 0.0
+    if not usable(t):
+        lo, hi = (v.item() for v in torch.aminmax(t))  # NaN propagates to both
+        return math.nan if math.isnan(hi) else max(-lo, hi)
+    bits = array(t)
+    if bits.dtype == np.float32:
+        bits = bits.view(np.uint32)
+    maxima = np.empty((bits.size + BLOCK - 1) // BLOCK, bits.dtype)
+    _largest_pattern(bits, maxima)
+    top = int(maxima.max())
+    pattern = np.uint32(top << 16 if bits.dtype == np.uint16 else top)
+    return float(pattern.view(np.float32))
 
 
 def delta_products(base: Tensor, a: Tensor, b: Tensor) -> tuple[float, float, float]:
