@@ -13,7 +13,8 @@ Guarantees:
   renames it into place only when everything inside is written.
 - Written shards are standard safetensors files streamed tensor by tensor: `ShardWriter` plans all
   headers from the tensors' shapes first, because `safetensors.torch.save_file` needs every tensor
-  of a shard in memory at once.
+  of a shard in memory at once. They bypass the page cache where the filesystem allows
+  (`SequentialFile`).
 """
 
 from __future__ import annotations
