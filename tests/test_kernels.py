@@ -222,6 +222,77 @@ def test_top_k_in_a_tie_group_at_either_end_or_between(where, monkeypatch):
     assert calls == ["_resolve" if where == "between" else "_cut_equal"]
 
 
+def selection_reference(base, models, k):
+    """SCE's Select and Calculate by a stable sort: (value, cut) of the k entries of largest
+    variance, and per model the float64 sum of the float32 squares d * d over them."""
+    deltas = torch.stack([m.float() - base.float() for m in models]).reshape(len(models), -1)
+    mean = deltas.sum(0) / len(models)
+    variance = sum((d - mean) * (d - mean) for d in deltas) / len(models)
+    value, cut = top_k_reference(variance, k)
+    kept = (variance > value) | ((variance == value) & (torch.arange(len(variance)) < cut))
+    energy = [float((d * d)[kept].double().sum()) for d in deltas]
+    return (value, cut), energy
+
+
+def assert_selection(base, models, k):
+    top, energy = kernels.selection_energy(base, models, k)
+    expected_top, expected_energy = selection_reference(base, models, k)
+    assert top == expected_top
+    np.testing.assert_allclose(energy, expected_energy, rtol=1e-12)
+
+
+@pytest.mark.parametrize("fraction", [1e-4, 0.01, 0.3, 0.5, 0.77, 0.999])
+@pytest.mark.parametrize("models", [2, 3])
+def test_selection_energy_sums_the_squares_of_the_selected(fraction, models):
+    """SCE's one pass: the selected entries' summed squares, whichever way the k-th largest
+    variance falls among many equal ones (bfloat16 steps)."""
+    base, tuned = family((300, 500), torch.bfloat16, models=models, seed=6)
+    assert_selection(base, tuned, int(fraction * base.numel()))
+
+
+@pytest.mark.parametrize("where", ["high", "low", "between", "wrong"])
+def test_selection_energy_with_the_cut_at_either_end_between_or_mispredicted(where, monkeypatch):
+    """A forced sample puts the k-th largest variance, inside a tie group over many blocks, at
+    the predicted range's upper end, its lower end, strictly inside, or outside (the
+    histogram pass finds it): each way the energies count the selected entries alone."""
+    base, models = family((300, 700), torch.bfloat16, seed=5)
+    k = base.numel() // 2
+    (value, _), _ = selection_reference(base, models, k)
+    pattern = int(torch.tensor(value).view(torch.int32))
+    predicted = {
+        "high": [pattern] * 2,
+        "low": [pattern, pattern + 0x100],
+        "between": [pattern - 1, pattern + 1],
+        "wrong": [0x7F000000] * 2,
+    }
+    half = lambda spots: np.repeat(predicted[where], (len(spots) + 1) // 2)[: len(spots)]  # noqa: E731
+    monkeypatch.setattr(
+        kernels, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32)
+    )
+    calls = []
+    for name in ("_histogram", "_resolve", "_before_cut"):
+        fn = getattr(kernels, name)
+        monkeypatch.setattr(
+            kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a)
+        )
+    assert_selection(base, models, k)
+    paths = {"high": ["_before_cut"], "low": ["_before_cut"], "between": ["_resolve"]}
+    assert calls == paths.get(where, ["_histogram", "_resolve"])  # its bucket holds others
+
+
+def test_selection_energy_does_not_depend_on_the_thread_count():
+    base, models = family((300, 700), torch.bfloat16, seed=7)
+    before = numba.get_num_threads()
+    try:
+        numba.set_num_threads(1)
+        one = kernels.selection_energy(base, models, base.numel() // 3)
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+        every = kernels.selection_energy(base, models, base.numel() // 3)
+    finally:
+        numba.set_num_threads(before)
+    assert one[0] == every[0] and one[1].tobytes() == every[1].tobytes()
+
+
 @pytest.mark.parametrize(
     "k", [kernels.BLOCK, 2 * kernels.BLOCK, kernels.BLOCK - 1, kernels.BLOCK + 1, 5, 0]
 )

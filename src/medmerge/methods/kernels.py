@@ -181,8 +181,31 @@ if numba is not None:
             for s in range(size):
                 out[s] = np.float32(value(1, base, models, i, start + s)).view(np.uint32)
 
+    @njit(cache=True, nogil=True)
+    def _range_size(n, threads):
+        """Entries per thread in `_scan`: whole blocks, so that blocks start at multiples of
+        BLOCK whatever the thread count (SCE's per-block sums then add in one order)."""
+        return ((n + threads - 1) // threads + BLOCK - 1) // BLOCK * BLOCK
+
+    @njit(fastmath={"reassoc"}, cache=True, nogil=True)
+    def _block_energy(base, model, start, v, low, high, out):
+        """SCE's energy parts for one block: the float64 sums of d * d (a float32 square, as
+        torch's square()) over the entries whose statistic `v` is above `high`, equal to
+        `high` and equal to `low` (reassociated, as in `_block_products`)."""
+        above, at_high, at_low = 0.0, 0.0, 0.0
+        for s in range(len(v)):
+            d = load(model, start + s) - load(base, start + s)
+            x = np.float64(d * d)
+            p = v[s]
+            above += x if p > high else 0.0
+            at_high += x if p == high else 0.0
+            at_low += x if p == low else 0.0
+        out[0], out[1], out[2] = above, at_high, at_low
+
     @njit(parallel=True, cache=True, nogil=True)
-    def _scan(mode, base, models, i, bounds, capacity, bits, positions, counts, equal, threads):
+    def _scan(
+        mode, base, models, i, bounds, capacity, bits, positions, counts, equal, energy, threads
+    ):
         """One pass over the statistic (`value`'s mode) as float32 bit patterns, in `threads`
         contiguous ranges of blocks. For each row r of `equal.shape[2]` inclusive bounds
         (low, high) in `bounds`: in `counts[t, r]`, thread t's number of patterns at or above
@@ -194,9 +217,13 @@ if numba is not None:
         Equal entries are counted, not collected: bfloat16 task vectors take few distinct
         values, and the k-th largest often sits in a tie group of several percent of the
         entries. The statistic, the counts and a flag per entry go block by block in loops
-        that vectorise; then the flags, read 8 at a time, lead to the few entries to collect."""
+        that vectorise; then the flags, read 8 at a time, lead to the few entries to collect.
+
+        Where `energy` has rows (SCE, one row of bounds), `energy[t, b, m]` gets model m's
+        `_block_energy` for thread t's b-th block: with the counts, the sums of d * d over
+        the k selected entries follow without another pass (`top_ks`)."""
         n = base.size
-        step = (n + threads - 1) // threads
+        step = _range_size(n, threads)
         hits = np.zeros(threads, np.int64)
         for t in prange(threads):
             v = np.empty(BLOCK, np.uint32)
@@ -225,6 +252,10 @@ if numba is not None:
                     counts[t, r, 1] += gt
                     equal[t, b, r, 0] = at_low
                     equal[t, b, r, 1] = at_high
+                if energy.shape[0] > 0:
+                    for m in range(len(models)):
+                        _block_energy(base, models[m], start, v[:size], bounds[0, 0],
+                                      bounds[0, 1], energy[t, b, m])  # fmt: skip
                 for g in range((size + 7) // 8):
                     word = words[g]
                     while word != 0:  # one step per flagged entry, in position order
@@ -288,7 +319,7 @@ if numba is not None:
         """The position after the `ties`-th entry equal to target, given `_scan`'s counts of
         such entries per block (`equal[t, b]`): only the block that holds it is read again."""
         n = base.size
-        step = (n + threads - 1) // threads
+        step = _range_size(n, threads)
         for t in range(threads):
             for b in range(equal.shape[1]):
                 if ties > equal[t, b]:
@@ -301,6 +332,16 @@ if numba is not None:
                         if ties == 0:
                             return j + 1
         return 0  # unreachable when the counts hold `ties` such entries
+
+    @njit(cache=True, nogil=True)
+    def _equal_energy(mode, base, models, target, begin, end, out):
+        """Per model, the float64 sum of d * d over the entries in begin..end-1 whose
+        statistic's pattern is `target`."""
+        for j in range(begin, end):
+            if np.float32(value(mode, base, models, 0, j)).view(np.uint32) == target:
+                for m in range(len(models)):
+                    d = load(models[m], j) - load(base, j)
+                    out[m] += np.float64(d * d)
 
     @njit(parallel=True, cache=True, nogil=True)
     def _sample(mode, base, models, i, positions):
@@ -705,14 +746,28 @@ def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int])
     collecting them, as the pass did before, took half its time (10.1 ms for top_ks then,
     5.2 ms now). A wrong prediction (rare) costs a histogram pass, which finds the range, and
     a second pass."""
+    found, _ = _top_ks(mode, base, models, i, ks, energy=False)
+    return found
+
+
+def selection_energy(base: Tensor, models: list[Tensor], k: int) -> tuple[tuple, np.ndarray]:
+    """SCE's Select and Calculate in one pass, for 0 < k < n: the (value, cut) of the k
+    entries of largest variance across the models (as `top_ks` mode 1), and per model the sum
+    over them of d * d (float32 squares summed in float64). Summing in the top-k pass saves
+    SCE one of its three passes over the tensors."""
+    (top,), energy = _top_ks(1, base, models, 0, [k], energy=True)
+    return top, energy
+
+
+def _top_ks(mode, base, models, i, ks, energy):
     base_, models_ = array(base), tuple(array(m) for m in models)
     n = base_.size
     ks = [min(max(k, 0), n) for k in ks]
     inner = sorted({k for k in ks if 0 < k < n})
     found = {0: (float("inf"), 0), n: (-1.0, 0)}
     if not inner:
-        return [found[k] for k in ks]
-    if len(inner) > 2:
+        return [found[k] for k in ks], None
+    if len(inner) > 2 or (energy and len(inner) > 1):
         raise ValueError(f"top_ks finds at most two thresholds in one pass, not {ks}")
     threads = numba.get_num_threads()
     size = min(SAMPLE, max(n // 64, 1024))
@@ -722,19 +777,22 @@ def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int])
         q = 1 - k / n  # the k-th largest's quantile
         margin = 4 * (size * q * (1 - q)) ** 0.5 + 8  # 4 sigma: wrong 1 time in 15,000
         ends.append([int(np.clip(size * q + m * margin, 0, size - 1)) for m in (-1, 1)])
-    sample.partition(sorted({e for pair in ends for e in pair}))
+    sample.sort()  # numpy's vectorised sort: 0.12 ms, partitioning at four ranks took 0.9
     bounds = sample[ends]  # per k, inclusive float32 patterns
     collected = sum((sample > low) & (sample < high) for low, high in bounds)
     capacity = _capacity(collected.mean() * n, threads)
-    blocks = (n + threads - 1) // threads // BLOCK + 1
+    step = _range_size(n, threads)
+    blocks = step // BLOCK
     while True:
         counts = np.zeros((threads, len(inner), 2), np.int64)
         equal = np.zeros((threads, blocks, len(inner), 2), np.int64)
+        sums = np.zeros((threads, blocks, len(models_), 3) if energy else (0, 0, 0, 3))
         bits = np.empty(threads * capacity, np.uint32)
         positions = np.empty(len(bits), np.int64)
         hits = _scan(
-            mode, base_, models_, i, bounds, capacity, bits, positions, counts, equal, threads
-        )
+            mode, base_, models_, i, bounds, capacity, bits, positions, counts, equal, sums,
+            threads,
+        )  # fmt: skip
         at_or_above, above = counts.sum(0).T
         inside = all(above[r] < k <= at_or_above[r] for r, k in enumerate(inner))
         if inside and hits.max() <= capacity:
@@ -763,7 +821,45 @@ def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int])
             target = low
             cut = _cut_equal(mode, base_, models_, i, at_low, low, k - above_low, threads)
         found[k] = (float(np.uint32(target).view(np.float32)), int(cut))
-    return [found[k] for k in ks]
+    if not energy:
+        return [found[k] for k in ks], None
+    # the selected entries: those above high; those equal to high, all or those before the
+    # cut; those collected inside (low, high) above the k-th largest, or equal to it and
+    # before the cut; those equal to low before the cut
+    sums = sums.reshape(threads * blocks, len(models_), 3)  # blocks in position order
+    energy = sums[:, :, 0].sum(0)
+    if target == high:
+        energy += _before_cut(sums[:, :, 1], base_, models_, target, cut, step, blocks)
+        return [found[k] for k in ks], energy
+    energy += sums[:, :, 1].sum(0)
+    inside = np.concatenate([positions[t * capacity :][: hits[t]] for t in range(threads)])
+    if target == low:
+        energy += _before_cut(sums[:, :, 2], base_, models_, target, cut, step, blocks)
+    else:
+        patterns = np.concatenate([bits[t * capacity :][: hits[t]] for t in range(threads)])
+        inside = inside[(patterns > target) | ((patterns == target) & (inside < cut))]
+    return [found[k] for k in ks], energy + _squares_at(base, models, inside)
+
+
+def _before_cut(sums, base_, models_, target, cut, step, blocks) -> np.ndarray:
+    """Per model, the sum of d * d over the entries equal to `target` before position `cut`,
+    given the per-block sums over all such entries (`sums[block, model]`, blocks in position
+    order): the blocks before the one that holds position cut - 1, and that one read again."""
+    thread = (cut - 1) // step
+    block = (cut - 1 - thread * step) // BLOCK
+    begin = thread * step + block * BLOCK
+    part = np.zeros(len(models_))
+    _equal_energy(1, base_, models_, np.uint32(target), begin, cut, part)
+    return sums[: thread * blocks + block].sum(0) + part
+
+
+def _squares_at(base: Tensor, models: list[Tensor], positions: np.ndarray) -> np.ndarray:
+    """Per model, the sum of d * d (float32 squares, summed in float64) at `positions`."""
+    at = torch.from_numpy(positions)
+    origin = base.reshape(-1)[at].float()
+    # numpy's pairwise float64 sum: its order does not depend on torch's thread count
+    squares = [(m.reshape(-1)[at].float() - origin).square().numpy() for m in models]
+    return np.array([s.sum(dtype=np.float64) for s in squares])
 
 
 @functools.lru_cache(maxsize=16)

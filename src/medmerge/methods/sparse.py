@@ -656,8 +656,14 @@ def sce(
     k = _count(select_topk, n, "select_topk") if len(models) > 1 else n
     if kernels.usable(base, *models, out_dtype=out_dtype):
         params = _kernel_params(len(models), [0.0] * len(models), select_variance=True)
-        params["keep_value"][:], params["keep_cut"][:] = kernels.top_ks(1, base, models, 0, [k])[0]
-        energy = kernels.merge(base, models, None, 1, dict(params, square=True))[:, 1]
+        if 0 < k < n:  # Select and Calculate in one pass
+            top, energy = kernels.selection_energy(base, models, k)
+            params["keep_value"][:], params["keep_cut"][:] = top
+        else:
+            params["keep_value"][:], params["keep_cut"][:] = kernels.top_ks(
+                1, base, models, 0, [k]
+            )[0]
+            energy = kernels.merge(base, models, None, 1, dict(params, square=True))[:, 1]
         params.update(weight=np.array(_energy_weights(energy), np.float32), lam=np.float32(lambda_))
         out = buffers.empty(base.shape, out_dtype)
         kernels.merge(base, models, out, 1, dict(params, sign_consensus=True, normalize=True))
