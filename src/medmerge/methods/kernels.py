@@ -612,28 +612,49 @@ if numba is not None:
             if summing:
                 continue
             total = prob  # reused: the summed weights of the agreeing models per entry
-            if sign_consensus:
-                # the elected sign per entry is the weighted sum's: compared as it is, the
-                # sum needs no sign of its own (as an int64, which took 512-bit lanes)
-                elected, acc = acc, stat  # stat reused: the sum of the agreeing entries
+            if not sign_consensus:
                 for t in range(size):
-                    acc[t] = 0.0
-                    total[t] = 0.0
-                for i in range(models_n):
-                    w = weight[i]
-                    own = kept[i]
+                    x = acc[t]
+                    if normalize:
+                        x = _normalized(x, weight_total)
+                    store(out, start + t, load(base, start + t) + lam * x)
+                continue
+            # the elected sign per entry is the weighted sum's: compared as it is, the sum
+            # needs no sign of its own (as an int64, which took 512-bit lanes). The first
+            # model's votes add to zero, the last one's go straight to the output.
+            elected, acc = acc, stat  # stat reused: the sum of the agreeing entries
+            if models_n == 1:
+                acc[:] = 0.0
+                total[:] = 0.0
+            for i in range(models_n):
+                w, own = weight[i], kept[i]
+                if i == models_n - 1:
                     for t in range(size):
-                        d = own[t]
-                        e = elected[t]  # d and the weighted sum agree in sign, in compares
-                        agree = ((d > 0) == (e > 0)) & ((d < 0) == (e < 0))  # took 4x longer
-                        acc[t] = fma(w, d if agree else d - d, acc[t])
-                        total[t] = fma(w, np.float32(1.0) if agree else np.float32(0.0), total[t])
-            for t in range(size):
-                x = acc[t]
-                if normalize:
-                    divisor = total[t] if sign_consensus else weight_total
-                    x = x / (divisor if abs(divisor) > np.float32(1e-12) else np.float32(1.0))
-                store(out, start + t, load(base, start + t) + lam * x)
+                        x, votes = _vote(w, own[t], elected[t], acc[t], total[t])
+                        if normalize:
+                            x = _normalized(x, votes)
+                        store(out, start + t, load(base, start + t) + lam * x)
+                elif i == 0:
+                    zero = np.float32(0.0)
+                    for t in range(size):
+                        acc[t], total[t] = _vote(w, own[t], elected[t], zero, zero)
+                else:
+                    for t in range(size):
+                        acc[t], total[t] = _vote(w, own[t], elected[t], acc[t], total[t])
+
+    @njit(inline="always")
+    def _vote(w, d, elected, acc, total):
+        """TIES's disjoint sum, one model's step: its weighted entry d added to acc and its
+        weight to total where d agrees in sign with the elected weighted sum (in compares:
+        an int64 sign took 4x longer)."""
+        agree = ((d > 0) == (elected > 0)) & ((d < 0) == (elected < 0))
+        return fma(w, d if agree else d - d, acc), fma(
+            w, np.float32(1.0) if agree else np.float32(0.0), total
+        )
+
+    @njit(inline="always")
+    def _normalized(x, divisor):
+        return x / (divisor if abs(divisor) > np.float32(1e-12) else np.float32(1.0))
 
     @njit(parallel=True, cache=True, nogil=True)
     def _largest_pattern(a, maxima):
