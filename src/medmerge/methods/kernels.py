@@ -8,7 +8,8 @@ each pass into one loop over the stored tensors (bfloat16 read as bits, or float
 core, with no intermediate tensors:
 
 - `top_ks`: the exact k-th largest |theta_i - b| (or SCE's variance): one pass counts the
-  entries above a range a sample predicts and at its ends, and collects the few inside it;
+  entries above a range a sample predicts and at its ends, and collects the few inside it
+  (for SCE, `selection_energy`, it also sums the selected entries' squares);
 - `merge`: sparsify, rescale and combine every model's task vector and write the output
   dtype, in one pass (DELLA ranks each row inside the pass);
 - `delta_products` and `lerp`: the hierarchical method's task-vector cosine (summed in
