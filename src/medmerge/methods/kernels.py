@@ -768,7 +768,7 @@ def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int])
     collecting them, as the pass did before, took half its time (10.1 ms for top_ks then,
     5.2 ms now). A wrong prediction (rare) costs a histogram pass, which finds the range, and
     a second pass."""
-    found, _ = _top_ks(mode, base, models, i, ks, energy=False)
+    found, _ = _top_ks(mode, base, models, i, ks, with_energy=False)
     return found
 
 
@@ -777,11 +777,12 @@ def selection_energy(base: Tensor, models: list[Tensor], k: int) -> tuple[tuple,
     entries of largest variance across the models (as `top_ks` mode 1), and per model the sum
     over them of d * d (float32 squares summed in float64). Summing in the top-k pass saves
     SCE one of its three passes over the tensors."""
-    (top,), energy = _top_ks(1, base, models, 0, [k], energy=True)
+    (top,), energy = _top_ks(1, base, models, 0, [k], with_energy=True)
     return top, energy
 
 
-def _top_ks(mode, base, models, i, ks, energy):
+def _top_ks(mode, base, models, i, ks, with_energy):
+    """`top_ks`'s thresholds, and with `with_energy` (one k) `selection_energy`'s sums."""
     base_, models_ = array(base), tuple(array(m) for m in models)
     n = base_.size
     ks = [min(max(k, 0), n) for k in ks]
@@ -789,7 +790,7 @@ def _top_ks(mode, base, models, i, ks, energy):
     found = {0: (float("inf"), 0), n: (-1.0, 0)}
     if not inner:
         return [found[k] for k in ks], None
-    if len(inner) > 2 or (energy and len(inner) > 1):
+    if len(inner) > 2 or (with_energy and len(inner) > 1):
         raise ValueError(f"top_ks finds at most two thresholds in one pass, not {ks}")
     threads = numba.get_num_threads()
     size = min(SAMPLE, max(n // 64, 1024))
@@ -808,7 +809,7 @@ def _top_ks(mode, base, models, i, ks, energy):
     while True:
         counts = np.zeros((threads, len(inner), 2), np.int64)
         equal = np.zeros((threads, blocks, len(inner), 2), np.int64)
-        sums = np.zeros((threads, blocks, len(models_), 3) if energy else (0, 0, 0, 3))
+        sums = np.zeros((threads, blocks, len(models_), 3) if with_energy else (0, 0, 0, 3))
         bits = np.empty(threads * capacity, np.uint32)
         positions = np.empty(len(bits), np.int64)
         hits = _scan(
@@ -843,8 +844,9 @@ def _top_ks(mode, base, models, i, ks, energy):
             target = low
             cut = _cut_equal(mode, base_, models_, i, at_low, low, k - above_low, threads)
         found[k] = (float(np.uint32(target).view(np.float32)), int(cut))
-    if not energy:
-        return [found[k] for k in ks], None
+    result = [found[k] for k in ks]
+    if not with_energy:
+        return result, None
     # the selected entries: those above high; those equal to high, all or those before the
     # cut; those collected inside (low, high) above the k-th largest, or equal to it and
     # before the cut; those equal to low before the cut
@@ -852,7 +854,7 @@ def _top_ks(mode, base, models, i, ks, energy):
     energy = sums[:, :, 0].sum(0)
     if target == high:
         energy += _before_cut(sums[:, :, 1], base_, models_, target, cut, step, blocks)
-        return [found[k] for k in ks], energy
+        return result, energy
     energy += sums[:, :, 1].sum(0)
     inside = np.concatenate([positions[t * capacity :][: hits[t]] for t in range(threads)])
     if target == low:
@@ -860,7 +862,7 @@ def _top_ks(mode, base, models, i, ks, energy):
     else:
         patterns = np.concatenate([bits[t * capacity :][: hits[t]] for t in range(threads)])
         inside = inside[(patterns > target) | ((patterns == target) & (inside < cut))]
-    return [found[k] for k in ks], energy + _squares_at(base, models, inside)
+    return result, energy + _squares_at(base, models, inside)
 
 
 def _before_cut(sums, base_, models_, target, cut, step, blocks) -> np.ndarray:
