@@ -790,7 +790,7 @@ def _top_ks(mode, base, models, i, ks, with_energy):
     found = {0: (float("inf"), 0), n: (-1.0, 0)}
     if not inner:
         return [found[k] for k in ks], None
-    if len(inner) > 2 or (with_energy and len(inner) > 1):
+    if len(inner) > 2:
         raise ValueError(f"top_ks finds at most two thresholds in one pass, not {ks}")
     threads = numba.get_num_threads()
     size = min(SAMPLE, max(n // 64, 1024))
@@ -856,13 +856,13 @@ def _top_ks(mode, base, models, i, ks, with_energy):
         energy += _before_cut(sums[:, :, 1], base_, models_, target, cut, step, blocks)
         return result, energy
     energy += sums[:, :, 1].sum(0)
-    inside = np.concatenate([positions[t * capacity :][: hits[t]] for t in range(threads)])
+    kept = np.concatenate([positions[t * capacity :][: hits[t]] for t in range(threads)])
     if target == low:
         energy += _before_cut(sums[:, :, 2], base_, models_, target, cut, step, blocks)
     else:
         patterns = np.concatenate([bits[t * capacity :][: hits[t]] for t in range(threads)])
-        inside = inside[(patterns > target) | ((patterns == target) & (inside < cut))]
-    return result, energy + _squares_at(base, models, inside)
+        kept = kept[(patterns > target) | ((patterns == target) & (kept < cut))]
+    return result, energy + _squares_at(base, models, kept)
 
 
 def _before_cut(sums, base_, models_, target, cut, step, blocks) -> np.ndarray:
