@@ -65,20 +65,30 @@ def read_floor(files: list[Path], copy_to: Path | None = None, copies: int = 0) 
             out.close()
 
 
-def child(code: str, env: dict) -> tuple[float, float]:
-    """Time `code` in a fresh interpreter (after its imports); seconds and the process's peak RSS
-    in MB (VmHWM, which, unlike ru_maxrss, does not count the parent's memory before exec)."""
+def child(code: str, env: dict) -> tuple[float, float, float]:
+    """Time `code` in a fresh interpreter (after its imports): seconds, the process's peak RSS
+    in MB (VmHWM, which, unlike ru_maxrss, does not count the parent's memory before exec) and
+    its CPU seconds (user + system, all threads): CPU seconds near cores x wall seconds mark a
+    merge bound by the arithmetic, fewer one that waits on I/O."""
     timed = (
-        "import time\nfrom pathlib import Path\nimport medmerge\n"
+        "import os, time\nfrom pathlib import Path\nimport medmerge\n"
         "from benchmarks.merge_bench import read_floor\n"
-        f"t = time.perf_counter()\n{code}\nprint(time.perf_counter() - t)\n"
+        f"t, c = time.perf_counter(), os.times()\n{code}\n"
+        "print(time.perf_counter() - t)\n"
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
+        "e = os.times()\nprint(e.user + e.system - c.user - c.system)\n"
     )
     proc = subprocess.Popen([sys.executable, "-c", timed], env=env, stdout=subprocess.PIPE)
-    seconds, peak_kb = proc.stdout.read().split()
+    seconds, peak_kb, cpu = proc.stdout.read().split()
     if proc.wait() != 0:
         raise SystemExit(f"benchmark child failed: {code}")
-    return float(seconds), int(peak_kb) / 1024
+    return float(seconds), int(peak_kb) / 1024, float(cpu)
+
+
+def best(runs: list[tuple[float, float, float]]) -> tuple[float, float, float]:
+    """The fastest run's seconds and CPU seconds, with the largest peak RSS of all runs."""
+    fastest = min(runs)
+    return fastest[0], max(r[1] for r in runs), fastest[2]
 
 
 # the paper's hyperparameters where it gives them (Table IV runs), mergekit-style defaults elsewhere
@@ -152,9 +162,11 @@ def main() -> None:
 
     rows = []
     floor_env = {**env, "PYTHONPATH": str(ROOT)}
-    floor = min(
-        child(f"read_floor([Path(p) for p in {[str(f) for f in files]!r}])", floor_env)
-        for _ in range(args.repeat)
+    floor = best(
+        [
+            child(f"read_floor([Path(p) for p in {[str(f) for f in files]!r}])", floor_env)
+            for _ in range(args.repeat)
+        ]
     )
     rows.append(("read floor", *floor))
     out = args.cache / "merged"
@@ -172,14 +184,14 @@ def main() -> None:
             f"Path({str(fresh_out())!r}), {base_shards})"
         )
         io.append(child(code, floor_env))
-    rows.append(("read+write floor", min(r[0] for r in io), max(r[1] for r in io)))
+    rows.append(("read+write floor", *best(io)))
     methods = list(PARAMETERS) if args.methods == "all" else args.methods.split(",")
     runs = {method: [] for method in methods}
     for _ in range(args.repeat):  # round by round: a slow spell of the machine hits every method
         for method in methods:
             code = merge_code(method, models, fresh_out(), args.device)
             runs[method].append(child(code, floor_env))
-    rows += [(m, min(r[0] for r in runs[m]), max(r[1] for r in runs[m])) for m in methods]
+    rows += [(m, *best(runs[m])) for m in methods]
     shutil.rmtree(out, ignore_errors=True)
 
     floor_s = rows[0][1]
@@ -193,7 +205,7 @@ def main() -> None:
     )
     print(f"first-time sha256 of all inputs (cached afterwards): {hash_seconds:.1f} s\n")
     io_s = rows[1][1]
-    linear_s = next((sec for n, sec, _ in rows if n == "linear"), float("nan"))
+    linear_s = next((sec for n, sec, _, _ in rows if n == "linear"), float("nan"))
     table = [
         {
             "name": n,
@@ -202,18 +214,19 @@ def main() -> None:
             "x_read_write_floor": sec / io_s,
             "x_linear": sec / linear_s,
             "peak_rss_mb": rss,
+            "cpu_seconds": cpu,
         }
-        for n, sec, rss in rows
+        for n, sec, rss, cpu in rows
     ]
     print(
         f"{'row':<18}{'wall s':>8}{'x read floor':>14}{'x r+w floor':>13}{'x linear':>10}"
-        f"{'family GB/s':>13}{'peak RSS MB':>13}"
+        f"{'family GB/s':>13}{'peak RSS MB':>13}{'CPU s':>8}"
     )
     for r in table:
         print(
             f"{r['name']:<18}{r['seconds']:>8.2f}{r['x_read_floor']:>14.2f}"
             f"{r['x_read_write_floor']:>13.2f}{r['x_linear']:>10.2f}"
-            f"{gb / r['seconds']:>13.2f}{r['peak_rss_mb']:>13.0f}"
+            f"{gb / r['seconds']:>13.2f}{r['peak_rss_mb']:>13.0f}{r['cpu_seconds']:>8.2f}"
         )
     if args.json:
         summary = {

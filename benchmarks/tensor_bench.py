@@ -1,22 +1,28 @@
 """Per-tensor merge time of each method, in memory (no I/O): the kernels' own speed.
 
     python benchmarks/tensor_bench.py [--shape 5632x2048] [--methods ties,della] [--repeat 12]
+    python benchmarks/tensor_bench.py --family bench-cache/family-1b [--methods ...] [--repeat 2]
 
 One base tensor and two fine-tunes, bfloat16, made the way `medmerge.synthetic` makes the
 benchmark family's (base N(0, 0.02^2), deltas 5% of that), merged with `merge_bench.py`'s
 parameters on every core. Each method's time is the minimum over `--repeat` rounds, methods
-alternating round by round, with linear beside them as the baseline. Whole merges, with their
-I/O, are `merge_bench.py`'s job.
+alternating round by round, with linear beside them as the baseline. With `--family` (the
+folder `merge_bench.py` generates), every tensor of that family instead, read into memory one at
+a time: the sum of each method's per-tensor times is its whole merge's arithmetic without the
+I/O, the part of `merge_bench.py`'s time that the kernels decide. Whole merges, with their I/O,
+are `merge_bench.py`'s job.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 from merge_bench import PARAMETERS  # beside this script
 
+from medmerge.checkpoint import Checkpoint
 from medmerge.engine import tensor_seed
 from medmerge.methods import get_method
 
@@ -51,31 +57,55 @@ def runner(name: str, base: torch.Tensor, models: list[torch.Tensor]):
     return lambda: method.fn(base, models, **params)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shape", default="5632x2048")
-    ap.add_argument("--methods", default=",".join(("linear", *SPARSE)))
-    ap.add_argument("--repeat", type=int, default=12)
-    args = ap.parse_args()
-    shape = tuple(int(s) for s in args.shape.split("x"))
-    base, models = family(shape)
-    methods = args.methods.split(",")
-    calls = {m: runner(m, base, models) for m in methods}
-    for call in calls.values():  # compile the kernels before timing
+def timed(calls: dict, repeat: int) -> dict[str, float]:
+    """Each call's minimum time over `repeat` rounds, the calls alternating round by round,
+    after one untimed round (which compiles the kernels and touches the tensors)."""
+    for call in calls.values():
         call()
-    times = {m: [] for m in methods}
-    for _ in range(args.repeat):
+    times = {m: [] for m in calls}
+    for _ in range(repeat):
         for m, call in calls.items():
             t = time.perf_counter()
             call()
             times[m].append(time.perf_counter() - t)
-    best = {m: min(ts) for m, ts in times.items()}
+    return {m: min(ts) for m, ts in times.items()}
+
+
+def family_sums(folder: Path, methods: list[str], repeat: int) -> dict[str, float]:
+    """Per method, the sum over every tensor of the family in `folder` of its best time."""
+    readers = [Checkpoint(folder / name) for name in ("base", "model_1", "model_2")]
+    sums = dict.fromkeys(methods, 0.0)
+    for name in readers[0].tensors:
+        base, *models = (r.read(name).clone() for r in readers)
+        for m, seconds in timed({m: runner(m, base, models) for m in methods}, repeat).items():
+            sums[m] += seconds
+    return sums
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shape", default="5632x2048")
+    ap.add_argument("--family", type=Path, help="a generated family's folder: all its tensors")
+    ap.add_argument("--methods", default=",".join(("linear", *SPARSE)))
+    ap.add_argument("--repeat", type=int, default=12)
+    args = ap.parse_args()
+    methods = args.methods.split(",")
+    threads = torch.get_num_threads()
+    if args.family:
+        best = family_sums(args.family, methods, args.repeat)
+        print(f"every tensor of {args.family}, in memory, {threads} threads, "
+              f"sum of per-tensor minima of {args.repeat}")  # fmt: skip
+        unit, scale = "s", 1
+    else:
+        shape = tuple(int(s) for s in args.shape.split("x"))
+        base, models = family(shape)
+        best = timed({m: runner(m, base, models) for m in methods}, args.repeat)
+        print(f"{args.shape}, 2 models, bfloat16, {threads} threads, min of {args.repeat}")
+        unit, scale = "ms", 1e3
     reference = best.get("linear")
-    print(f"{args.shape}, 2 models, bfloat16, {torch.get_num_threads()} threads, "
-          f"min of {args.repeat}")  # fmt: skip
     for m in methods:
         ratio = f"{best[m] / reference:8.2f}x linear" if reference else ""
-        print(f"{m:<18}{best[m] * 1e3:8.1f} ms{ratio}")
+        print(f"{m:<18}{best[m] * scale:8.2f} {unit}{ratio}")
 
 
 if __name__ == "__main__":
