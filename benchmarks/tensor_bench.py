@@ -1,16 +1,16 @@
 """Per-tensor merge time of each method, in memory (no I/O): the kernels' own speed.
 
     python benchmarks/tensor_bench.py [--shape 5632x2048] [--methods ties,della] [--repeat 12]
-    python benchmarks/tensor_bench.py --family bench-cache/family-1b [--methods ...] [--repeat 2]
+    python benchmarks/tensor_bench.py --family 1b [--cache bench-cache] [--methods ...] [--repeat 2]
 
 One base tensor and two fine-tunes, bfloat16, made the way `medmerge.synthetic` makes the
 benchmark family's (base N(0, 0.02^2), deltas 5% of that), merged with `merge_bench.py`'s
 parameters on every core. Each method's time is the minimum over `--repeat` rounds, methods
-alternating round by round, with linear beside them as the baseline. With `--family` (the
-folder `merge_bench.py` generates), every tensor of that family instead, read into memory one at
-a time: the sum of each method's per-tensor times is its whole merge's arithmetic without the
-I/O, the part of `merge_bench.py`'s time that the kernels decide. Whole merges, with their I/O,
-are `merge_bench.py`'s job.
+alternating round by round, with linear beside them as the baseline. With `--family`, every
+tensor of `merge_bench.py`'s family of that size instead (generated into `--cache` if missing),
+read into memory one at a time: the sum of each method's per-tensor times is its whole merge's
+arithmetic without the I/O, the part of `merge_bench.py`'s time that the kernels decide. Whole
+merges, with their I/O, are `merge_bench.py`'s job.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from merge_bench import PARAMETERS  # beside this script
+from merge_bench import PARAMETERS, ROOT, generate  # beside this script
 
 from medmerge.checkpoint import Checkpoint
 from medmerge.engine import tensor_seed
@@ -71,29 +71,32 @@ def timed(calls: dict, repeat: int) -> dict[str, float]:
     return {m: min(ts) for m, ts in times.items()}
 
 
-def family_sums(folder: Path, methods: list[str], repeat: int) -> dict[str, float]:
-    """Per method, the sum over every tensor of the family in `folder` of its best time."""
-    readers = [Checkpoint(folder / name) for name in ("base", "model_1", "model_2")]
+def family_sums(folders: list[Path], methods: list[str], repeat: int) -> dict[str, float]:
+    """Per method, the sum over every tensor of the family (base first) of its best time."""
+    readers = [Checkpoint(folder) for folder in folders]
     sums = dict.fromkeys(methods, 0.0)
     for name in readers[0].tensors:
         base, *models = (r.read(name).clone() for r in readers)
         for m, seconds in timed({m: runner(m, base, models) for m in methods}, repeat).items():
             sums[m] += seconds
+    for r in readers:
+        r.close()
     return sums
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="5632x2048")
-    ap.add_argument("--family", type=Path, help="a generated family's folder: all its tensors")
+    ap.add_argument("--family", choices=["1b", "tiny"], help="every tensor of that family")
+    ap.add_argument("--cache", type=Path, default=ROOT / "bench-cache")
     ap.add_argument("--methods", default=",".join(("linear", *SPARSE)))
     ap.add_argument("--repeat", type=int, default=12)
     args = ap.parse_args()
     methods = args.methods.split(",")
     threads = torch.get_num_threads()
     if args.family:
-        best = family_sums(args.family, methods, args.repeat)
-        print(f"every tensor of {args.family}, in memory, {threads} threads, "
+        best = family_sums(generate(args.cache, args.family), methods, args.repeat)
+        print(f"every tensor of the {args.family} family, in memory, {threads} threads, "
               f"sum of per-tensor minima of {args.repeat}")  # fmt: skip
         unit, scale = "s", 1
     else:
