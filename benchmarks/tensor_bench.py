@@ -23,8 +23,8 @@ import torch
 from merge_bench import PARAMETERS, ROOT, generate  # beside this script
 
 from medmerge.checkpoint import Checkpoint
-from medmerge.engine import tensor_seed
 from medmerge.methods import get_method
+from medmerge.methods.rng import tensor_seed
 
 SPARSE = ("ties", "dare_ties", "dare_linear", "della", "della_linear", "breadcrumbs",
           "breadcrumbs_ties", "sce")  # fmt: skip

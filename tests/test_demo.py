@@ -198,7 +198,8 @@ def test_demo_pipeline_at_toy_size_then_rerun_from_cache(tmp_path, monkeypatch):
 
     import medmerge.demo.finetune
     from medmerge.demo.run import FULL, run_demo
-    from medmerge.study import PAPER_MERGES, load_records
+    from medmerge.records import load_records
+    from medmerge.study import PAPER_MERGES
 
     toy = replace(
         FULL,

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from medmerge.methods import get_method, kernels
+from medmerge.methods.kernels import topk
 
 numba = pytest.importorskip("numba")
 
@@ -139,10 +140,10 @@ def test_top_k_recovers_from_a_wrong_prediction(monkeypatch):
     n = base.numel()
     ks = [n // 50, n // 2]
     expected = kernels.top_ks(0, base, models, 0, ks)
-    monkeypatch.setattr(kernels, "SAMPLE", 2)
+    monkeypatch.setattr(topk, "SAMPLE", 2)
     histograms = []
-    histogram = kernels._histogram
-    monkeypatch.setattr(kernels, "_histogram", lambda *a: histograms.append(1) or histogram(*a))
+    histogram = topk._histogram
+    monkeypatch.setattr(topk, "_histogram", lambda *a: histograms.append(1) or histogram(*a))
     assert kernels.top_ks(0, base, models, 0, ks) == expected
     assert histograms, "the two-entry sample predicted right: the test needs another case"
     magnitude = (models[0].float() - base.float()).abs().reshape(-1)
@@ -183,9 +184,9 @@ def test_top_k_recovers_from_too_little_room(monkeypatch):
     ks = [n // 50, n // 2]
     expected = kernels.top_ks(0, base, models, 0, ks)
     scans = []
-    scan = kernels._scan
-    monkeypatch.setattr(kernels, "_scan", lambda *a: scans.append(a[5]) or scan(*a))
-    monkeypatch.setattr(kernels, "_capacity", lambda expected, threads: 1)
+    scan = topk._scan
+    monkeypatch.setattr(topk, "_scan", lambda *a: scans.append(a[6]) or scan(*a))
+    monkeypatch.setattr(topk, "_capacity", lambda expected, threads: 1)
     assert kernels.top_ks(0, base, models, 0, ks) == expected
     assert scans[0] == 1 and scans[1] > 1
 
@@ -210,13 +211,13 @@ def test_top_k_in_a_tie_group_at_either_end_or_between(where, monkeypatch):
     }
     half = lambda spots: np.repeat(predicted[where], (len(spots) + 1) // 2)[: len(spots)]  # noqa: E731
     monkeypatch.setattr(
-        kernels, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32)
+        topk, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32)
     )
     calls = []
     for name in ("_cut_equal", "_resolve"):
-        fn = getattr(kernels, name)
+        fn = getattr(topk, name)
         monkeypatch.setattr(
-            kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a)
+            topk, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a)
         )
     assert kernels.top_ks(0, base, models, 0, [k]) == [(value, top_k_reference(values, k)[1])]
     assert calls == ["_resolve" if where == "between" else "_cut_equal"]
@@ -267,13 +268,13 @@ def test_selection_energy_with_the_cut_at_either_end_between_or_mispredicted(whe
     }
     half = lambda spots: np.repeat(predicted[where], (len(spots) + 1) // 2)[: len(spots)]  # noqa: E731
     monkeypatch.setattr(
-        kernels, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32)
+        topk, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32)
     )
     calls = []
     for name in ("_histogram", "_resolve", "_before_cut"):
-        fn = getattr(kernels, name)
+        fn = getattr(topk, name)
         monkeypatch.setattr(
-            kernels, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a)
+            topk, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a)
         )
     assert_selection(base, models, k)
     paths = {"high": ["_before_cut"], "low": ["_before_cut"], "between": ["_resolve"]}

@@ -16,12 +16,15 @@ from conftest import logits, state
 from scipy.stats import rankdata
 
 import medmerge
-from medmerge.engine import tensor_seed
 from medmerge.errors import ConfigError, MergeError
-from medmerge.methods import REGISTRY
-from medmerge.methods import sparse as sp
+from medmerge.methods import REGISTRY, REQUIRED, register
+from medmerge.methods import sparsify as sp
 from medmerge.methods import spherical as sph
-from medmerge.methods.rng import uniform
+from medmerge.methods.rng import tensor_keys, tensor_seed, uniform
+
+ties, dare_ties, dare_linear, della, sce = (
+    REGISTRY[m].fn for m in ("ties", "dare_ties", "dare_linear", "della", "sce")
+)
 
 # ---- references (numpy) ------------------------------------------------------------
 
@@ -74,7 +77,7 @@ def ref_della_p(d, density, eps):
     return (np.float32(density - eps) + np.float32(2 * eps) * scale).reshape(d.shape)
 
 
-def ref_slerp(t, a, b):
+def ref_slerp_vectors(t, a, b):
     ua, ub = a / np.linalg.norm(a), b / np.linalg.norm(b)
     cos = np.clip((ua * ub).sum(), -1, 1)
     if abs(cos) > 0.9995:
@@ -86,62 +89,126 @@ def ref_slerp(t, a, b):
 SEED = 11
 
 
-def reference(method, name, base, models, p):
-    """The expected merged tensor for one tensor name."""
-    d = [m - base for m in models] if base is not None else None
-    n = len(models)
-    w = p.get("weight", [1.0] * n)
-    dens = p.get("density", [1.0] * n)
-    if method == "linear":
-        return sum(wi * m for wi, m in zip(w, models)) / sum(w)
-    if method == "task_arithmetic":
-        return base + sum(wi * di for wi, di in zip(w, d))
-    if method == "ties":
-        trimmed = [di * ref_topk(np.abs(di), round(k * di.size)) for di, k in zip(d, dens)]
-        return ref_combine(base, trimmed, w, True, True)
-    if method in ("dare_ties", "dare_linear"):
-        dropped = [
-            ref_rescale(di, ref_rand(SEED, name, i, di.shape) < k, k, "inverse_density")
-            for i, (di, k) in enumerate(zip(d, dens))
-        ]
-        return ref_combine(base, dropped, w, method == "dare_ties", method == "dare_ties")
-    if method in ("della", "della_linear"):
+def ref_linear(name, base, models, p):
+    w = p["weight"]
+    merged = sum(wi * m for wi, m in zip(w, models))
+    return merged / sum(w) if p["normalize"] else merged
+
+
+def ref_task_arithmetic(name, base, models, p):
+    deltas = [m - base for m in models]
+    return ref_combine(base, deltas, p["weight"], False, p["normalize"])
+
+
+def ref_ties(name, base, models, p):
+    d = [m - base for m in models]
+    trimmed = [di * ref_topk(np.abs(di), round(k * di.size)) for di, k in zip(d, p["density"])]
+    return ref_combine(base, trimmed, p["weight"], True, p["normalize"], p["lambda_"])
+
+
+def ref_dare(ties):
+    def ref(name, base, models, p):
+        dropped = []
+        for i, (m, k) in enumerate(zip(models, p["density"])):
+            di = m - base
+            keep = ref_rand(SEED, name, i, di.shape) < k
+            dropped.append(ref_rescale(di, keep, k, p["rescale"]))
+        return ref_combine(base, dropped, p["weight"], ties, p["normalize"], p["lambda_"])
+
+    return ref
+
+
+def ref_della(ties):
+    def ref(name, base, models, p):
         pruned = []
-        for i, (di, k) in enumerate(zip(d, dens)):
-            prob = ref_della_p(di, k, 0.05)
-            pruned.append(
-                ref_rescale(di, ref_rand(SEED, name, i, di.shape) < prob, prob, "inverse_density")
-            )
-        return ref_combine(base, pruned, w, method == "della", method == "della")
-    if method in ("breadcrumbs", "breadcrumbs_ties"):
+        for i, (m, k) in enumerate(zip(models, p["density"])):
+            di = m - base
+            prob = ref_della_p(di, k, p["epsilon"])
+            keep = ref_rand(SEED, name, i, di.shape) < prob
+            pruned.append(ref_rescale(di, keep, prob, p["rescale"]))
+        return ref_combine(base, pruned, p["weight"], ties, p["normalize"], p["lambda_"])
+
+    return ref
+
+
+def ref_breadcrumbs(ties):
+    def ref(name, base, models, p):
         crumbs = []
-        for di, k in zip(d, dens):
-            a, g = np.abs(di), round(0.01 * di.size)
+        for m, k, gamma in zip(models, p["density"], p["gamma"]):
+            di = m - base
+            a, g = np.abs(di), round(gamma * di.size)
             crumbs.append(di * (ref_topk(a, g + round(k * di.size)) & ~ref_topk(a, g)))
-        ties = method == "breadcrumbs_ties"
-        return ref_combine(base, crumbs, w, ties, ties)
-    if method == "sce":
-        D = np.stack(d)
-        keep = ref_topk(D.var(0), round(p["select_topk"] * base.size))
-        D = D * keep
-        energy = (D**2).reshape(n, -1).mean(1)
-        return ref_combine(np.zeros_like(base), list(D), energy / energy.sum(), True, True) + base
-    if method == "slerp":
-        return ref_slerp(p["t"], models[0], models[1])
-    if method == "nuslerp":
-        t = w[1] / (w[0] + w[1])
-        return base + ref_slerp(t, d[0], d[1])
-    if method == "model_stock":
-        cos = (d[0] * d[1]).sum() / (np.linalg.norm(d[0]) * np.linalg.norm(d[1]))
-        cos = min(max(cos, 0.0), 1.0)
-        t = 2 * cos / (1 + cos)
-        return t * (models[0] + models[1]) / 2 + (1 - t) * base
-    if method == "karcher":
-        # two directions, equal weights: the Karcher mean is the geodesic midpoint
-        u = [m / np.linalg.norm(m) for m in models]
-        mid = (u[0] + u[1]) / np.linalg.norm(u[0] + u[1])
-        return mid * (np.linalg.norm(models[0]) + np.linalg.norm(models[1])) / 2
-    raise AssertionError(method)
+        return ref_combine(base, crumbs, p["weight"], ties, p["normalize"], p["lambda_"])
+
+    return ref
+
+
+def ref_sce(name, base, models, p):
+    D = np.stack([m - base for m in models])
+    keep = ref_topk(D.var(0), round(p["select_topk"] * base.size))
+    D = D * keep
+    energy = (D**2).reshape(len(models), -1).mean(1)
+    merged = ref_combine(np.zeros_like(base), list(D), energy / energy.sum(), True, True)
+    return base + p["lambda_"] * merged
+
+
+def ref_slerp(name, base, models, p):
+    return ref_slerp_vectors(p["t"], models[0], models[1])
+
+
+def ref_nuslerp(name, base, models, p):
+    w = p["weight"]
+    return base + ref_slerp_vectors(w[1] / (w[0] + w[1]), models[0] - base, models[1] - base)
+
+
+def ref_model_stock(name, base, models, p):
+    d = [m - base for m in models]
+    cos = (d[0] * d[1]).sum() / (np.linalg.norm(d[0]) * np.linalg.norm(d[1]))
+    cos = min(max(cos, 0.0), 1.0)
+    t = 2 * cos / (1 + cos)
+    return t * (models[0] + models[1]) / 2 + (1 - t) * base
+
+
+def ref_karcher(name, base, models, p):
+    # two directions, equal weights: the Karcher mean is the geodesic midpoint
+    assert p["weight"][0] == p["weight"][1]
+    u = [m / np.linalg.norm(m) for m in models]
+    mid = (u[0] + u[1]) / np.linalg.norm(u[0] + u[1])
+    return mid * (np.linalg.norm(models[0]) + np.linalg.norm(models[1])) / 2
+
+
+REFERENCES = {
+    "linear": ref_linear,
+    "task_arithmetic": ref_task_arithmetic,
+    "ties": ref_ties,
+    "dare_ties": ref_dare(ties=True),
+    "dare_linear": ref_dare(ties=False),
+    "della": ref_della(ties=True),
+    "della_linear": ref_della(ties=False),
+    "breadcrumbs": ref_breadcrumbs(ties=False),
+    "breadcrumbs_ties": ref_breadcrumbs(ties=True),
+    "sce": ref_sce,
+    "slerp": ref_slerp,
+    "nuslerp": ref_nuslerp,
+    "model_stock": ref_model_stock,
+    "karcher": ref_karcher,
+}
+
+
+def reference(method, name, base, models, p):
+    """The expected merged tensor for one tensor name: the parameters given, the rest at the
+    registry's defaults (per-model ones as one value per model)."""
+    spec = REGISTRY[method]
+    full = {}
+    for key, default in spec.defaults.items():
+        value = p.get(key, default)
+        if value is not REQUIRED:
+            full[key] = (
+                [value] * len(models)
+                if key in spec.per_model and not isinstance(value, list)
+                else value
+            )
+    return REFERENCES[method](name, base, models, full)
 
 
 PARAMS = {
@@ -163,7 +230,7 @@ PARAMS = {
 
 
 def test_every_registered_method_has_a_reference():
-    assert set(REGISTRY) - {"cosine_ot_lerp", "hierarchical"} <= set(PARAMS)
+    assert set(REGISTRY) - {"cosine_ot_lerp", "hierarchical"} <= set(PARAMS) == set(REFERENCES)
 
 
 def merge_config(method, base, a, b):
@@ -188,7 +255,7 @@ def chunking(request, monkeypatch):
     """Tiny tensors fit in one chunk; "chunked" cuts them into 96-entry chunks, so statistics
     passes, tie budgets carried across chunks and row-aligned chunks are exercised."""
     if request.param == "chunked":
-        monkeypatch.setattr("medmerge.methods.CHUNK", 96)  # every chunk loop goes by `spans`
+        monkeypatch.setattr("medmerge.methods.streaming.CHUNK", 96)  # every chunk loop goes by `spans`
     return request.param
 
 
@@ -208,6 +275,64 @@ def test_method_matches_reference_and_runs_in_transformers(family, tmp_path, met
         np.testing.assert_allclose(M[name], expected, rtol=2e-5, atol=2e-6, err_msg=name)
     result = logits(out)
     assert torch.isfinite(result).all()
+
+
+@pytest.fixture
+def toy_methods():
+    """Methods as a newcomer writes them: plain float32 functions, registered by decorator."""
+
+    @register("toy_shifted_sum")
+    def shifted_sum(
+        base: torch.Tensor, models: list[torch.Tensor], *, weight: list[float], shift: float = 0.5
+    ) -> torch.Tensor:
+        """base + shift * sum_i w_i (theta_i - base)."""
+        return base + shift * sum(w * (m - base) for w, m in zip(weight, models))
+
+    @register("toy_mean")
+    def mean(
+        base: torch.Tensor | None, models: list[torch.Tensor], *, weight: list[float] = 1.0
+    ) -> torch.Tensor:
+        """sum_i w_i theta_i / sum_i w_i."""
+        return sum(w * m for w, m in zip(weight, models)) / sum(weight)
+
+    yield REGISTRY["toy_shifted_sum"], REGISTRY["toy_mean"]
+    del REGISTRY["toy_shifted_sum"], REGISTRY["toy_mean"]
+
+
+def test_a_toy_method_registers_from_its_signature_and_merges_end_to_end(
+    family, tmp_path, toy_methods
+):
+    shifted, mean = toy_methods
+    assert shifted.needs_base and shifted.uses_base and not mean.needs_base
+    assert shifted.per_model == mean.per_model == {"weight"}
+    assert shifted.defaults == {"weight": REQUIRED, "shift": 0.5} and mean.defaults == {
+        "weight": 1.0
+    }
+    assert shifted.doc == "base + shift * sum_i w_i (theta_i - base)."
+    base, a, b = family
+    cfg = {
+        "merge_method": "toy_shifted_sum",
+        "base_model": str(base),
+        "models": [
+            {"model": str(a), "parameters": {"weight": 0.3}},
+            {"model": str(b), "parameters": {"weight": 0.9}},
+        ],
+        "parameters": {"shift": 0.25},
+        "dtype": "float32",
+    }
+    out = medmerge.merge(cfg, tmp_path / "toy", progress=False)
+    B, A, Bm, M = ({k: v.float().numpy() for k, v in state(x).items()} for x in (base, a, b, out))
+    for name in M:
+        expected = B[name] + 0.25 * (0.3 * (A[name] - B[name]) + 0.9 * (Bm[name] - B[name]))
+        np.testing.assert_allclose(M[name], expected, rtol=1e-6, atol=1e-7, err_msg=name)
+    assert torch.isfinite(logits(out)).all()
+    cfg = {"merge_method": "toy_mean", "models": cfg["models"], "dtype": "float32"}
+    out = medmerge.merge(cfg, tmp_path / "mean", progress=False)
+    for name, merged in state(out).items():
+        expected = (0.3 * A[name] + 0.9 * Bm[name]) / 1.2
+        np.testing.assert_allclose(merged.numpy(), expected, rtol=1e-6, atol=1e-7, err_msg=name)
+    with pytest.raises(ConfigError, match="toy_shifted_sum needs a base_model"):
+        medmerge.merge({**cfg, "merge_method": "toy_shifted_sum"}, tmp_path / "x", progress=False)
 
 
 # ---- selection and sparsifiers -----------------------------------------------------------------
@@ -281,7 +406,7 @@ def test_ties_never_mixes_opposite_signs():
     g = torch.Generator().manual_seed(8)
     base = torch.zeros(200, 30)
     models = [torch.randn(200, 30, generator=g) for _ in range(3)]
-    out = sp.ties(base, models, weight=[1.0, 1.0, 1.0], density=[1.0] * 3)
+    out = ties(base, models, weight=[1.0, 1.0, 1.0], density=[1.0] * 3)
     stacked = torch.stack(models)
     elected = torch.sign(stacked.sum(0))
     assert ((torch.sign(out) == elected) | (out == 0)).all()
@@ -297,13 +422,13 @@ def test_density_zero_and_one():
     base = torch.randn(30, 40, generator=g)
     models = [base + torch.randn(30, 40, generator=g) for _ in range(2)]
     keys = [0, 1]
-    for method in (sp.ties, sp.dare_ties, sp.dare_linear):
-        kw = {"keys": keys} if method is not sp.ties else {}
+    for method in (ties, dare_ties, dare_linear):
+        kw = {"keys": keys} if method is not ties else {}
         assert torch.equal(method(base, models, weight=[0.5, 0.5], density=[0.0, 0.0], **kw), base)
-    full = sp.dare_linear(base, models, weight=[0.5, 0.5], density=[1.0, 1.0], keys=keys)
+    full = dare_linear(base, models, weight=[0.5, 0.5], density=[1.0, 1.0], keys=keys)
     torch.testing.assert_close(full, base + 0.5 * (models[0] - base) + 0.5 * (models[1] - base))
     with pytest.raises(ConfigError, match="density must be between 0 and 1"):
-        sp.ties(base, models, weight=[1, 1], density=[1.5, 1])
+        ties(base, models, weight=[1, 1], density=[1.5, 1])
 
 
 def test_single_identical_and_zero_task_vectors():
@@ -312,18 +437,18 @@ def test_single_identical_and_zero_task_vectors():
     m = base + torch.randn(8, 9, generator=g)
     keys = [0, 1]
     # identical models: consensus methods give that model back
-    assert torch.allclose(sp.ties(base, [m, m], weight=[0.5, 0.5], density=[1, 1]), m)
-    assert torch.allclose(sp.sce(base, [m, m]), m)
+    assert torch.allclose(ties(base, [m, m], weight=[0.5, 0.5], density=[1, 1]), m)
+    assert torch.allclose(sce(base, [m, m]), m)
     assert torch.allclose(sph.slerp(None, [m, m], t=0.4), m)
     assert torch.allclose(sph.karcher(None, [m, m], weight=[1, 1]), m, atol=1e-6)
     # a single model
-    assert torch.allclose(sp.ties(base, [m], weight=[1.0], density=[1.0]), m)
-    assert torch.allclose(sp.sce(base, [m]), m)
+    assert torch.allclose(ties(base, [m], weight=[1.0], density=[1.0]), m)
+    assert torch.allclose(sce(base, [m]), m)
     # zero task vectors: the base back, never NaN
     for out in (
-        sp.ties(base, [base, base], weight=[1, 1], density=[0.5, 0.5]),
-        sp.dare_ties(base, [base, base], weight=[1, 1], density=[0.5, 0.5], keys=keys),
-        sp.sce(base, [base, base]),
+        ties(base, [base, base], weight=[1, 1], density=[0.5, 0.5]),
+        dare_ties(base, [base, base], weight=[1, 1], density=[0.5, 0.5], keys=keys),
+        sce(base, [base, base]),
         sph.model_stock(base, [base, base]),
         sph.nuslerp(base, [base, base], weight=[1, 1]),
     ):
@@ -336,8 +461,8 @@ def test_one_element_tensors():
     base, a, b = torch.tensor([1.0]), torch.tensor([2.0]), torch.tensor([-1.0])
     keys = [0, 1]
     # deltas +1 and -2: the elected sign is -, so only the second model's delta survives
-    assert torch.equal(sp.ties(base, [a, b], weight=[1, 1], density=[1, 1]), torch.tensor([-1.0]))
-    out = sp.della(base, [a, b], weight=[1, 1], density=[0.5, 0.5], epsilon=0.1, keys=keys)
+    assert torch.equal(ties(base, [a, b], weight=[1, 1], density=[1, 1]), torch.tensor([-1.0]))
+    out = della(base, [a, b], weight=[1, 1], density=[0.5, 0.5], epsilon=0.1, keys=keys)
     assert torch.isfinite(out).all()
     assert torch.equal(sph.slerp(None, [a, b], t=0.0), a)
 
@@ -416,10 +541,8 @@ def test_same_seed_same_bytes_any_thread_count_different_seed_differs(mistral, t
 
 
 def test_keys_depend_on_name_not_order():
-    from medmerge.engine import _keys
-
-    first = [_keys(3, n, 2)[1] for n in ("a", "b", "c")]
-    later = [_keys(3, n, 2)[1] for n in ("c", "b", "a")][::-1]
+    first = [tensor_keys(3, n, 2)[1] for n in ("a", "b", "c")]
+    later = [tensor_keys(3, n, 2)[1] for n in ("c", "b", "a")][::-1]
     assert first == later and len(set(first)) == 3
 
 

@@ -5,8 +5,9 @@ import struct
 
 import pytest
 
+from medmerge.records import expand, load_records, load_study
 from medmerge.report import mcnemar, write_report
-from medmerge.study import expand, load_records, load_study, run_study
+from medmerge.study import run_study
 from medmerge.synthetic import write_suite
 
 

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from medmerge.checkpoint import Checkpoint
 from medmerge.errors import CheckpointError
-from medmerge.methods.sparse import top_k_mask
+from medmerge.methods.sparsify import top_k_mask
 
 log = logging.getLogger("medmerge")
 

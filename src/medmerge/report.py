@@ -21,7 +21,7 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-from medmerge.study import RunRecord, load_records, load_study
+from medmerge.records import RunRecord, load_records, load_study
 
 PLOT_STYLE = {
     "figure.facecolor": "white",

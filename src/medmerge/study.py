@@ -1,38 +1,17 @@
 """Studies: merge with every method and setting, evaluate every model, compare.
 
-```yaml
-name: cardio-vs-infect
-base: path/to/base
-models: [path/to/parent_a, path/to/parent_b]
-suite: paper              # or a local suite folder
-tasks: null               # or a subset of the suite's tasks
-protocol: {num_fewshot: 5, dtype: bfloat16, limit: null, batch_size: auto, device: cpu}
-merge: {dtype: bfloat16, device: cpu, seed: 0}
-keep_models: true         # false: delete each merged model once it is evaluated
-result_store: null        # a SQLite evaluation store shared by studies (default: the folder's)
-merges:
-  - method: task_arithmetic
-    parameters: {weight: 0.5}
-  - method: dare_ties
-    parameters: {weight: 0.5, density: [0.6, 0.9]}   # a list is a grid: two runs
-    per_model: [{}, {}]                                 # optional per-parent parameters
-```
-
-A list-valued parameter is a grid axis; to pass a mergekit gradient as one value, wrap it:
-`weight: {value: [0.2, 0.8]}`. Runs get readable names (`dare_ties-density0.9`). The base and
-the parents are evaluated as reference rows.
-
-A study folder holds `study.yaml`, `runs/NAME.json` (one record per finished run), `models/`
-(merged checkpoints), `results.sqlite` (the evaluation store) and `study.log`. Rerunning the
-same command resumes: finished runs are skipped, half-written merges (temporary folders) are
-removed and redone. `executor: ray` runs each run as a Ray task (GPU declared per task when the
-protocol's device is cuda); the local executor needs no Ray.
+A study config (schema in `medmerge.records`) names a base, its fine-tunes, a suite and the
+merges to run, each parameter list a grid axis. A study folder holds `study.yaml`,
+`runs/NAME.json` (one record per finished run), `models/` (merged checkpoints),
+`results.sqlite` (the evaluation store) and `study.log`. Rerunning the same command resumes:
+finished runs are skipped, half-written merges (temporary folders) are removed and redone.
+`executor: ray` runs each run as a Ray task (GPU declared per task when the protocol's device
+is cuda); the local executor needs no Ray.
 """
 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import json
 import logging
 import os
@@ -40,14 +19,21 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import psutil
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
 from tqdm.auto import tqdm
 
 from medmerge.errors import ConfigError
+from medmerge.records import (
+    Run,
+    RunRecord,
+    StudyConfig,
+    expand,
+    load_study,
+    save_record,
+)
 
 log = logging.getLogger("medmerge")
 
@@ -70,137 +56,6 @@ PAPER_MERGES = [
         "parameters": {"alignment": "per_tensor"},
     },
 ]
-
-
-class Protocol(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    num_fewshot: int = 5
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    limit: int | None = None
-    batch_size: int | Literal["auto"] = "auto"
-    device: Literal["cpu", "cuda"] = "cpu"
-    seed: int = 1234
-
-
-class MergeOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    device: Literal["cpu", "cuda"] = "cpu"
-    seed: int = 0
-
-
-class MergeSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    method: str
-    name: str | None = None
-    parameters: dict[str, Any] = {}
-    per_model: list[dict[str, Any]] | None = None
-
-
-class StudyConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: str = "study"
-    base: str
-    models: list[str]
-    suite: str = "paper"
-    tasks: list[str] | None = None
-    protocol: Protocol = Protocol()
-    merge: MergeOptions = MergeOptions()
-    keep_models: bool = True
-    result_store: str | None = None
-    merges: list[MergeSpec] = []
-
-
-class Run(BaseModel):
-    """One row of the study: a reference model (base or parent) or a merge."""
-
-    name: str
-    kind: Literal["base", "parent", "merge"]
-    model: str | None = None  # reference rows: the folder
-    method: str | None = None
-    parameters: dict[str, Any] = {}  # the grid point (top-level merge parameters)
-    swept: dict[str, Any] = {}  # the parameters that vary in this run's grid
-    merge_config: dict | None = None
-
-
-class RunRecord(BaseModel):
-    run: Run
-    fingerprint: str
-    merge_seconds: float | None = None
-    merge_peak_rss_mb: float | None = None
-    eval_seconds: float
-    eval_cached: bool
-    result: dict  # medmerge.eval.EvalResult as a dict
-
-
-def load_study(config: str | Path | dict | StudyConfig) -> StudyConfig:
-    if isinstance(config, StudyConfig):
-        return config
-    if not isinstance(config, dict):
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"study config {path} does not exist")
-        config = yaml.safe_load(path.read_text())
-    try:
-        return StudyConfig.model_validate(config)
-    except ValidationError as e:
-        raise ConfigError(f"invalid study config: {e}") from e
-
-
-def _value_label(v: Any) -> str:
-    return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
-
-
-def expand(study: StudyConfig) -> list[Run]:
-    """Reference rows, then one run per merge and grid point, with readable unique names."""
-    runs = [Run(name="base", kind="base", model=study.base)]
-    for i, m in enumerate(study.models):
-        runs.append(Run(name=f"parent_{chr(ord('a') + i)}", kind="parent", model=m))
-    seen: dict[str, int] = {}
-    for spec in study.merges:
-        axes = {k: v for k, v in spec.parameters.items() if isinstance(v, list)}
-        fixed = {
-            k: (v["value"] if isinstance(v, dict) and set(v) == {"value"} else v)
-            for k, v in spec.parameters.items()
-            if k not in axes
-        }
-        for point in itertools.product(*axes.values()) if axes else [()]:
-            swept = dict(zip(axes, point, strict=True))
-            params = {**fixed, **swept}
-            name = spec.name or spec.method
-            name += "".join(f"-{k}{_value_label(v)}" for k, v in swept.items())
-            if name in seen:
-                seen[name] += 1
-                name = f"{name}-{seen[name]}"
-            else:
-                seen[name] = 1
-            per_model = spec.per_model or [{} for _ in study.models]
-            if len(per_model) != len(study.models):
-                raise ConfigError(
-                    f"merge {spec.method}: per_model has {len(per_model)} entries "
-                    f"for {len(study.models)} models"
-                )
-            cfg = {
-                "merge_method": spec.method,
-                "base_model": study.base,
-                "models": [
-                    {"model": m, "parameters": p}
-                    for m, p in zip(study.models, per_model, strict=True)
-                ],
-                "parameters": params,
-                "dtype": study.merge.dtype,
-            }
-            runs.append(
-                Run(
-                    name=name,
-                    kind="merge",
-                    method=spec.method,
-                    parameters=params,
-                    swept=swept,
-                    merge_config=cfg,
-                )
-            )
-    return runs
 
 
 class PeakRSS:
@@ -284,26 +139,6 @@ def execute_run(run: Run, study: StudyConfig, folder: str) -> RunRecord:
     return record
 
 
-def _save_record(folder: Path, record: RunRecord, run_hash: str) -> None:
-    path = folder / "runs" / f"{record.run.name}.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"hash": run_hash, **record.model_dump()}, indent=2))
-    os.replace(tmp, path)  # a record is there whole or not at all
-
-
-def load_records(folder: str | Path) -> list[RunRecord]:
-    folder = Path(folder)
-    study = load_study(folder / "study.yaml")
-    records = []
-    for run in expand(study):
-        path = folder / "runs" / f"{run.name}.json"
-        if path.is_file():
-            data = json.loads(path.read_text())
-            data.pop("hash", None)
-            records.append(RunRecord.model_validate(data))
-    return records
-
-
 def run_study(
     config: str | Path | dict | StudyConfig,
     out: str | Path | None = None,
@@ -352,7 +187,7 @@ def run_study(
                         f"{run.name}: {'merge+eval' if run.kind == 'merge' else 'eval'}"
                     )
                     record = execute_run(run, study, str(folder))
-                    _save_record(folder, record, _run_hash(run, study))
+                    save_record(folder, record, _run_hash(run, study))
                     log.info(
                         "run %s done (merge %s s, eval %s s%s)",
                         run.name,
@@ -385,5 +220,5 @@ def _run_ray(todo: list[Run], study: StudyConfig, folder: Path) -> None:
         ready, _ = ray.wait(list(pending), num_returns=1)
         run = pending.pop(ready[0])
         record = ray.get(ready[0])
-        _save_record(folder, record, _run_hash(run, study))
+        save_record(folder, record, _run_hash(run, study))
         log.info("run %s done on ray", run.name)

@@ -24,7 +24,7 @@ from transformers import (
 )
 
 from medmerge.checkpoint import ShardWriter, atomic_folder
-from medmerge.engine import tensor_seed
+from medmerge.methods.rng import tensor_seed
 
 TINY = dict(
     vocab_size=384,

@@ -127,7 +127,8 @@ def run_demo(
     progress: bool = True,
 ) -> dict:
     """Run (or resume) the demo into `out`; returns the summary (also in `out/summary.json`)."""
-    from medmerge.study import load_records, run_study
+    from medmerge.records import load_records
+    from medmerge.study import run_study
 
     settings = settings or (QUICK if quick else FULL)
     out = Path(out)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from medmerge import __version__
 from medmerge.errors import EvalError
 from medmerge.eval.store import ResultStore, model_fingerprint
 from medmerge.eval.suites import PAPER_TASKS, Suite, load_suite
+from medmerge.version import __version__
 
 log = logging.getLogger("medmerge")
 

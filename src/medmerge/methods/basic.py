@@ -16,7 +16,9 @@ from torch import Tensor
 
 from medmerge import buffers
 from medmerge.errors import ConfigError
-from medmerge.methods import kernels, register, spans
+from medmerge.methods import kernels
+from medmerge.methods.registry import register
+from medmerge.methods.streaming import spans
 
 
 def combination(
@@ -59,9 +61,7 @@ def normalized(weight: list[float], normalize: bool, name: str) -> list[float]:
     return [w / total for w in weight]
 
 
-@register(
-    "linear", needs_base=False, raw_inputs=True, spreads_nonfinite=True, per_model=("weight",)
-)
+@register("linear", raw_inputs=True, spreads_nonfinite=True)
 def linear(
     base: Tensor | None,
     models: list[Tensor],
@@ -75,13 +75,7 @@ def linear(
     return combination(normalized(weight, normalize, name), models, None, out_dtype)
 
 
-@register(
-    "task_arithmetic",
-    needs_base=True,
-    raw_inputs=True,
-    spreads_nonfinite=True,
-    per_model=("weight",),
-)
+@register("task_arithmetic", raw_inputs=True, spreads_nonfinite=True)
 def task_arithmetic(
     base: Tensor,
     models: list[Tensor],

@@ -32,7 +32,9 @@ from medmerge.align import (
     projection,
 )
 from medmerge.errors import ConfigError
-from medmerge.methods import chunkwise, kernels, register, spans
+from medmerge.methods import kernels
+from medmerge.methods.registry import register
+from medmerge.methods.streaming import chunkwise, spans
 
 ATTENTION = re.compile(r"^(.*\.)(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$")
 
@@ -108,7 +110,6 @@ def summarize(records: list[dict]) -> dict:
 @register(
     "hierarchical",
     aliases=("cosine_ot_lerp",),
-    needs_base=True,
     raw_inputs=True,
     min_models=2,
     max_models=2,

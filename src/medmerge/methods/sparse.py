@@ -1,244 +1,42 @@
 """Sparsify -> weight -> sign consensus -> normalise: TIES, DARE, DELLA, Breadcrumbs, SCE.
 
-Each method is one pipeline with its variants as options:
-1. sparsify every task vector d_i = theta_i - b (top-k by magnitude, random drop,
-   magnitude-ranked random drop, outlier-and-small removal), rescaling survivors;
+Each method is one pipeline with its variants as options, and one row of `VARIANTS`:
+1. sparsify every task vector d_i = theta_i - b (`medmerge.methods.sparsify`: top-k by
+   magnitude, random drop, magnitude-ranked random drop, outlier-and-small removal), rescaling
+   survivors;
 2. combine: a weighted sum, or TIES' sign election and disjoint mean;
 3. b + lambda * combined delta.
+SCE (select by variance, weights from energies) is a function of its own on the same pipeline.
 
-The methods stream: inputs arrive in their stored dtype, and every step runs over cache-sized
-chunks (`spans`), converting to float32 chunk by chunk and writing the output dtype directly, so
-no full-size float32 copy of a tensor is ever made. What needs the whole tensor (a top-k
-threshold, an L1 norm) is a statistic gathered in a pass over the chunks before the output pass.
-
-Top-k selection never sorts: `top_k` finds the exact k-th largest value with a two-level radix
-histogram over the float bit patterns (non-negative floats order like their bits), 16 bits per
-level, one pass each. Ties at the threshold are broken by position (earliest kept), so masks are
-exact and deterministic.
-
-Random masks come from `medmerge.methods.rng.uniform` with the per-(seed, tensor, model) key the
-engine passes: the draw of an entry depends only on the key and its position.
+The methods stream: inputs arrive in their stored dtype; on the CPU one kernel pass merges
+each tensor from a `kernels.SparsePlan` (after a pass for a top-k threshold or an L1 norm where
+needed), elsewhere torch works over cache-sized chunks, converting to float32 chunk by chunk and
+writing the output dtype directly.
 """
 
 from __future__ import annotations
 
-import math
-import struct
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from medmerge import buffers
-from medmerge.errors import ConfigError
-from medmerge.methods import kernels, register, spans
-from medmerge.methods.rng import key_words, uniform
-
-Rescale = Literal["inverse_density", "l1", "none"]
-Chunks = Callable[[slice], Tensor]  # flat positions -> float32 values there
-Sparsifier = Callable[[Tensor, slice], Tensor]  # (task-vector chunk, its positions) -> sparsified
-
-
-# ---- selection ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TopK:
-    """The k largest of non-negative values: those above `value`, and the first `ties` (in flat
-    order) of those equal to it."""
-
-    value: float
-    ties: int
-
-
-def _bucket(counts: Tensor, k: int) -> tuple[int, int]:
-    """The highest bucket with at least k entries at or above it, and the count above it."""
-    at_or_above = counts.flip(0).cumsum(0).flip(0)
-    bucket = int(torch.nonzero(at_or_above >= k).max())
-    above = int(at_or_above[bucket + 1]) if bucket + 1 < len(counts) else 0
-    return bucket, above
-
-
-def top_k(values: Chunks, parts: list[slice], k: int) -> TopK:
-    """The exact top-k of non-negative float32 values, in two histogram passes over the chunks."""
-    n = parts[-1].stop
-    if k <= 0:
-        return TopK(math.inf, 0)
-    if k >= n:
-        return TopK(-1.0, 0)
-    high = sum(torch.bincount(values(p).view(torch.int32) >> 16, minlength=1 << 15) for p in parts)
-    bucket, above = _bucket(high, k)
-    low = 0
-    for p in parts:
-        bits = values(p).view(torch.int32)
-        low = low + torch.bincount(bits[(bits >> 16) == bucket] & 0xFFFF, minlength=1 << 16)
-    sub, greater = _bucket(low, k - above)
-    (value,) = struct.unpack("<f", struct.pack("<i", bucket << 16 | sub))
-    return TopK(value, k - above - greater)
-
-
-class Selector:
-    """Applies a TopK to consecutive chunks, in order (it counts the ties already kept)."""
-
-    def __init__(self, top: TopK):
-        self.value, self.ties = top.value, top.ties
-
-    def __call__(self, values: Tensor) -> Tensor:
-        mask = values > self.value
-        if self.ties:
-            at = torch.nonzero(values == self.value).squeeze(1)[: self.ties]
-            mask[at] = True
-            self.ties -= len(at)
-        return mask
-
-
-def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
-    """Mask of exactly k largest entries; ties at the threshold go to the earliest positions."""
-    flat = magnitude.reshape(-1).float().contiguous()
-    parts = spans(flat.numel(), flat.device)
-    select = Selector(top_k(lambda p: flat[p], parts, k))
-    return torch.cat([select(flat[p]) for p in parts]).reshape(magnitude.shape)
-
-
-def _count(fraction: float, n: int, what: str) -> int:
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"{what} must be between 0 and 1, got {fraction}")
-    return round(fraction * n)
-
-
-# ---- sparsifiers: built from a task vector's chunks, applied chunk by chunk in order ----------
-
-
-def dropped(keep: Tensor, kept: Tensor, d: Tensor) -> Tensor:
-    """`kept` where `keep`, elsewhere 0, or NaN where the task vector d is NaN or inf: a
-    non-finite input entry reaches the output even where it is dropped, and the engine's check
-    of the output names the damaged input (so the inputs need no pass of their own)."""
-    return torch.where(keep, kept, d - d)
-
-
-def trim(task: Chunks, parts: list[slice], density: float) -> Sparsifier:
-    """Keep the top `density` fraction of entries by |d| (TIES' trim)."""
-    k = _count(density, parts[-1].stop, "density")
-    select = Selector(top_k(lambda p: task(p).abs(), parts, k))
-    return lambda d, p: dropped(select(d.abs()), d, d)
-
-
-def crumbs(task: Chunks, parts: list[slice], density: float, gamma: float) -> Sparsifier:
-    """Drop the `gamma` fraction of largest |d| (outliers), keep the next `density` fraction."""
-    n = parts[-1].stop
-    outliers = _count(gamma, n, "gamma")
-    kept = min(_count(density, n, "density"), n - outliers)
-    magnitude_ = lambda p: task(p).abs()  # noqa: E731
-    upper = Selector(top_k(magnitude_, parts, outliers))
-    lower = Selector(top_k(magnitude_, parts, outliers + kept))
-
-    def apply(d: Tensor, p: slice) -> Tensor:
-        a = d.abs()
-        return dropped(lower(a) & ~upper(a), d, d)
-
-    return apply
-
-
-KeepRule = Callable[[Tensor, slice], tuple[Tensor, Tensor | float]]  # -> (mask, keep probability)
-
-
-def drop(density: float, key: int) -> KeepRule:
-    """DARE: keep each entry with probability `density`."""
-    return lambda d, p: (uniform(key, p, d.device) < density, density)
-
-
-def _check_epsilon(density: float, epsilon: float) -> None:
-    if epsilon < 0 or density - epsilon < 0 or density + epsilon > 1:
-        raise ConfigError(
-            f"della needs 0 <= density - epsilon and density + epsilon <= 1 "
-            f"(density={density}, epsilon={epsilon})"
-        )
-
-
-def magprune(density: float, epsilon: float, key: int, row: int) -> KeepRule:
-    """DELLA's MagPrune: per row of `row` entries, keep probability rises linearly with the |d|
-    rank, p = density - epsilon + 2 epsilon * rank / (row - 1), so large entries survive more.
-    Equal |d| share their average rank: the probability depends on the magnitude alone."""
-    _check_epsilon(density, epsilon)
-
-    def rule(d: Tensor, p: slice) -> tuple[Tensor, Tensor]:
-        magnitude = d.view(-1, row).abs()
-        ordered = magnitude.sort(dim=1).values
-        below = torch.searchsorted(ordered, magnitude)
-        through = torch.searchsorted(ordered, magnitude, right=True)
-        rank = (below + through - 1).float() * 0.5  # the average of ranks below..through-1
-        prob = (density - epsilon + 2 * epsilon * (rank / max(row - 1, 1))).view(-1)
-        return uniform(key, p, d.device) < prob, prob
-
-    return rule
-
-
-def rescaled(rule: KeepRule, rescale: Rescale, task: Chunks, parts: list[slice]) -> Sparsifier:
-    """Entries the rule keeps, rescaled: `inverse_density` divides by the keep probability
-    (unbiased: E[kept / p] = d), `l1` matches the L1 norm of the undropped task vector."""
-    if rescale == "inverse_density":
-
-        def apply(d: Tensor, p: slice) -> Tensor:
-            keep, prob = rule(d, p)
-            if isinstance(prob, Tensor):
-                prob = prob.clamp_min(1e-12)
-            return dropped(keep, d / prob, d)
-
-        return apply
-    if rescale not in ("l1", "none"):
-        raise ConfigError(f"rescale must be inverse_density, l1 or none, got {rescale!r}")
-    factor = 1.0
-    if rescale == "l1":  # a first pass over the chunks: the draws are the same in the second
-        total = kept = 0.0
-        for p in parts:
-            d = task(p)
-            keep, _ = rule(d, p)
-            total += float(d.abs().sum(dtype=torch.float64))
-            kept += float(torch.where(keep, d.abs(), 0.0).sum(dtype=torch.float64))
-        factor = total / kept if kept > 0 else 1.0
-    return lambda d, p: dropped(rule(d, p)[0], d * factor, d)
-
-
-def _whole(d: Tensor, make: Callable[[Chunks, list[slice]], Sparsifier], row: int = 1) -> Tensor:
-    """A sparsifier applied to a whole tensor (the building blocks, used alone)."""
-    flat = d.reshape(-1).float()
-    parts = spans(flat.numel(), flat.device, row)
-    apply = make(lambda p: flat[p], parts)
-    return torch.cat([apply(flat[p], p) for p in parts]).reshape(d.shape)
-
-
-def magnitude(d: Tensor, density: float) -> Tensor:
-    """TIES' trim of a whole tensor."""
-    return _whole(d, lambda task, parts: trim(task, parts, density))
-
-
-def breadcrumbs(d: Tensor, density: float, gamma: float) -> Tensor:
-    """Breadcrumbs' outlier-and-small removal of a whole tensor."""
-    return _whole(d, lambda task, parts: crumbs(task, parts, density, gamma))
-
-
-def random_drop(d: Tensor, density: float, key: int, rescale: Rescale) -> Tensor:
-    """DARE's random drop of a whole tensor, with rescaling."""
-    _count(density, d.numel(), "density")
-    return _whole(d, lambda task, parts: rescaled(drop(density, key), rescale, task, parts))
-
-
-def _row(shape: torch.Size) -> int:
-    """DELLA ranks within output rows: entries per row (a 1-d tensor is one row)."""
-    n = math.prod(shape)
-    return n // shape[0] if len(shape) > 1 and shape[0] else max(n, 1)
-
-
-def della_prune(d: Tensor, density: float, epsilon: float, key: int, rescale: Rescale) -> Tensor:
-    """DELLA's MagPrune of a whole tensor, with rescaling."""
-    _count(density, d.numel(), "density")
-    row = _row(d.shape)
-    rule = magprune(density, epsilon, key, row)
-    return _whole(d, lambda task, parts: rescaled(rule, rescale, task, parts), row)
-
+from medmerge.methods import kernels
+from medmerge.methods.registry import REQUIRED, MergeMethod, Param, add, register
+from medmerge.methods.rng import key_words
+from medmerge.methods.sparsify import (
+    Chunks,
+    Selector,
+    Sparsification,
+    Sparsify,
+    dropped,
+    entries,
+    rows_of,
+    top_k,
+)
+from medmerge.methods.streaming import spans
 
 # ---- combination ---------------------------------------------------------------------------
 
@@ -266,40 +64,6 @@ def combine(ds: list[Tensor], w: list[float], sign_consensus: bool, normalize: b
     return merged
 
 
-@dataclass(frozen=True)
-class Sparsify:
-    """How one model's task vector is sparsified: `trim` (top density by |d|), `crumbs`
-    (drop the gamma largest, keep the next density), `drop` (DARE) or `magprune` (DELLA), the
-    last two with a random `key` and a `rescale`."""
-
-    rule: Literal["trim", "crumbs", "drop", "magprune"]
-    density: float
-    gamma: float = 0.0
-    epsilon: float = 0.0
-    key: int = 0
-    rescale: Rescale = "none"
-
-    def check(self, n: int) -> None:
-        _count(self.density, n, "density")
-        _count(self.gamma, n, "gamma")
-        if self.rule == "magprune":
-            _check_epsilon(self.density, self.epsilon)
-        if self.rescale not in ("inverse_density", "l1", "none"):
-            raise ConfigError(f"rescale must be inverse_density, l1 or none, got {self.rescale!r}")
-
-    def sparsifier(self, task: Chunks, parts: list[slice], row: int) -> Sparsifier:
-        """The torch implementation, applied chunk by chunk."""
-        if self.rule == "trim":
-            return trim(task, parts, self.density)
-        if self.rule == "crumbs":
-            return crumbs(task, parts, self.density, self.gamma)
-        if self.rule == "drop":
-            rule = drop(self.density, self.key)
-        else:
-            rule = magprune(self.density, self.epsilon, self.key, row)
-        return rescaled(rule, self.rescale, task, parts)
-
-
 def sparse_merge(
     base: Tensor,
     models: list[Tensor],
@@ -318,9 +82,13 @@ def sparse_merge(
         spec.check(base.numel())
     w = [float(x) for x in weight]
     if kernels.usable(base, *models, out_dtype=out_dtype):
-        return _kernel_merge(
-            base, models, w, specs, sign_consensus, normalize, lambda_, out_dtype, row
+        plan = kernels.SparsePlan.keep_all(
+            w, consensus=sign_consensus, normalize=normalize, lam=np.float32(lambda_), row=row
         )
+        plan = _kernel_plan(base, models, specs, plan)
+        out = buffers.empty(base.shape, out_dtype)
+        kernels.merge(base, models, plan, out)
+        return out
     flat_base = base.reshape(-1)
     flats = [m.reshape(-1) for m in models]
     parts = spans(flat_base.numel(), base.device, row)
@@ -337,297 +105,168 @@ def sparse_merge(
     return out.view(base.shape)
 
 
-def _kernel_params(models: int, weight: list[float], **given) -> dict:
-    """Parameters of `kernels.merge`: keep everything, no draws, unless `given` says."""
-    f32 = np.float32
-    params = dict(
-        keep_value=np.full(models, -1.0, f32),
-        keep_cut=np.zeros(models, np.int64),
-        drop_value=np.full(models, np.inf, f32),
-        drop_cut=np.zeros(models, np.int64),
-        draw_rule=np.zeros(models, np.int64),
-        density=np.zeros(models, f32),
-        low=np.zeros(models, f32),
-        span=np.zeros(models, f32),
-        first=np.zeros(models, np.uint32),
-        second=np.zeros(models, np.uint32),
-        divide=np.zeros(models, np.bool_),
-        factor=np.ones(models, f32),
-        weight=np.array(weight, f32),
-        sign_consensus=False,
-        normalize=False,
-        weight_total=f32(sum(weight)),
-        lam=f32(1.0),
-        select_variance=False,
-        square=False,
-    )
-    params.update(given)
-    return params
-
-
-def _kernel_merge(base, models, w, specs, sign_consensus, normalize, lambda_, out_dtype, row):
+def _kernel_plan(
+    base: Tensor, models: list[Tensor], specs: list[Sparsify], plan: kernels.SparsePlan
+) -> kernels.SparsePlan:
+    """`plan` with each model's sparsifier: top-k bounds (found here), draws and rescaling."""
     n = base.numel()
-    params = _kernel_params(
-        len(models),
-        w,
-        sign_consensus=sign_consensus,
-        normalize=normalize,
-        lam=np.float32(lambda_),
-    )
-    l1 = []
     for i, spec in enumerate(specs):
-        if spec.rule in ("trim", "crumbs"):
-            outliers = _count(spec.gamma, n, "gamma") if spec.rule == "crumbs" else 0
-            kept = min(_count(spec.density, n, "density"), n - outliers)
+        if spec.how in (Sparsification.TRIM, Sparsification.CRUMBS):
+            outliers = entries(spec.gamma, n, "gamma")
+            kept = min(entries(spec.density, n, "density"), n - outliers)
             (top, cut), (upper, upper_cut) = kernels.top_ks(
-                0, base, models, i, [outliers + kept, outliers]
+                kernels.Statistic.MAGNITUDE, base, models, i, [outliers + kept, outliers]
             )
-            params["keep_value"][i], params["keep_cut"][i] = top, cut
-            if spec.rule == "crumbs":
-                params["drop_value"][i], params["drop_cut"][i] = upper, upper_cut
+            plan.keep_value[i], plan.keep_cut[i] = top, cut
+            if spec.how is Sparsification.CRUMBS:
+                plan.drop_value[i], plan.drop_cut[i] = upper, upper_cut
             continue
-        params["first"][i], params["second"][i] = key_words(spec.key)
-        if spec.rule == "drop":
-            params["draw_rule"][i], params["density"][i] = 1, spec.density
+        plan.key[i] = key_words(spec.key)
+        if spec.how is Sparsification.DROP:
+            plan.rule[i], plan.density[i] = kernels.Rule.DRAW, spec.density
         else:
-            params["draw_rule"][i] = 2
-            params["low"][i] = spec.density - spec.epsilon
-            params["span"][i] = 2 * spec.epsilon
-        params["divide"][i] = spec.rescale == "inverse_density"
-        if spec.rescale == "l1":
-            l1.append(i)
+            plan.rule[i] = kernels.Rule.RANKED
+            plan.low[i], plan.span[i] = spec.density - spec.epsilon, 2 * spec.epsilon
+        plan.divide[i] = spec.rescale == "inverse_density"
+    l1 = [i for i, spec in enumerate(specs) if spec.rescale == "l1"]
     if l1:  # a first pass: the L1 norms of each task vector before and after dropping
-        sums = kernels.merge(base, models, None, row, params)
+        sums = kernels.kept_sums(base, models, plan, square=False)
         for i in l1:
             total, kept = sums[i]
-            params["factor"][i] = total / kept if kept > 0 else 1.0
-    out = buffers.empty(base.shape, out_dtype)
-    kernels.merge(base, models, out, row, params)
-    return out
+            plan.factor[i] = total / kept if kept > 0 else 1.0
+    return plan
 
 
-# ---- the methods ---------------------------------------------------------------------------
-
-# every method here spreads non-finite inputs to the output (`dropped`)
-SPARSE = dict(
-    needs_base=True, raw_inputs=True, spreads_nonfinite=True, per_model=("weight", "density")
-)
+# ---- the family, as a table ----------------------------------------------------------------
 
 
-@register("ties", **SPARSE)
-def ties(
-    base: Tensor,
-    models: list[Tensor],
-    *,
-    weight: list[float],
-    density: list[float] = 1.0,
-    normalize: bool = True,
-    lambda_: float = 1.0,
-    out_dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Trim to top-density by magnitude, elect signs, disjoint mean  (Yadav et al. 2023)."""
-    return sparse_merge(
-        base,
-        models,
-        weight,
-        [Sparsify("trim", k) for k in density],
-        sign_consensus=True,
-        normalize=normalize,
-        lambda_=lambda_,
-        out_dtype=out_dtype,
+@dataclass(frozen=True)
+class Variant:
+    """One method of the family: how each task vector is sparsified, whether the task vectors
+    combine by TIES' sign consensus (else a weighted sum), and `normalize`'s default."""
+
+    name: str
+    sparsification: Sparsification
+    consensus: bool
+    normalize: bool
+    doc: str
+
+
+VARIANTS = (
+    Variant("ties", Sparsification.TRIM, True, True,
+            "Trim to top-density by magnitude, elect signs, disjoint mean  (Yadav et al. 2023)."),
+    Variant("dare_ties", Sparsification.DROP, True, True,
+            "Random drop with rescale, then TIES sign consensus  (Yu et al. 2024)."),
+    Variant("dare_linear", Sparsification.DROP, False, False,
+            "Random drop with rescale, then a weighted sum of task vectors  (Yu et al. 2024)."),
+    Variant("della", Sparsification.MAGPRUNE, True, True,
+            "MagPrune, then sign election and fusion, scaled by lambda  (Deep et al. 2024)."),
+    Variant("della_linear", Sparsification.MAGPRUNE, False, False,
+            "MagPrune, then a weighted sum of task vectors, scaled by lambda  "
+            "(Deep et al. 2024)."),
+    Variant("breadcrumbs", Sparsification.CRUMBS, False, False,
+            "Drop the gamma outliers and the smallest, keep density; weighted sum  "
+            "(Davari 2023)."),
+    Variant("breadcrumbs_ties", Sparsification.CRUMBS, True, True,
+            "Drop the gamma outliers and the smallest, keep density; TIES consensus  "
+            "(Davari 2023)."),
+)  # fmt: skip
+
+# each sparsification's parameters, between the weights and `normalize`, `lambda`
+SPARSIFICATION_PARAMS = {
+    Sparsification.TRIM: (Param("density", 1.0, per_model=True),),
+    Sparsification.CRUMBS: (
+        Param("density", per_model=True),
+        Param("gamma", 0.01, per_model=True),
+    ),
+    Sparsification.DROP: (Param("density", per_model=True), Param("rescale", "inverse_density")),
+    Sparsification.MAGPRUNE: (
+        Param("density", per_model=True),
+        Param("epsilon", 0.05),
+        Param("rescale", "inverse_density"),
+    ),
+}
+
+
+def _variant_method(variant: Variant) -> MergeMethod:
+    """The registered method of a row: its parameters, and a function of the tensors."""
+    how = variant.sparsification
+    params = (
+        Param("weight", per_model=True),
+        *SPARSIFICATION_PARAMS[how],
+        Param("normalize", variant.normalize),
+        Param("lambda_", 1.0),
+    )
+    randomised = how in (Sparsification.DROP, Sparsification.MAGPRUNE)
+
+    def fn(
+        base: Tensor,
+        models: list[Tensor],
+        *,
+        keys: list[int] | None = None,
+        out_dtype: torch.dtype = torch.float32,
+        **given,
+    ) -> Tensor:
+        p = _bind(params, given, len(models))
+        specs = [
+            Sparsify(
+                how,
+                density,
+                gamma=p.get("gamma", [0.0] * len(models))[i],
+                epsilon=p.get("epsilon", 0.0),
+                key=keys[i] if randomised else 0,
+                rescale=p.get("rescale", "none"),
+            )
+            for i, density in enumerate(p["density"])
+        ]
+        row = rows_of(base.shape) if how is Sparsification.MAGPRUNE else 1
+        return sparse_merge(
+            base,
+            models,
+            p["weight"],
+            specs,
+            sign_consensus=variant.consensus,
+            normalize=p["normalize"],
+            lambda_=p["lambda_"],
+            out_dtype=out_dtype,
+            row=row,
+        )
+
+    fn.__name__ = fn.__qualname__ = variant.name
+    fn.__doc__ = variant.doc
+    return MergeMethod(
+        name=variant.name,
+        fn=fn,
+        doc=variant.doc,
+        needs_base=True,
+        uses_base=True,
+        spreads_nonfinite=True,  # a dropped entry contributes d - d (`dropped`)
+        raw_inputs=True,
+        params=params,
+        engine_args=frozenset({"keys", "out_dtype"} if randomised else {"out_dtype"}),
     )
 
 
-def _dare(base, models, weight, density, keys, rescale, **kw):
-    specs = [Sparsify("drop", k, key=key, rescale=rescale) for k, key in zip(density, keys)]
-    return sparse_merge(base, models, weight, specs, **kw)
+def _bind(params: tuple[Param, ...], given: dict, models: int) -> dict:
+    """A direct call's parameters: `given`, each missing one at its default, a single value of
+    a per-model parameter as one per model (the engine passes them all resolved)."""
+    unknown = set(given) - {p.name for p in params}
+    if unknown:
+        raise TypeError(f"unexpected parameters {sorted(unknown)}")
+    bound = {}
+    for p in params:
+        value = given.get(p.name, p.default)
+        if value is REQUIRED:
+            raise TypeError(f"missing parameter {p.name!r}")
+        bound[p.name] = [value] * models if p.per_model and not isinstance(value, list) else value
+    return bound
 
 
-@register("dare_ties", **SPARSE)
-def dare_ties(
-    base: Tensor,
-    models: list[Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    rescale: Rescale = "inverse_density",
-    normalize: bool = True,
-    lambda_: float = 1.0,
-    keys: list[int],
-    out_dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Random drop with rescale, then TIES sign consensus  (Yu et al. 2024)."""
-    return _dare(
-        base,
-        models,
-        weight,
-        density,
-        keys,
-        rescale,
-        sign_consensus=True,
-        normalize=normalize,
-        lambda_=lambda_,
-        out_dtype=out_dtype,
-    )
+for _variant in VARIANTS:
+    add(_variant_method(_variant))
 
 
-@register("dare_linear", **SPARSE)
-def dare_linear(
-    base: Tensor,
-    models: list[Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    rescale: Rescale = "inverse_density",
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    keys: list[int],
-    out_dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Random drop with rescale, then a weighted sum of task vectors  (Yu et al. 2024)."""
-    return _dare(
-        base,
-        models,
-        weight,
-        density,
-        keys,
-        rescale,
-        sign_consensus=False,
-        normalize=normalize,
-        lambda_=lambda_,
-        out_dtype=out_dtype,
-    )
-
-
-def _della(base, models, weight, density, epsilon, keys, rescale, **kw):
-    specs = [
-        Sparsify("magprune", k, epsilon=epsilon, key=key, rescale=rescale)
-        for k, key in zip(density, keys, strict=True)
-    ]
-    return sparse_merge(base, models, weight, specs, row=_row(base.shape), **kw)
-
-
-@register("della", **SPARSE)
-def della(
-    base: Tensor,
-    models: list[Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    epsilon: float = 0.05,
-    rescale: Rescale = "inverse_density",
-    normalize: bool = True,
-    lambda_: float = 1.0,
-    keys: list[int],
-    out_dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """MagPrune, then sign election and fusion, scaled by lambda  (Deep et al. 2024)."""
-    return _della(
-        base,
-        models,
-        weight,
-        density,
-        epsilon,
-        keys,
-        rescale,
-        sign_consensus=True,
-        normalize=normalize,
-        lambda_=lambda_,
-        out_dtype=out_dtype,
-    )
-
-
-@register("della_linear", **SPARSE)
-def della_linear(
-    base: Tensor,
-    models: list[Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    epsilon: float = 0.05,
-    rescale: Rescale = "inverse_density",
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    keys: list[int],
-    out_dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """MagPrune, then a weighted sum of task vectors, scaled by lambda  (Deep et al. 2024)."""
-    return _della(
-        base,
-        models,
-        weight,
-        density,
-        epsilon,
-        keys,
-        rescale,
-        sign_consensus=False,
-        normalize=normalize,
-        lambda_=lambda_,
-        out_dtype=out_dtype,
-    )
-
-
-def _breadcrumbs(base, models, weight, density, gamma, **kw):
-    specs = [Sparsify("crumbs", k, gamma=g) for k, g in zip(density, gamma, strict=True)]
-    return sparse_merge(base, models, weight, specs, **kw)
-
-
-BREADCRUMBS = dict(SPARSE, per_model=("weight", "density", "gamma"))
-
-
-@register("breadcrumbs", **BREADCRUMBS)
-def breadcrumbs_linear(
-    base: Tensor,
-    models: list[Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float] = 0.01,
-    normalize: bool = False,
-    lambda_: float = 1.0,
-    out_dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Drop the gamma outliers and the smallest, keep density; weighted sum  (Davari 2023)."""
-    return _breadcrumbs(
-        base,
-        models,
-        weight,
-        density,
-        gamma,
-        sign_consensus=False,
-        normalize=normalize,
-        lambda_=lambda_,
-        out_dtype=out_dtype,
-    )
-
-
-@register("breadcrumbs_ties", **BREADCRUMBS)
-def breadcrumbs_ties(
-    base: Tensor,
-    models: list[Tensor],
-    *,
-    weight: list[float],
-    density: list[float],
-    gamma: list[float] = 0.01,
-    normalize: bool = True,
-    lambda_: float = 1.0,
-    out_dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """Drop the gamma outliers and the smallest, keep density; TIES consensus  (Davari 2023)."""
-    return _breadcrumbs(
-        base,
-        models,
-        weight,
-        density,
-        gamma,
-        sign_consensus=True,
-        normalize=normalize,
-        lambda_=lambda_,
-        out_dtype=out_dtype,
-    )
-
-
-@register("sce", **dict(SPARSE, per_model=()))
+@register("sce", raw_inputs=True, spreads_nonfinite=True)
 def sce(
     base: Tensor,
     models: list[Tensor],
@@ -639,6 +278,9 @@ def sce(
     """Select high-variance entries, Calculate weights from squared deltas, Erase sign
     conflicts  (Wan et al. 2024, FuseChat)."""
     n = base.numel()
+    k = entries(select_topk, n, "select_topk") if len(models) > 1 else n
+    if kernels.usable(base, *models, out_dtype=out_dtype):
+        return _sce_kernels(base, models, k, lambda_, out_dtype)
     flat_base = base.reshape(-1)
     flats = [m.reshape(-1) for m in models]
     parts = spans(n, base.device)
@@ -647,27 +289,12 @@ def sce(
         b = flat_base[p].float()
         return [f[p].float() - b for f in flats]
 
-    def variance(ds: list[Tensor]) -> Tensor:  # elementwise: 27x faster than stack().var(0)
+    def variance(ds: list[Tensor]) -> Tensor:  # elementwise, not stack().var(0): no copies
         mean = sum(ds) / len(ds)
         # abs: the NaN of a non-finite input may come with its sign bit set, which `top_k`'s
         # bit patterns of non-negative floats cannot hold (it changes no other value)
         return (sum((d - mean).square_() for d in ds) / len(ds)).abs_()
 
-    k = _count(select_topk, n, "select_topk") if len(models) > 1 else n
-    if kernels.usable(base, *models, out_dtype=out_dtype):
-        params = _kernel_params(len(models), [0.0] * len(models), select_variance=True)
-        if 0 < k < n:  # Select and Calculate in one pass
-            top, energy = kernels.selection_energy(base, models, k)
-            params["keep_value"][:], params["keep_cut"][:] = top
-        else:
-            params["keep_value"][:], params["keep_cut"][:] = kernels.top_ks(
-                1, base, models, 0, [k]
-            )[0]
-            energy = kernels.merge(base, models, None, 1, dict(params, square=True))[:, 1]
-        params.update(weight=np.array(_energy_weights(energy), np.float32), lam=np.float32(lambda_))
-        out = buffers.empty(base.shape, out_dtype)
-        kernels.merge(base, models, out, 1, dict(params, sign_consensus=True, normalize=True))
-        return out
     top = top_k(lambda p: variance(deltas(p)), parts, k)
 
     def selected(select: Selector, p: slice) -> list[Tensor]:
@@ -691,6 +318,28 @@ def sce(
         merged = combine(selected(select, p), weight, sign_consensus=True, normalize=True)
         out[p] = flat_base[p].float() + lambda_ * merged
     return out.view(base.shape)
+
+
+def _sce_kernels(
+    base: Tensor, models: list[Tensor], k: int, lambda_: float, out_dtype: torch.dtype
+) -> Tensor:
+    """SCE on the CPU kernels: the variance top-k and the energies in one pass (or, with every
+    entry or none selected, the energies in a pass of their own), then the merge pass."""
+    plan = kernels.SparsePlan.keep_all([0.0] * len(models), variance=True)
+    if 0 < k < base.numel():
+        top, energy = kernels.selection_energy(base, models, k)
+    else:
+        (top,) = kernels.top_ks(kernels.Statistic.VARIANCE, base, models, 0, [k])
+        plan.keep_value[:], plan.keep_cut[:] = top
+        energy = kernels.kept_sums(base, models, plan, square=True)[:, 1]
+    plan = kernels.SparsePlan.keep_all(
+        _energy_weights(energy), variance=True, consensus=True, normalize=True,
+        lam=np.float32(lambda_),
+    )  # fmt: skip
+    plan.keep_value[:], plan.keep_cut[:] = top
+    out = buffers.empty(base.shape, out_dtype)
+    kernels.merge(base, models, plan, out)
+    return out
 
 
 def _energy_weights(energy: np.ndarray) -> list[float]:

@@ -19,8 +19,10 @@ import torch
 from torch import Tensor
 
 from medmerge.errors import ConfigError
-from medmerge.methods import kernels, register, spans
+from medmerge.methods import kernels
 from medmerge.methods.basic import chunks, combination
+from medmerge.methods.registry import register
+from medmerge.methods.streaming import spans
 
 
 def gram(models: list[Tensor], base: Tensor | None = None) -> Tensor:
@@ -68,7 +70,7 @@ def slerp_vectors(t: float, a: Tensor, b: Tensor, dim: int | None = None) -> Ten
     return s_a * a + s_b * b
 
 
-@register("slerp", needs_base=False, raw_inputs=True, min_models=2, max_models=2)
+@register("slerp", raw_inputs=True, min_models=2, max_models=2)
 def slerp(
     base: Tensor | None,
     models: list[Tensor],
@@ -83,14 +85,7 @@ def slerp(
     return combination(list(coef), models, None, out_dtype)
 
 
-@register(
-    "nuslerp",
-    needs_base=False,
-    uses_base=True,
-    raw_inputs=True,
-    per_model=("weight",),
-    min_models=2,
-)
+@register("nuslerp", uses_base=True, raw_inputs=True, min_models=2)
 def nuslerp(
     base: Tensor | None,
     models: list[Tensor],
@@ -132,7 +127,7 @@ def nuslerp(
     return acc + base if base is not None else acc
 
 
-@register("karcher", needs_base=False, raw_inputs=True, per_model=("weight",), min_models=1)
+@register("karcher", raw_inputs=True)
 def karcher(
     base: Tensor | None,
     models: list[Tensor],
@@ -181,7 +176,7 @@ def karcher(
     return combination(coef.tolist(), models, None, out_dtype)
 
 
-@register("model_stock", needs_base=True, raw_inputs=True, min_models=2)
+@register("model_stock", raw_inputs=True, min_models=2)
 def model_stock(
     base: Tensor,
     models: list[Tensor],

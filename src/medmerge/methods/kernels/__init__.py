@@ -1,0 +1,52 @@
+"""CPU kernels for every merge method, compiled by numba.
+
+On the CPU a chain of torch ops pays for every intermediate tensor: a top-k threshold, a random
+mask and the TIES sign election cost 10-30x the arithmetic of a linear merge. These kernels fuse
+each pass into one loop over the stored tensors (bfloat16 read as bits, or float32), on every
+core, with no intermediate tensors. By topic:
+
+- `topk`: the exact k-th largest |theta_i - b| or SCE's variance (`top_ks`), and SCE's Select
+  and Calculate in the same pass (`selection_energy`);
+- `sparse`: the sparse family's merge pass, run from a typed `SparsePlan` (`merge`,
+  `kept_sums`);
+- `ranks`: DELLA's per-row rank probabilities, inside the sparse pass;
+- `combine`: linear combinations, Gram matrices, the hierarchical method's cosine and LERP;
+- `core`: what they share (bfloat16 loads and stores, fma, the draws) and `largest_magnitude`.
+
+Each public kernel computes what its torch twin (named in its docstring) computes, bit for bit:
+the same float32 operations in the same order (torch's `add(alpha=)` is a fused multiply-add, so
+it is one here), the same tie rules (top-k keeps the earliest positions, DELLA gives equal |d|
+their average rank) and the same counter-based draws (`medmerge.methods.rng`); the float64 sums
+add per fixed block, so they do not depend on the thread count. `tests/test_kernels.py` checks
+both paths against each other. The kernels release the GIL, so the engine's reader and writer
+threads run beside them. Other devices, other dtypes (float16, float64), models in mixed dtypes
+and `MEDMERGE_KERNELS=0` use the torch implementation.
+
+Compiled kernels are cached beside each module (numba's `cache=True`). numba checks only a
+cached function's own file, so after editing `core.py` or `ranks.py` clear the `__pycache__`
+folder here.
+"""
+
+from medmerge.methods.kernels.combine import combine, delta_products, gram, lerp
+from medmerge.methods.kernels.core import BLOCK, DTYPES, array, largest_magnitude, usable
+from medmerge.methods.kernels.sparse import Rule, SparsePlan, kept_sums, merge
+from medmerge.methods.kernels.topk import Statistic, selection_energy, top_ks
+
+__all__ = [
+    "BLOCK",
+    "DTYPES",
+    "Rule",
+    "SparsePlan",
+    "Statistic",
+    "array",
+    "combine",
+    "delta_products",
+    "gram",
+    "kept_sums",
+    "largest_magnitude",
+    "lerp",
+    "merge",
+    "selection_energy",
+    "top_ks",
+    "usable",
+]

@@ -1,0 +1,160 @@
+"""The registry of merge methods: name -> MergeMethod.
+
+A method is a plain function decorated with `@register`; a newcomer's looks like
+
+    @register("scaled_sum")
+    def scaled_sum(base: Tensor, models: list[Tensor], *, weight: list[float],
+                   scale: float = 1.0) -> Tensor:
+        # the docstring's first paragraph is what `medmerge methods` shows
+        return base + scale * sum(w * (m - base) for w, m in zip(weight, models))
+
+Its keyword-only parameters are the method's config parameters (their defaults are the
+defaults; a parameter without one is required). What the signature says is not repeated: a
+parameter annotated `list[float]` arrives as one value per model, in model order (a default
+such as `list[float] = 1.0` is each model's value when none is set), and a `base` annotated
+without `None` makes the method need a base model. A family of variants registers rows
+instead (`add`, with explicit `Param` specs: see `sparse.VARIANTS`).
+
+Tensors arrive in float32 on the merge device (or, registered `raw_inputs=True`, in their
+stored dtype: the method converts chunk by chunk or runs a CPU kernel on them). Group methods
+(`group=` a function that splits the tensor names into groups, e.g. one layer's q, k, v and o)
+take and return dicts name -> Tensor.
+
+The engine also passes, when the function names them, these keyword arguments:
+- `keys`: one 63-bit random key per model, derived from (seed, tensor name, model index), for
+  `medmerge.methods.rng.uniform` (counter-based: a draw depends only on the key and the entry's
+  position, so chunks can be drawn in any order, on any device);
+- `name`: the tensor name (tensor-wise) or `names` (group methods);
+- `config`: the base model's `config.json` as a dict;
+- `diagnostics`: a list to append JSON-able records to (written beside the provenance);
+- `out_dtype`: the output dtype; a method that asks for it may return tensors already in it
+  (saving a full-size float32 copy), otherwise results are float32.
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from medmerge.errors import ConfigError
+
+ENGINE_ARGS = frozenset({"keys", "name", "names", "config", "diagnostics", "out_dtype"})
+REQUIRED = inspect.Parameter.empty
+Group = Callable[[Sequence[str], dict], list[list[str]]]
+
+
+@dataclass(frozen=True)
+class Param:
+    """A config parameter of a method: its Python name (`lambda_` is `lambda` in YAML), its
+    default (REQUIRED: none) and whether it takes one value per model."""
+
+    name: str
+    default: object = REQUIRED
+    per_model: bool = False
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable
+    doc: str  # one line: what it computes, the paper
+    needs_base: bool
+    uses_base: bool  # read the base when there is one (true for every method that needs it)
+    # a NaN or inf input entry always makes its output entry NaN or inf (even where the method
+    # drops it): the engine checks the output, not the inputs first
+    spreads_nonfinite: bool
+    raw_inputs: bool  # tensors arrive in their stored dtype; the method converts (per chunk)
+    params: tuple[Param, ...]
+    engine_args: frozenset[str]
+    group: Group | None = None
+    min_models: int = 1
+    max_models: int | None = None
+    summarize: Callable[[list[dict]], dict] | None = None  # condenses the diagnostics records
+
+    @property
+    def per_model(self) -> frozenset[str]:
+        return frozenset(p.name for p in self.params if p.per_model)
+
+    @property
+    def defaults(self) -> dict[str, object]:
+        """Parameter -> default, REQUIRED where it has none."""
+        return {p.name: p.default for p in self.params}
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def add(method: MergeMethod, aliases: Sequence[str] = ()) -> None:
+    """Register a method under its name and `aliases`."""
+    for key in (method.name, *aliases):
+        REGISTRY[key] = method
+
+
+def register(
+    name: str,
+    *,
+    aliases: Sequence[str] = (),
+    uses_base: bool | None = None,
+    spreads_nonfinite: bool = False,
+    raw_inputs: bool = False,
+    group: Group | None = None,
+    min_models: int = 1,
+    max_models: int | None = None,
+    summarize: Callable[[list[dict]], dict] | None = None,
+) -> Callable[[Callable], Callable]:
+    """Register the decorated function as method `name`; its parameters, which of them are per
+    model and whether it needs a base come from its signature."""
+
+    def decorate(fn: Callable) -> Callable:
+        hints = typing.get_type_hints(fn)
+        kw = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY
+        ]
+        base = hints.get("base", type(None))
+        needs_base = type(None) not in (typing.get_args(base) or (base,))
+        method = MergeMethod(
+            name=name,
+            fn=fn,
+            doc=_first_paragraph(fn.__doc__),
+            needs_base=needs_base,
+            uses_base=needs_base if uses_base is None else uses_base,
+            spreads_nonfinite=spreads_nonfinite,
+            raw_inputs=raw_inputs,
+            params=tuple(
+                Param(p.name, p.default, per_model=hints.get(p.name) == list[float])
+                for p in kw
+                if p.name not in ENGINE_ARGS
+            ),
+            engine_args=frozenset(p.name for p in kw if p.name in ENGINE_ARGS),
+            group=group,
+            min_models=min_models,
+            max_models=max_models,
+            summarize=summarize,
+        )
+        add(method, aliases)
+        return fn
+
+    return decorate
+
+
+def _first_paragraph(doc: str | None) -> str:
+    """A docstring's first paragraph, on one line."""
+    first = (doc or "").strip().split("\n\n")[0]
+    return " ".join(line.strip() for line in first.splitlines())
+
+
+def get_method(name: str) -> MergeMethod:
+    if name not in REGISTRY:
+        raise ConfigError(
+            f"unknown merge_method {name!r}; available: {', '.join(sorted(REGISTRY))}"
+        )
+    return REGISTRY[name]
+
+
+def config_name(key: str) -> str:
+    """Config spelling of a parameter: `lambda_` in Python is `lambda` in YAML."""
+    return key.rstrip("_")
