@@ -1,16 +1,15 @@
 """Large CPU buffers (tensors read, merged tensors) allocated where first touches are cheap.
 
 A model-sized merge allocates gigabytes in tensors of up to a few hundred MB; each is fresh
-memory from the OS, and the first write to each 4 KiB page is a page fault. On virtual machines
-a fault costs about a microsecond: reading a 117 MB tensor into a fresh `torch.empty` buffer
-took 68-87 ms, of which 45-60 ms were faults. numpy's allocator asks Linux for transparent huge
-pages (`madvise(MADV_HUGEPAGE)`) on large allocations, 512x fewer faults: the same read took
-24-29 ms. Elsewhere (other systems, THP off) this is an ordinary allocation.
+memory from the OS, and the first write to each 4 KiB page is a page fault, which on virtual
+machines costs about a microsecond. numpy's allocator asks Linux for transparent huge pages
+(`madvise(MADV_HUGEPAGE)`) on large allocations, 512x fewer faults. Elsewhere (other systems,
+THP off) this is an ordinary allocation.
 
-Even a huge page is zeroed by the kernel when first touched: in a TIES merge of the benchmark
-family that zeroing took 6% of the CPU time. So a large buffer, once no tensor uses it, goes to a
-small pool (`POOL_BYTES` in all) and the next request of its size reuses it; `release` empties
-the pool (the merge engine calls it when a merge ends).
+Even a huge page is zeroed by the kernel when first touched, a visible share of a merge's CPU
+time. So a large buffer, once no tensor uses it, goes to a small pool (`POOL_BYTES` in all) and
+the next request of its size reuses it; `release` empties the pool (the merge engine calls it
+when a merge ends).
 """
 
 from __future__ import annotations

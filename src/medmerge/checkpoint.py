@@ -279,9 +279,7 @@ class SequentialFile:
     whole blocks, and the file is cut to its length when closed.
 
     Written through the page cache, every byte of a merged model is copied into newly allocated
-    pages. On the benchmark VM that copy took a third of a TIES merge's CPU time, CPU the merge
-    needs: 2.2 GB took 1.65 s of CPU (and 1.65-6.2 s of wall time) written that way, 0.35 s
-    (1.4-1.55 s) staged and written direct. Where the filesystem refuses direct I/O (tmpfs,
+    pages, CPU time the merge's arithmetic needs. Where the filesystem refuses direct I/O (tmpfs,
     some network filesystems), or with MEDMERGE_DIRECT_IO=0, the bytes go through the page
     cache unstaged."""
 
@@ -443,9 +441,7 @@ def write_state(
 def _mapped(fd: int, start: int, nbytes: int) -> torch.Tensor:
     """Bytes start..start+nbytes of a file as a private memory map of just that range. Nothing
     is copied: pages come from the page cache as they are touched, and the map is unmapped
-    when the tensor is freed. Reading 1 GB of bfloat16 shards and checking them finite took
-    0.08 s this way, against 0.27 s copied into a buffer (0.96 s with that buffer's first
-    page faults)."""
+    when the tensor is freed: no copy into a buffer, and no first-touch page faults."""
     aligned = start - start % mmap.ALLOCATIONGRANULARITY
     mapped = mmap.mmap(fd, start + nbytes - aligned, offset=aligned, access=mmap.ACCESS_COPY)
     return torch.frombuffer(mapped, dtype=torch.uint8, count=nbytes, offset=start - aligned)
