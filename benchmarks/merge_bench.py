@@ -1,12 +1,16 @@
-"""Merge speed and memory against the disk-read floor, on a synthetic ~1B-parameter Mistral family.
+"""Merge speed and memory against the disk-read floor and mergekit, on a synthetic Mistral family.
 
     python benchmarks/merge_bench.py [--size 1b|tiny] [--methods linear,task_arithmetic]
                                      [--device cpu|cuda] [--repeat 2] [--json out.json]
+                                     [--mergekit /tmp/mk/bin/python]
 
 The family (base + two fine-tunes, bf16, 1 GB shards) is generated once into the cache folder
 (`bench-cache/`, ignored by git). Then, in one run:
 - floor: every input byte read once with large sequential reads (the least any merge must do);
 - each method merging the two fine-tunes, in a fresh subprocess, so peak RSS is its own.
+With `--mergekit PYTHON` (the interpreter of a virtual environment with `mergekit==0.1.5`), each
+method mergekit also has runs through its `run_merge` in the same way, on the same config, in
+the first `--mergekit-repeat` rounds.
 Times are the best of `--repeat` runs (the methods run round by round, so that a slow spell of
 a shared machine slows one run of each, not every run of one), with the page cache warm for
 every row alike (the family is read once before timing). Input hashes for provenance are primed
@@ -65,20 +69,26 @@ def read_floor(files: list[Path], copy_to: Path | None = None, copies: int = 0) 
             out.close()
 
 
-def child(code: str, env: dict) -> tuple[float, float, float]:
+MEDMERGE = "import medmerge\nfrom benchmarks.merge_bench import read_floor\n"
+MERGEKIT = (
+    "from mergekit.config import MergeConfiguration\n"
+    "from mergekit.merge import MergeOptions, run_merge\n"
+)
+
+
+def child(code: str, env: dict, imports: str = MEDMERGE, python: str = sys.executable):
     """Time `code` in a fresh interpreter (after its imports): seconds, the process's peak RSS
     in MB (VmHWM, which, unlike ru_maxrss, does not count the parent's memory before exec) and
     its CPU seconds (user + system, all threads): CPU seconds near cores x wall seconds mark a
     merge bound by the arithmetic, fewer one that waits on I/O."""
     timed = (
-        "import os, time\nfrom pathlib import Path\nimport medmerge\n"
-        "from benchmarks.merge_bench import read_floor\n"
+        f"import os, time\nfrom pathlib import Path\n{imports}"
         f"t, c = time.perf_counter(), os.times()\n{code}\n"
         "print(time.perf_counter() - t)\n"
         "print(next(l.split()[1] for l in open('/proc/self/status') if l.startswith('VmHWM')))\n"
         "e = os.times()\nprint(e.user + e.system - c.user - c.system)\n"
     )
-    proc = subprocess.Popen([sys.executable, "-c", timed], env=env, stdout=subprocess.PIPE)
+    proc = subprocess.Popen([python, "-c", timed], env=env, stdout=subprocess.PIPE)
     seconds, peak_kb, cpu = proc.stdout.read().split()
     if proc.wait() != 0:
         raise SystemExit(f"benchmark child failed: {code}")
@@ -111,15 +121,38 @@ PARAMETERS = {
 }
 
 
-def merge_code(method: str, models: list[Path], out: Path, device: str) -> str:
+MERGEKIT_METHODS = (
+    "linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "della", "della_linear",
+    "breadcrumbs", "breadcrumbs_ties", "sce", "slerp", "nuslerp", "model_stock", "karcher",
+)  # fmt: skip
+
+
+def config(method: str, models: list[Path]) -> dict:
+    """The merge config both tools run: the two fine-tunes on their base (SLERP interpolates
+    from the first fine-tune, which is then its base, to the second; linear takes no base)."""
     base, a, b = (str(m) for m in models)
     cfg = {
         "merge_method": method,
-        "base_model": base,
+        "base_model": a if method == "slerp" else base,
         "models": [{"model": a}, {"model": b}],
         "parameters": PARAMETERS.get(method, {}),
         "dtype": "bfloat16",
     }
+    if method == "linear":
+        del cfg["base_model"]
+    return cfg
+
+
+def mergekit_code(method: str, models: list[Path], out: Path) -> str:
+    cfg = config(method, models)
+    return (
+        f"run_merge(MergeConfiguration.model_validate({cfg!r}), {str(out)!r}, "
+        "MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))"
+    )
+
+
+def merge_code(method: str, models: list[Path], out: Path, device: str) -> str:
+    cfg = config(method, models)
     return (
         f"medmerge.merge({cfg!r}, {str(out)!r}, device={device!r}, progress=False)\n"
         "import json\n"
@@ -144,6 +177,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--cache", type=Path, default=ROOT / "bench-cache")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--mergekit", help="python of a virtual environment with mergekit==0.1.5")
+    ap.add_argument(
+        "--mergekit-repeat", type=int, default=1, help="mergekit's runs per method (minutes each)"
+    )
     args = ap.parse_args()
 
     env = {**os.environ, "MEDMERGE_CACHE": str(args.cache / "medmerge-cache")}
@@ -187,11 +224,17 @@ def main() -> None:
     rows.append(("read+write floor", *best(io)))
     methods = list(PARAMETERS) if args.methods == "all" else args.methods.split(",")
     runs = {method: [] for method in methods}
-    for _ in range(args.repeat):  # round by round: a slow spell of the machine hits every method
+    theirs = [m for m in methods if args.mergekit and m in MERGEKIT_METHODS]
+    mergekit = {method: [] for method in theirs}
+    for r in range(args.repeat):  # round by round: a slow spell of the machine hits every method
         for method in methods:
             code = merge_code(method, models, fresh_out(), args.device)
             runs[method].append(child(code, floor_env))
+            if method in theirs and r < args.mergekit_repeat:
+                code = mergekit_code(method, models, fresh_out())
+                mergekit[method].append(child(code, env, MERGEKIT, args.mergekit))
     rows += [(m, *best(runs[m])) for m in methods]
+    rows += [(f"mergekit {m}", *best(mergekit[m])) for m in theirs]
     shutil.rmtree(out, ignore_errors=True)
 
     floor_s = rows[0][1]
@@ -228,6 +271,17 @@ def main() -> None:
             f"{r['x_read_write_floor']:>13.2f}{r['x_linear']:>10.2f}"
             f"{gb / r['seconds']:>13.2f}{r['peak_rss_mb']:>13.0f}{r['cpu_seconds']:>8.2f}"
         )
+    if theirs:
+        print(f"\n{'method':<18}{'medmerge s':>11}{'mergekit s':>11}{'x mergekit':>11}"
+              f"{'medmerge MB':>12}{'mergekit MB':>12}")  # fmt: skip
+        by_name = {r["name"]: r for r in table}
+        for m in theirs:
+            ours, other = by_name[m], by_name[f"mergekit {m}"]
+            print(
+                f"{m:<18}{ours['seconds']:>11.2f}{other['seconds']:>11.2f}"
+                f"{ours['seconds'] / other['seconds']:>11.2f}{ours['peak_rss_mb']:>12.0f}"
+                f"{other['peak_rss_mb']:>12.0f}"
+            )
     if args.json:
         summary = {
             "size": args.size,

@@ -22,6 +22,7 @@ from transformers import (
     PretrainedConfig,
     PreTrainedTokenizerFast,
 )
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from medmerge.checkpoint import ShardWriter, atomic_folder
 from medmerge.methods.rng import tensor_seed
@@ -104,6 +105,7 @@ def write_model(
             writer.write(name, _tensor(name, shape, seed, member, delta).to(dtype))
         writer.finish()
         config.dtype = str(dtype).removeprefix("torch.")
+        config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]
         config.save_pretrained(tmp)
         GenerationConfig.from_model_config(config).save_pretrained(tmp)
         tiny_tokenizer(config.vocab_size).save_pretrained(tmp)
