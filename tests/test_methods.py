@@ -255,7 +255,8 @@ def chunking(request, monkeypatch):
     """Tiny tensors fit in one chunk; "chunked" cuts them into 96-entry chunks, so statistics
     passes, tie budgets carried across chunks and row-aligned chunks are exercised."""
     if request.param == "chunked":
-        monkeypatch.setattr("medmerge.methods.streaming.CHUNK", 96)  # every chunk loop goes by `spans`
+        # every chunk loop goes by `spans`
+        monkeypatch.setattr("medmerge.methods.streaming.CHUNK", 96)
     return request.param
 
 
