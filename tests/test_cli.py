@@ -41,5 +41,12 @@ def test_example_then_merge(tmp_path):
 def test_methods_lists_parameters():
     result = runner.invoke(app, ["methods"])
     assert result.exit_code == 0
-    assert "task_arithmetic: base + sum_i w_i (theta_i - base)" in result.output
+    assert "task_arithmetic: base + lambda * sum_i w_i (theta_i - base)" in result.output
     assert "weight (per model)" in result.output
+    # every method of mergekit 0.1.5's registry, with mergekit's parameters
+    mergekit = ("multislerp nearswap ram ramplus_tl sce linear slerp nuslerp passthrough "
+                "model_stock arcee_fusion karcher task_arithmetic ties dare_ties dare_linear "
+                "breadcrumbs breadcrumbs_ties della della_linear").split()  # fmt: skip
+    listed = {line.split(":")[0] for line in result.output.splitlines() if ": " in line}
+    assert set(mergekit) <= listed
+    assert "int8_mask [False], normalize [False], rescale [True], lambda [1.0]" in result.output

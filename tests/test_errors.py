@@ -15,13 +15,16 @@ from medmerge.errors import (
     IncompatibleModelsError,
     MergeError,
 )
+from medmerge.methods import REGISTRY
 from medmerge.synthetic import tiny_config, write_model
 
 
 def cfg(base, models, method="task_arithmetic", **extra):
+    """A merge of `models`, their base named where the method takes it beside them."""
+    base_model = {"base_model": str(base)} if REGISTRY[method].takes_base(len(models)) else {}
     return {
         "merge_method": method,
-        "base_model": str(base),
+        **base_model,
         "models": [{"model": str(m), "parameters": {"weight": 0.5}} for m in models],
         **extra,
     }
@@ -188,11 +191,16 @@ def test_overflow_in_the_output_is_reported(mistral, tmp_path):
 @pytest.mark.parametrize(
     "change, pattern",
     [
-        ({"merge_methd": "linear"}, r"merge_methd: unknown key \(allowed: merge_method, models"),
+        (
+            {"merge_methd": "linear"},
+            r"merge_method: Field required\n.*unknown key merge_methd \(did you mean "
+            r"'merge_method'\?\)",
+        ),
         ({"merge_method": "magic"}, r"unknown merge_method 'magic'; available: .*linear"),
-        ({"parameters": {"densty": 0.5}}, r"no parameter 'densty'.*allowed: weight, normalize"),
-        ({"dtype": "int8"}, r"dtype: Input should be 'float32', 'float16' or 'bfloat16'"),
-        ({"tokenizer_source": "union"}, r"union is not supported"),
+        ({"dtype": "int8"}, r"dtype: Input should be 'float32', 'float16', 'bfloat16' or"),
+        ({"models": []}, r"exactly one of models, slices or modules must be given"),
+        ({"parameters": {"weight": float("nan")}}, r"'weight' .* must be a finite number"),
+        ({"parameters": {"lambda": "much"}}, r"'lambda' .* must be a finite number, got 'much'"),
     ],
 )
 def test_bad_config_values(mistral, tmp_path, change, pattern):
@@ -209,9 +217,38 @@ def test_missing_weight_and_global_parameter_per_model(mistral, tmp_path):
     config = cfg(base, [a, b])
     del config["models"][1]["parameters"]["weight"]
     fails(config, tmp_path / "out", ConfigError, r"needs parameter 'weight' for model .*model_2")
-    config = cfg(base, [a, b])
-    config["models"][0]["parameters"]["normalize"] = True
-    fails(config, tmp_path / "out", ConfigError, r"'normalize' applies to the whole merge")
+
+
+@pytest.mark.parametrize(
+    "where, change, pattern",
+    [
+        ("top", {"dype": "float32"}, r"unknown key dype \(did you mean 'dtype'\?\)"),
+        ("model", {"parametres": {}}, r"unknown key models.0.parametres \(did you mean"),
+        ("parameters", {"densty": 0.5}, r"no parameter 'densty' .*did you mean 'density'"),
+        ("per model", {"normalize": True}, r"'normalize' applies to the whole merge"),
+        ("filter", {"weight": [{"filtr": "mlp", "value": 1}]}, r"unknown key .*filtr"),
+    ],
+)
+def test_unknown_and_ignored_keys_warn_or_with_strict_fail(mistral, tmp_path, caplog, where,
+                                                           change, pattern):  # fmt: skip
+    """As mergekit, a merge goes on past keys it does not know (a warning names the nearest
+    known one) and per-model values of whole-merge parameters; `strict` refuses them."""
+    base, a, b = mistral
+    config = cfg(base, [a, b], method="ties")
+    if where == "top":
+        config.update(change)
+    elif where == "model":
+        config["models"][0].update(change)
+    elif where == "per model":
+        config["models"][0]["parameters"].update(change)
+    else:
+        config["parameters"] = change
+    with pytest.raises(ConfigError, match=pattern):
+        medmerge.merge(config, tmp_path / "strict", progress=False, strict=True)
+    assert leftovers(tmp_path / "strict") == []
+    with caplog.at_level("WARNING", logger="medmerge"):
+        medmerge.merge(config, tmp_path / "lenient", progress=False)
+    assert any(__import__("re").search(pattern, r.getMessage()) for r in caplog.records)
 
 
 def test_task_arithmetic_needs_a_base(mistral, tmp_path):

@@ -21,7 +21,7 @@ CASES = {
     "dare_none": dict(
         method="dare_ties", weight=[1.0, -0.5], density=[0.2, 0.7], keys=[3, 4], rescale="none"
     ),  # fmt: skip
-    "della": dict(weight=[0.5, 0.5], density=[0.6, 0.4], keys=[5, 6], epsilon=0.1),
+    "della": dict(weight=[0.5, 0.5], density=[0.6, 0.4], keys=[5, 6], epsilon=[0.1, 0.2]),
     "della_linear": dict(weight=[0.3, 0.6], density=[0.5, 0.5], keys=[5, 6], lambda_=0.8),
     "della_l1": dict(
         method="della", weight=[0.5, 0.5], density=[0.6, 0.4], keys=[5, 6], rescale="l1"
@@ -32,8 +32,33 @@ CASES = {
     "sce_all": dict(method="sce", select_topk=1.0),
     "dare_drop_all": dict(method="dare_ties", weight=[0.5, 0.5], density=[0.0, 0.0], keys=[1, 2]),
     "della_sparse": dict(
-        method="della", weight=[0.5, 0.5], density=[0.05, 0.05], epsilon=0.05, keys=[1, 2]
+        method="della", weight=[0.5, 0.5], density=[0.05, 0.05], epsilon=[0.04, 0.01], keys=[1, 2]
     ),  # fmt: skip
+    "della_average": dict(
+        method="della_linear",
+        weight=[0.5, 0.7],
+        density=[0.6, 0.4],
+        keys=[5, 6],
+        rank_ties="average",
+        rescale="inverse_density",
+    ),  # fmt: skip
+    "dare_inverse": dict(
+        method="dare_ties",
+        weight=[0.5, 0.8],
+        density=[0.6, 0.9],
+        keys=[11, 12],
+        rescale="inverse_density",
+        normalize=True,
+    ),  # fmt: skip
+    "ties_rescaled": dict(method="ties", weight=[0.7, 0.4], density=[0.6, 0.3], rescale=True),
+    "breadcrumbs_rescaled": dict(
+        method="breadcrumbs_ties",
+        weight=[0.5, 0.5],
+        density=[0.5, 0.3],
+        rescale=True,
+        normalize=True,
+    ),  # fmt: skip
+    "sce_none": dict(method="sce", select_topk=0.0),
     "ties_negative": dict(method="ties", weight=[-0.5, 1.0], density=[0.5, 0.5]),
 }
 
@@ -126,11 +151,14 @@ def della_rows(kind: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
     raise ValueError(kind)
 
 
+@pytest.mark.parametrize("case", ["della", "della_average"])
 @pytest.mark.parametrize("kind", ["regular", "all_equal", "wide", "tiny", "float32_ties", "narrow"])
-def test_della_rank_histogram_every_path(kind, monkeypatch):
+def test_della_rank_histogram_every_path(kind, case, monkeypatch):
+    """Ranks in position order (mergekit's) and average ranks, on rows that take each path of
+    the kernel's rank histogram."""
     base, models = della_rows(kind)
-    fast = run("della", base, models, base.dtype, monkeypatch, use_kernels=True)
-    reference = run("della", base, models, base.dtype, monkeypatch, use_kernels=False)
+    fast = run(case, base, models, base.dtype, monkeypatch, use_kernels=True)
+    reference = run(case, base, models, base.dtype, monkeypatch, use_kernels=False)
     assert torch.equal(bits(fast), bits(reference))
 
 
@@ -210,15 +238,11 @@ def test_top_k_in_a_tie_group_at_either_end_or_between(where, monkeypatch):
         "between": [pattern - 1, pattern + 1],
     }
     half = lambda spots: np.repeat(predicted[where], (len(spots) + 1) // 2)[: len(spots)]  # noqa: E731
-    monkeypatch.setattr(
-        topk, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32)
-    )
+    monkeypatch.setattr(topk, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32))
     calls = []
     for name in ("_cut_equal", "_resolve"):
         fn = getattr(topk, name)
-        monkeypatch.setattr(
-            topk, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a)
-        )
+        monkeypatch.setattr(topk, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     assert kernels.top_ks(0, base, models, 0, [k]) == [(value, top_k_reference(values, k)[1])]
     assert calls == ["_resolve" if where == "between" else "_cut_equal"]
 
@@ -267,15 +291,11 @@ def test_selection_energy_with_the_cut_at_either_end_between_or_mispredicted(whe
         "wrong": [0x7F000000] * 2,
     }
     half = lambda spots: np.repeat(predicted[where], (len(spots) + 1) // 2)[: len(spots)]  # noqa: E731
-    monkeypatch.setattr(
-        topk, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32)
-    )
+    monkeypatch.setattr(topk, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32))
     calls = []
     for name in ("_histogram", "_resolve", "_before_cut"):
         fn = getattr(topk, name)
-        monkeypatch.setattr(
-            topk, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a)
-        )
+        monkeypatch.setattr(topk, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
     assert_selection(base, models, k)
     paths = {"high": ["_before_cut"], "low": ["_before_cut"], "between": ["_resolve"]}
     assert calls == paths.get(where, ["_histogram", "_resolve"])  # its bucket holds others
@@ -408,11 +428,12 @@ def test_hierarchical_kernels_match_torch(dtype, monkeypatch):
 
 
 COMBINATIONS = {
-    "linear": dict(weight=[0.4, 0.6], name="w"),
-    "task_arithmetic": dict(weight=[0.7, -0.5], name="w"),
+    "linear": dict(weight=[0.4, 0.6]),
+    "task_arithmetic": dict(weight=[0.7, -0.5], lambda_=0.8, normalize=True),
     "slerp": dict(t=0.3),
     "nuslerp": dict(weight=[0.4, 0.6]),
-    "karcher": dict(weight=[1.0, 2.0]),
+    "multislerp": dict(weight=[0.4, 0.6]),
+    "karcher": dict(),
     "model_stock": dict(),
 }
 

@@ -12,14 +12,18 @@ from conftest import logits, state
 import medmerge
 from medmerge.config import MergeConfig
 from medmerge.engine import PROVENANCE
+from medmerge.methods import REGISTRY
 
 
 def config(method, base, models, weights, **extra):
+    """A merge of `models`; their base named where the method takes it beside them (linear
+    would take it as one more model, as mergekit does)."""
     cfg = {
         "merge_method": method,
-        "base_model": str(base),
         "models": [{"model": str(m), "parameters": {"weight": w}} for m, w in zip(models, weights)],
     }
+    if REGISTRY[method].takes_base(len(models)):
+        cfg["base_model"] = str(base)
     cfg.update(extra)
     return cfg
 

@@ -9,7 +9,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from medmerge.config import MergeConfig, load_config  # noqa: E402
-from medmerge.engine import merge, plan_merge  # noqa: E402
+from medmerge.engine import merge  # noqa: E402
 from medmerge.errors import (  # noqa: E402
     CheckpointError,
     ConfigError,
@@ -17,6 +17,7 @@ from medmerge.errors import (  # noqa: E402
     MedmergeError,
     MergeError,
 )
+from medmerge.plan import plan_merge  # noqa: E402
 from medmerge.version import __version__  # noqa: E402
 
 __all__ = [

@@ -46,8 +46,16 @@ def merge(
     seed: Annotated[int, typer.Option(help="seed of randomised methods (DARE, DELLA)")] = 0,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty OUT_DIR")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    strict: Annotated[
+        bool, typer.Option(help="unknown keys and ignored parameters are errors, not warnings")
+    ] = False,
+    intermediate_dir: Annotated[
+        Path | None,
+        typer.Option(help="a multi-document config's named merges go here (default: removed)"),
+    ] = None,
 ) -> None:
-    """Merge the models a config names, streaming tensor by tensor, into OUT_DIR."""
+    """Merge the models a config names, streaming tensor by tensor, into OUT_DIR (a config of
+    several YAML documents, mergekit-multi's, runs them in the order they need)."""
     from medmerge.engine import merge as run_merge
 
     out = _run(
@@ -60,6 +68,8 @@ def merge(
         seed=seed,
         overwrite=overwrite,
         progress=not quiet,
+        strict=strict,
+        intermediate_dir=intermediate_dir,
     )
     typer.echo(f"merged model written to {out}")
 
@@ -256,11 +266,13 @@ def example(
         delta=0.5,
         overwrite=overwrite,
     )
-    per_model = {"weight": 0.5} if "weight" in _run(get_method, method).per_model else {}
+    chosen = _run(get_method, method)
+    per_model = {"weight": 0.5} if "weight" in chosen.per_model else {}
     config = {
         "merge_method": method,
-        "base_model": str(base.resolve()),
+        **({"base_model": str(base.resolve())} if chosen.takes_base(2) else {}),
         "models": [{"model": str(m.resolve()), "parameters": per_model} for m in (a, b)],
+        **({"parameters": {"t": 0.5}} if "t" in chosen.defaults else {}),
         "dtype": "bfloat16",
     }
     (out_dir / "merge.yaml").write_text(yaml.safe_dump(config, sort_keys=False))

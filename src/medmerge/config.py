@@ -1,84 +1,211 @@
-"""Merge configs: mergekit's YAML schema for what both support, validated by pydantic.
+"""Merge configs: mergekit's YAML schema, validated by pydantic.
 
 ```yaml
 merge_method: task_arithmetic
 base_model: path/to/base
-models:
+models:                           # or `slices:` (layer ranges), or `modules:` (one module)
   - model: path/to/parent_a
     parameters: {weight: 0.5}
   - model: path/to/parent_b
     parameters: {weight: 0.5}
-parameters: {normalize: false}     # apply to every model unless a model sets its own
+parameters: {normalize: false}    # apply to every model unless a model sets its own
 dtype: bfloat16                   # output dtype (`out_dtype` wins if both are given)
 tokenizer_source: base            # base, or a model folder
 materialize_adapters: false       # true: fold PEFT LoRA adapters among the models first
 ```
 
-A parameter value is a number (or bool/string), a gradient (a list of numbers interpolated over
-the layers, as in mergekit), or a list of `{filter, value}` entries where the first whose `filter`
-is a substring of the tensor name (or absent, or "*") applies.
+A parameter value is a number (or bool/string), a gradient (a list of values interpolated over
+the layers, as in mergekit), a `{filter, value}` entry, or a list of them, where the first whose
+`filter` is a substring of the tensor name (or absent, or "*") applies.
+
+A key the schema does not know is reported with the nearest known one: a warning, or with
+`strict` an error. A file may hold several YAML documents, each with a `name`, later documents
+using earlier ones as models (as mergekit-multi does): `load_configs` reads them all.
 """
 
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from medmerge.errors import ConfigError
 
+log = logging.getLogger("medmerge")
+
 Scalar = bool | int | float | str
-DType = Literal["float32", "float16", "bfloat16"]
+DType = Literal["float32", "float16", "bfloat16", "float64"]
 
 
-class ConditionalParameter(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class ConditionalParameter(Strict):
     filter: str | None = None
-    value: Scalar | list[float]
+    value: Scalar | list[Scalar]
 
 
-ParameterValue = Scalar | list[float] | list[ConditionalParameter]
+ParameterValue = Scalar | list[Scalar] | ConditionalParameter | list[ConditionalParameter]
+Parameters = dict[str, ParameterValue]
 
 
-class InputModel(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class InputModel(Strict):
     model: str
-    parameters: dict[str, ParameterValue] = {}
+    parameters: Parameters = {}
 
 
-class MergeConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    merge_method: str
-    models: list[InputModel]
+class InputSlice(Strict):
+    """Layers `layer_range` = [start, end) of one model."""
+
+    model: str
+    layer_range: tuple[int, int]
+    parameters: Parameters = {}
+
+
+class OutputSlice(Strict):
+    """A run of output layers merged from one layer range of each source (ranges of equal
+    length); `base_model` overrides the config's for this slice."""
+
+    sources: list[InputSlice]
     base_model: str | None = None
-    parameters: dict[str, ParameterValue] = {}
+    residual_weight: float | None = None  # accepted as mergekit does, which ignores it
+    parameters: Parameters = {}
+
+
+class OutputModule(Strict):
+    slices: list[OutputSlice] | None = None
+    models: list[InputModel] | None = None
+    parameters: Parameters = {}
+
+
+class TokenEmbedding(Strict):
+    source: str | dict | None = None
+    force: bool = False
+
+
+class TokenizerConfig(Strict):
+    source: str = "union"
+    tokens: dict[str, TokenEmbedding] | None = None
+    pad_to_multiple_of: int | None = None
+
+
+class MergeConfig(Strict):
+    merge_method: str
+    models: list[InputModel] | None = None
+    slices: list[OutputSlice] | None = None
+    modules: dict[str, OutputModule] | None = None
+    base_model: str | None = None
+    parameters: Parameters = {}
     dtype: DType | None = None
     out_dtype: DType | None = None
     tokenizer_source: str | None = None
+    tokenizer: TokenizerConfig | None = None
+    chat_template: str | None = None
+    name: str | None = None  # a document's name in a multi-document file
     materialize_adapters: bool = False  # fold LoRA adapter entries into their base on the fly
+
+    @model_validator(mode="before")
+    @classmethod
+    def _dtype_names(cls, data):
+        """`torch.bfloat16` is mergekit's spelling too."""
+        if isinstance(data, dict):
+            for key in ("dtype", "out_dtype"):
+                if isinstance(data.get(key), str):
+                    data = {**data, key: data[key].removeprefix("torch.")}
+        return data
+
+    @model_validator(mode="after")
+    def _one_layout(self):
+        given = [k for k in ("models", "slices", "modules") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(
+                "exactly one of models, slices or modules must be given, not "
+                + (" and ".join(given) or "none")
+            )
+        if self.tokenizer_source and self.tokenizer:
+            raise ValueError("give tokenizer_source or a tokenizer block, not both")
+        return self
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
 
-_FIELDS = {
+# where a key may appear: a path of field names (int: any list index, str: any mapping key)
+_SCHEMAS: dict[tuple, type[BaseModel]] = {
     (): MergeConfig,
     ("models", int): InputModel,
+    ("slices", int): OutputSlice,
+    ("slices", int, "sources", int): InputSlice,
+    ("modules", str): OutputModule,
+    ("modules", str, "models", int): InputModel,
+    ("modules", str, "slices", int): OutputSlice,
+    ("modules", str, "slices", int, "sources", int): InputSlice,
+    ("tokenizer",): TokenizerConfig,
+    ("tokenizer", "tokens", str): TokenEmbedding,
 }
 
 
-def _allowed_keys(loc: tuple) -> str:
-    """Which keys are allowed where pydantic found an unknown one."""
-    parent = loc[:-1]
-    shape = tuple(int if isinstance(p, int) else p for p in parent)
-    if shape in _FIELDS:
-        return ", ".join(_FIELDS[shape].model_fields)
-    if "parameters" in parent:  # inside a list of {filter, value} entries
-        return ", ".join(ConditionalParameter.model_fields)
-    return ""
+def unknown_keys(raw: dict, found: list[str]) -> dict:
+    """`raw` without the keys the schema does not know; each is described in `found`, with the
+    nearest known one. Values inside `parameters` are the method's to check."""
+
+    def walk(node, path: tuple, shape: tuple):
+        if isinstance(node, list):
+            return [walk(item, (*path, i), (*shape, int)) for i, item in enumerate(node)]
+        if not isinstance(node, dict):
+            return node
+        schema = _SCHEMAS.get(shape)
+        if schema is None:
+            if shape and shape[-1] in ("modules", "tokens"):  # mappings of named entries
+                return {k: walk(v, (*path, k), (*shape, str)) for k, v in node.items()}
+            return node
+        kept = {}
+        for key, value in node.items():
+            if key in schema.model_fields:
+                if key == "parameters":
+                    kept[key] = _conditional_keys(value, (*path, key), found)
+                else:
+                    kept[key] = walk(value, (*path, key), (*shape, key))
+                continue
+            found.append(_unknown(".".join(map(str, (*path, key))), key, list(schema.model_fields)))
+        return kept
+
+    return walk(raw, (), ())
+
+
+def _conditional_keys(parameters, path: tuple, found: list[str]):
+    """Parameters without the unknown keys of their {filter, value} entries (each described
+    in `found`); the caller's dicts are left as they are."""
+    if not isinstance(parameters, dict):
+        return parameters
+    known = list(ConditionalParameter.model_fields)
+
+    def clean(entry, where: tuple):
+        if not isinstance(entry, dict):
+            return entry
+        for key in [k for k in entry if k not in known]:
+            found.append(_unknown(".".join(map(str, (*where, key))), key, known))
+        return {k: v for k, v in entry.items() if k in known}
+
+    out = {}
+    for name, value in parameters.items():
+        if isinstance(value, list):
+            out[name] = [clean(entry, (*path, name, i)) for i, entry in enumerate(value)]
+        else:
+            out[name] = clean(value, (*path, name))
+    return out
+
+
+def _unknown(where: str, key: str, known: list[str]) -> str:
+    near = difflib.get_close_matches(str(key), known, n=1)
+    hint = f"did you mean {near[0]!r}?" if near else f"known here: {', '.join(known)}"
+    return f"unknown key {where} ({hint})"
 
 
 def _describe(err: ValidationError, source: str) -> str:
@@ -87,39 +214,73 @@ def _describe(err: ValidationError, source: str) -> str:
     for e in err.errors():
         loc = [str(p) for p in e["loc"]]
         msg = e["msg"]
-        if e["type"] == "extra_forbidden":
-            msg = f"unknown key (allowed: {_allowed_keys(e['loc'])})"
-        elif "parameters" in loc:
+        if "parameters" in loc:
             # pydantic reports every branch of the value union; one plain sentence is clearer
             loc = loc[: loc.index("parameters") + 2]
             msg = (
-                "expected a number, bool or string, a list of numbers (a gradient over "
-                "layers), or a list of {filter, value} entries"
+                "expected a number, bool or string, a list of them (a gradient over layers), "
+                "or {filter, value} entries"
             )
         where = ".".join(p for p in loc if not p.startswith(("list[", "function-")))
+        msg = msg.removeprefix("Value error, ")
         if (where, msg) not in seen:
             seen.add((where, msg))
             lines.append(f"  {where or '(top level)'}: {msg}")
     return "\n".join(lines)
 
 
-def load_config(config: MergeConfig | dict | str | os.PathLike) -> MergeConfig:
-    """A MergeConfig from a model, a dict, or a YAML file path; ConfigError if invalid."""
+def load_configs(
+    config: MergeConfig | dict | str | os.PathLike, *, strict: bool = False
+) -> list[MergeConfig]:
+    """The merge configs of a model, a dict, or a YAML file of one or more documents (all but
+    one with a `name`: `engine.merge` orders them); ConfigError if any is invalid."""
     if isinstance(config, MergeConfig):
-        return config
-    source = "(dict)"
-    if isinstance(config, (str, os.PathLike)):
-        path = Path(config)
-        source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"merge config {path} does not exist")
-        try:
-            config = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as e:
-            raise ConfigError(f"merge config {path} is not valid YAML: {e}") from e
-        if not isinstance(config, dict):
-            raise ConfigError(f"merge config {path} must be a YAML mapping")
+        return [config]
+    if isinstance(config, dict):
+        return [_validate(config, "(dict)", strict)]
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"merge config {path} does not exist")
     try:
-        return MergeConfig.model_validate(config)
+        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+    except yaml.YAMLError as e:
+        raise ConfigError(f"merge config {path} is not valid YAML: {e}") from e
+    if not documents:
+        raise ConfigError(f"merge config {path} is empty")
+    configs = []
+    for i, document in enumerate(documents):
+        where = str(path) if len(documents) == 1 else f"{path} (document {i + 1})"
+        if not isinstance(document, dict):
+            raise ConfigError(f"merge config {where} must be a YAML mapping")
+        configs.append(_validate(document, where, strict))
+    return configs
+
+
+def load_config(
+    config: MergeConfig | dict | str | os.PathLike, *, strict: bool = False
+) -> MergeConfig:
+    """The one merge config of a model, a dict, or a YAML file; ConfigError if invalid or if
+    the file holds several documents (`load_configs` reads those)."""
+    configs = load_configs(config, strict=strict)
+    if len(configs) > 1:
+        raise ConfigError(
+            f"merge config {config} holds {len(configs)} documents; merge it with "
+            "medmerge.merge (or the CLI), which runs them in order"
+        )
+    return configs[0]
+
+
+def _validate(raw: dict, source: str, strict: bool) -> MergeConfig:
+    """The config, its unknown keys reported: a warning each, or with `strict` an error; and
+    in the error of a config that is invalid besides (a misspelt required key, say)."""
+    found: list[str] = []
+    known = unknown_keys(raw, found)
+    if found and strict:
+        raise ConfigError(f"merge config {source}: {found[0]} (strict: unknown keys are errors)")
+    try:
+        config = MergeConfig.model_validate(known)
     except ValidationError as e:
-        raise ConfigError(_describe(e, source)) from e
+        raise ConfigError("\n  ".join([_describe(e, source), *found])) from e
+    for message in found:
+        log.warning("merge config %s: %s; ignored", source, message)
+    return config

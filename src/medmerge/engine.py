@@ -1,9 +1,10 @@
 """The streaming merge: plan (validate everything up front), then merge group by group and write.
 
-Data flow: config -> `plan_merge` (open checkpoints lazily, check compatibility, resolve every
-parameter of every tensor) -> `merge` (read a group of tensors from each model, call the method
-in float32 on the device, check and cast the result, stream it into the shard writer) -> metadata
-and provenance -> atomic rename into OUT_DIR.
+Data flow: config -> `plan.plan_merge` (open checkpoints lazily, check compatibility, map every
+output tensor to its inputs, resolve every parameter) -> `merge` (read a group of tensors'
+inputs, call the method in float32 on the device, check and cast the result, stream it into the
+shard writer) -> metadata and provenance -> atomic rename into OUT_DIR. A file of several
+configs (mergekit-multi's) runs them in the order their references need.
 """
 
 from __future__ import annotations
@@ -11,13 +12,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import shutil
 import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -32,242 +32,20 @@ from medmerge.checkpoint import (
     atomic_folder,
     parse_size,
 )
-from medmerge.config import ConditionalParameter, MergeConfig, ParameterValue, load_config
-from medmerge.errors import ConfigError, IncompatibleModelsError, MergeError
-from medmerge.hashing import cache_dir, sha256_file
+from medmerge.config import MergeConfig, load_configs
+from medmerge.errors import ConfigError, MergeError
+from medmerge.hashing import sha256_file
 from medmerge.methods import (
-    REQUIRED,
-    MergeMethod,
-    config_name,
-    get_method,
     largest_magnitude,
 )
 from medmerge.methods.rng import tensor_keys
+from medmerge.plan import MergePlan, plan_merge
 from medmerge.version import __version__
 
 log = logging.getLogger("medmerge")
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 PROVENANCE = "medmerge_provenance.json"
 DIAGNOSTICS = "merge_diagnostics.json"
-
-
-def layer_position(name: str, num_layers: int) -> float:
-    """Where a tensor sits in the depth of the model, in [0, 1], for gradient parameters.
-
-    Layer i of L is at i / (L - 1); embeddings are at 0 and everything after the last layer
-    (final norm, output head) at 1, as in mergekit.
-    """
-    m = LAYER_INDEX.search(name)
-    if m:
-        return int(m.group(1)) / max(num_layers - 1, 1)
-    return 0.0 if "embed" in name or "wte" in name else 1.0
-
-
-def evaluate(value: ParameterValue, name: str, t: float):
-    """A parameter's value for one tensor: scalar, gradient over depth, or filtered list."""
-    if not isinstance(value, list):
-        return value
-    if value and isinstance(value[0], ConditionalParameter):
-        for cond in value:
-            if cond.filter in (None, "*") or cond.filter in name:
-                return evaluate(cond.value, name, t)
-        return None
-    if len(value) == 1:
-        return value[0]
-    x = t * (len(value) - 1)
-    i = min(int(x), len(value) - 2)
-    return value[i] + (x - i) * (value[i + 1] - value[i])
-
-
-@dataclass
-class MergePlan:
-    config: MergeConfig
-    method: MergeMethod
-    base: Checkpoint | None
-    models: list[Checkpoint]
-    out_dtype: torch.dtype
-    groups: list[list[str]]
-    params: dict[str, dict] = field(default_factory=dict)  # tensor name -> method kwargs
-    temp_dirs: list[Path] = field(default_factory=list)  # adapters folded for this merge
-
-    @property
-    def reference(self) -> Checkpoint:
-        """The model whose tensor names, config and layout the output takes."""
-        return self.base or self.models[0]
-
-    @property
-    def inputs(self) -> list[Checkpoint]:
-        return ([self.base] if self.base else []) + self.models
-
-    @property
-    def order(self) -> list[str]:
-        return [n for g in self.groups for n in g]
-
-
-def plan_merge(config: MergeConfig | dict | str | Path, dtype: str | None = None) -> MergePlan:
-    """Open the inputs and check everything that can fail before a byte is written."""
-    cfg = load_config(config)
-    method = get_method(cfg.merge_method)
-    if method.needs_base and not cfg.base_model:
-        raise ConfigError(f"merge_method {method.name} needs a base_model (the common ancestor)")
-    base = Checkpoint(cfg.base_model) if cfg.base_model else None
-    entries = cfg.models
-    if base is not None:
-        is_base = [Path(e.model).resolve() == base.path.resolve() for e in entries]
-        if method.uses_base:
-            # mergekit lets the base appear among the models; its task vector is zero: drop it
-            entries = [e for e, b in zip(entries, is_base, strict=True) if not b]
-        else:
-            # methods of models alone (slerp): the base, when listed, is the first (t = 0) end
-            entries = sorted(entries, key=lambda e: not is_base[cfg.models.index(e)])
-    temp_dirs: list[Path] = []
-    models = [_open_model(e.model, cfg, temp_dirs) for e in entries]
-    n = len(models)
-    if n < method.min_models or (method.max_models and n > method.max_models):
-        want = f"{method.min_models}" + (
-            f" to {method.max_models}" if method.max_models != method.min_models else ""
-        )
-        raise ConfigError(
-            f"merge_method {method.name} takes {want} models (besides the base); got {n}"
-        )
-    plan = MergePlan(cfg, method, base, models, torch.bfloat16, [], temp_dirs=temp_dirs)
-    _check_compatible(plan)
-    plan.out_dtype = _output_dtype(plan, dtype)
-    names = plan.reference.names()
-    floats = [n for n in names if plan.reference.info(n).dtype.is_floating_point]
-    others = [[n] for n in names if n not in set(floats)]
-    grouped = method.group(floats, plan.reference.config) if method.group else [[n] for n in floats]
-    plan.groups = grouped + others
-    plan.params = _resolve_parameters(cfg, method, entries, floats, _num_layers(plan))
-    return plan
-
-
-def _open_model(path: str, cfg: MergeConfig, temp_dirs: list[Path]) -> Checkpoint:
-    """A model entry's checkpoint; a LoRA adapter is folded into its base when the config asks."""
-    from medmerge.adapters import adapter_base, is_adapter, materialize
-
-    if not (cfg.materialize_adapters and is_adapter(path)):
-        return Checkpoint(path)  # refuses an adapter with advice
-    own_base = adapter_base(Path(path))
-    base = own_base if own_base and Path(own_base).is_dir() else cfg.base_model
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix="adapter-", dir=cache))
-    temp_dirs.append(temp)
-    log.info("folding LoRA adapter %s into %s", path, base)
-    # folded in float32: the merge rounds once, at the end
-    return Checkpoint(materialize(path, temp / "model", base=base, dtype="float32"))
-
-
-def _num_layers(plan: MergePlan) -> int:
-    cfg = plan.reference.config
-    cfg = cfg.get("text_config", cfg)
-    if "num_hidden_layers" in cfg:
-        return int(cfg["num_hidden_layers"])
-    found = [int(m.group(1)) for n in plan.reference.names() if (m := LAYER_INDEX.search(n))]
-    return max(found, default=0) + 1
-
-
-def _check_compatible(plan: MergePlan) -> None:
-    ref = plan.reference
-    for other in plan.inputs:
-        if other is ref:
-            continue
-        for key in ("model_type", "architectures"):
-            if ref.config.get(key) != other.config.get(key):
-                raise IncompatibleModelsError(
-                    f"{other.path} has {key}={other.config.get(key)!r} but {ref.path} has "
-                    f"{ref.config.get(key)!r}; only models of one architecture can be merged"
-                )
-        for name in ref.names():
-            if other.resolve(name) is None:
-                raise IncompatibleModelsError(
-                    f"tensor {name!r} of {ref.path} is missing from {other.path}; the models do "
-                    "not share one architecture (check `num_hidden_layers` and the tensor names)"
-                )
-            a, b = ref.info(name).shape, other.info(name).shape
-            if a != b:
-                raise IncompatibleModelsError(
-                    f"tensor {name!r} has shape {list(b)} in {other.path} but {list(a)} in "
-                    f"{ref.path}; merged models need identical shapes (a resized vocabulary must "
-                    "be resized the same way in every model)"
-                )
-        extra = set(other.names()) - set(ref.names()) - {"lm_head.weight"}
-        if extra:
-            log.warning(
-                "%s has %d tensors that %s lacks; they are ignored (e.g. %s)",
-                other.path,
-                len(extra),
-                ref.path,
-                sorted(extra)[0],
-            )
-
-
-def _output_dtype(plan: MergePlan, override: str | None) -> torch.dtype:
-    name = override or plan.config.out_dtype or plan.config.dtype
-    if name is None:
-        stored = [i.dtype for i in plan.reference.tensors.values() if i.dtype.is_floating_point]
-        return stored[0] if stored else torch.float32
-    if name not in DTYPES:
-        raise ConfigError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
-def _resolve_parameters(
-    cfg: MergeConfig, method: MergeMethod, entries, names: list[str], num_layers: int
-) -> dict[str, dict]:
-    known = {config_name(k): k for k in method.defaults}
-    allowed = ", ".join(known) or "none"
-    for where, params in [("parameters", cfg.parameters)] + [
-        (f"parameters of model {e.model}", e.parameters) for e in entries
-    ]:
-        for key in params:
-            if key not in known:
-                raise ConfigError(
-                    f"{method.name} has no parameter {key!r} (in {where}); allowed: {allowed}"
-                )
-            if where != "parameters" and known[key] not in method.per_model:
-                raise ConfigError(
-                    f"{method.name} parameter {key!r} applies to the whole merge; set it in the "
-                    f"top-level parameters, not per model ({where})"
-                )
-    resolved = {}
-    for name in names:
-        t = layer_position(name, num_layers)
-        kwargs = {}
-        for cname, key in known.items():
-            if key in method.per_model:
-                values = []
-                for e in entries:
-                    v = _lookup(e.parameters, cname, name, t)
-                    if v is None:
-                        v = _lookup(cfg.parameters, cname, name, t)
-                    values.append(_required(v, method, key, name, e.model))
-                kwargs[key] = values
-            else:
-                v = _lookup(cfg.parameters, cname, name, t)
-                kwargs[key] = _required(v, method, key, name, None)
-        resolved[name] = kwargs
-    return resolved
-
-
-def _lookup(params: dict, key: str, name: str, t: float):
-    return evaluate(params[key], name, t) if key in params else None
-
-
-def _required(value, method: MergeMethod, key: str, name: str, model: str | None):
-    if value is not None:
-        return value
-    default = method.defaults[key]
-    if default is REQUIRED:
-        where = f" for model {model}" if model else ""
-        raise ConfigError(
-            f"{method.name} needs parameter {config_name(key)!r}{where} (tensor {name!r}); set it "
-            "in `parameters` (top level or per model)"
-        )
-    return default
 
 
 PREFETCH = 2  # groups read ahead of, and written behind, the arithmetic
@@ -275,25 +53,27 @@ PREFETCH = 2  # groups read ahead of, and written behind, the arithmetic
 
 @dataclass
 class GroupInput:
-    """The raw tensors of one group, as stored: `base` (or None) and one dict per model."""
+    """The raw input tensors of one group, as stored: per output name, its inputs in the plan's
+    order (the base first where the method takes one)."""
 
     names: list[str]
-    base: dict[str, torch.Tensor] | None
-    models: list[dict[str, torch.Tensor]]
+    inputs: dict[str, list[torch.Tensor]]
     nbytes: int
 
 
 def _read_group(plan: MergePlan, names: list[str]) -> GroupInput:
-    use_base = plan.base is not None and plan.method.uses_base
-    readers = ([plan.base] if use_base else []) + plan.models
     # where a NaN would surely reach the output, the output's check stands in for a pass over
     # the inputs
     check = not plan.method.spreads_nonfinite
-    tensors = [{n: _read_finite(c, n) if check else c.read(n) for n in names} for c in readers]
-    nbytes = sum(c.info(n).nbytes for c in readers for n in names)
-    if use_base:
-        return GroupInput(names, tensors[0], tensors[1:], nbytes)
-    return GroupInput(names, None, tensors, nbytes)
+    inputs, nbytes = {}, 0
+    for n in names:
+        read = []
+        for item in plan.tensors[n].inputs:
+            ckpt = plan.checkpoints[item.model]
+            read.append(_read_finite(ckpt, item.name) if check else ckpt.read(item.name))
+            nbytes += ckpt.info(item.name).nbytes
+        inputs[n] = read
+    return GroupInput(names, inputs, nbytes)
 
 
 def _read_finite(ckpt: Checkpoint, name: str) -> torch.Tensor:
@@ -314,13 +94,13 @@ def _refuse_nonfinite(ckpt: Checkpoint, name: str, t: torch.Tensor) -> None:
 def _engine_kwargs(plan: MergePlan, key: str, seed: int, diagnostics: list) -> dict:
     method, extra = plan.method, {}
     if "config" in method.engine_args:
-        extra["config"] = plan.reference.config
+        extra["config"] = plan.out_config
     if "diagnostics" in method.engine_args:
         extra["diagnostics"] = diagnostics
     if "out_dtype" in method.engine_args:
         extra["out_dtype"] = plan.out_dtype
     if "keys" in method.engine_args:
-        extra["keys"] = tensor_keys(seed, key, len(plan.models))
+        extra["keys"] = tensor_keys(seed, key, len(plan.tensors[key].models))
     if "name" in method.engine_args:
         extra["name"] = key
     return extra
@@ -331,29 +111,30 @@ def _merge_group(
 ) -> dict[str, torch.Tensor]:
     """Merged tensors of one group, in the output dtype, on the CPU, checked finite."""
     names, method = group.names, plan.method
-    first = plan.reference.info(names[0])
-    if not first.dtype.is_floating_point:
-        # integer and bool buffers (none in Llama/Mistral) are not merged: the reference's is kept
-        src = group.base if group.base is not None else group.models[0]
-        return {names[0]: src[names[0]]}
+    if not group.inputs[names[0]][0].dtype.is_floating_point:
+        # integer and bool buffers (none in Llama/Mistral) are not merged: the first input's
+        # (the base's, where the method takes one) is kept
+        return {names[0]: group.inputs[names[0]][0]}
 
     def f32(t: torch.Tensor) -> torch.Tensor:
         if method.raw_inputs:  # the method converts chunk by chunk, sparing full-size copies
             return t.to(device=device)
         return t.to(device=device, dtype=torch.float32)
 
-    base = {n: f32(t) for n, t in group.base.items()} if group.base is not None else None
-    models = [{n: f32(t) for n, t in m.items()} for m in group.models]
+    inputs = {n: [f32(t) for t in group.inputs[n]] for n in names}
+    has_base = plan.tensors[names[0]].has_base
+    base = {n: inputs[n][0] for n in names} if has_base else None
+    models = [{n: inputs[n][i] for n in names} for i in range(int(has_base), len(inputs[names[0]]))]
     if method.group:
         extra = _engine_kwargs(plan, names[0], seed, diagnostics)
         extra.pop("name", None)
-        out = method.fn(base, models, names=names, **plan.params[names[0]], **extra)
+        out = method.fn(base, models, names=names, **plan.tensors[names[0]].params, **extra)
     else:
         out = {
             n: method.fn(
                 base[n] if base else None,
                 [m[n] for m in models],
-                **plan.params[n],
+                **plan.tensors[n].params,
                 **_engine_kwargs(plan, n, seed, diagnostics),
             )
             for n in names
@@ -371,10 +152,8 @@ def _check_finite(plan: MergePlan, group: GroupInput, name: str, merged: torch.T
     when reading)."""
     if largest_magnitude(merged) <= torch.finfo(plan.out_dtype).max:  # False for NaN
         return
-    if group.base is not None:
-        _refuse_nonfinite(plan.base, name, group.base[name])
-    for ckpt, tensors in zip(plan.models, group.models, strict=True):
-        _refuse_nonfinite(ckpt, name, tensors[name])
+    for item, tensor in zip(plan.tensors[name].inputs, group.inputs[name], strict=True):
+        _refuse_nonfinite(plan.checkpoints[item.model], item.name, tensor)
     raise MergeError(
         f"merged tensor {name!r} has non-finite values: the result overflows {plan.out_dtype} "
         "or the parameters are extreme; check the weights, or write float32"
@@ -391,15 +170,112 @@ def merge(
     seed: int = 0,
     overwrite: bool = False,
     progress: bool = True,
+    strict: bool = False,
+    intermediate_dir: str | Path | None = None,
 ) -> Path:
-    """Merge the models a config names into a new checkpoint folder `out_dir`; returns it."""
+    """Merge the models a config names into a new checkpoint folder `out_dir`; returns it.
+
+    A file of several configs (mergekit-multi's) merges each named one into
+    `intermediate_dir/NAME` (by default a temporary folder beside `out_dir`, removed at the
+    end), where later configs find it by its name, and the final one into `out_dir`."""
+    configs = load_configs(config, strict=strict)
+    if len(configs) == 1:
+        return _merge_one(configs[0], out_dir, device, dtype, shard_size, seed, overwrite,
+                          progress, strict)  # fmt: skip
+    out = Path(out_dir)
+    order, final = _stages(configs)
+    keep = intermediate_dir is not None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = (
+        Path(intermediate_dir)
+        if keep
+        else Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
+    )
+    try:
+        folders: dict[str, str] = {}
+        for cfg in order:
+            cfg = _with_models(cfg, folders)
+            target = out if cfg is final or cfg.name == final.name else parts / cfg.name
+            log.info("merge stage %s -> %s", cfg.name or "(final)", target)
+            replace = overwrite or (target != out and not keep)  # a temporary folder's own
+            _merge_one(cfg, target, device, dtype, shard_size, seed, replace, progress, strict)
+            if cfg.name:
+                folders[cfg.name] = str(target)
+    finally:
+        if not keep:
+            shutil.rmtree(parts, ignore_errors=True)
+    return out
+
+
+def _stages(configs: list[MergeConfig]) -> tuple[list[MergeConfig], MergeConfig]:
+    """The configs in an order where each comes after those it names as models, and the final
+    one: the one without a name, else the one no other names."""
+    names = {c.name for c in configs if c.name}
+    unnamed = [c for c in configs if not c.name]
+    if len(unnamed) > 1 or len(names) != len(configs) - len(unnamed):
+        raise ConfigError("a multi-document merge config needs a unique name for every "
+                          "document but at most one (the final merge)")  # fmt: skip
+    needs = {id(c): {r for r in _references(c) if r in names} for c in configs}
+    used = set().union(*needs.values())
+    final = unnamed[0] if unnamed else None
+    if final is None:
+        last = [c for c in configs if c.name not in used]
+        if len(last) != 1:
+            raise ConfigError(
+                "a multi-document merge config needs one final merge: leave its name out, or "
+                f"let exactly one document be used by no other (unused: {[c.name for c in last]})"
+            )
+        final = last[0]
+    order, done = [], set()
+    while len(order) < len(configs):
+        ready = [c for c in configs if c not in order and needs[id(c)] <= done]
+        if not ready:
+            raise ConfigError("the documents of the merge config name each other in a cycle")
+        order.extend(ready)
+        done |= {c.name for c in ready if c.name}
+    return order, final
+
+
+def _references(cfg: MergeConfig) -> set[str]:
+    refs = {cfg.base_model, cfg.tokenizer_source}
+    refs |= {m.model for m in cfg.models or []}
+    for sl in cfg.slices or []:
+        refs |= {sl.base_model} | {s.model for s in sl.sources}
+    for module in (cfg.modules or {}).values():
+        refs |= {m.model for m in module.models or []}
+        for sl in module.slices or []:
+            refs |= {sl.base_model} | {s.model for s in sl.sources}
+    return {r for r in refs if r}
+
+
+def _with_models(cfg: MergeConfig, folders: dict[str, str]) -> MergeConfig:
+    """`cfg` with every model reference that names an earlier stage replaced by its folder."""
+    if not folders:
+        return cfg
+
+    def swap(node):
+        if isinstance(node, dict):
+            return {
+                k: folders.get(v, v)
+                if k in ("model", "base_model", "tokenizer_source") and isinstance(v, str)
+                else swap(v)
+                for k, v in node.items()
+            }
+        if isinstance(node, list):
+            return [swap(v) for v in node]
+        return node
+
+    return MergeConfig.model_validate(swap(cfg.model_dump(exclude_defaults=True)))
+
+
+def _merge_one(cfg, out_dir, device, dtype, shard_size, seed, overwrite, progress, strict):
     started = time.time()
-    plan = plan_merge(config, dtype)
+    plan = plan_merge(cfg, dtype, strict=strict)
     try:
         return _merge(plan, out_dir, device, shard_size, seed, overwrite, progress, started)
     finally:
         buffers.release()
-        for ckpt in plan.inputs:
+        for ckpt in plan.checkpoints:
             ckpt.close()
         for temp in plan.temp_dirs:
             shutil.rmtree(temp, ignore_errors=True)
@@ -407,7 +283,7 @@ def merge(
 
 def _merge(plan: MergePlan, out_dir, device, shard_size, seed, overwrite, progress, started):
     out = Path(out_dir)
-    for ckpt in plan.inputs:
+    for ckpt in plan.checkpoints:
         if out.resolve() == ckpt.path.resolve():
             raise MergeError(f"output folder {out} is an input of the merge; choose another folder")
     dev = torch.device(device)
@@ -417,17 +293,14 @@ def _merge(plan: MergePlan, out_dir, device, shard_size, seed, overwrite, progre
         max_shard = parse_size(shard_size)
     except ValueError as e:
         raise ConfigError(str(e)) from e
-    ref = plan.reference
-    layout = [
-        (
-            n,
-            ref.info(n).shape,
-            plan.out_dtype if ref.info(n).dtype.is_floating_point else ref.info(n).dtype,
-        )
-        for n in plan.order
-    ]
-    readers = plan.inputs if plan.method.uses_base else plan.models
-    total_in = sum(c.info(n).nbytes for c in readers for n in plan.order)
+    layout = []
+    total_in = 0
+    for n in plan.order:
+        inputs = plan.tensors[n].inputs
+        info = plan.checkpoints[inputs[0].model].info(inputs[0].name)
+        dtype = plan.out_dtype if info.dtype.is_floating_point else info.dtype
+        layout.append((n, info.shape, dtype))
+        total_in += sum(plan.checkpoints[i.model].info(i.name).nbytes for i in inputs)
     diagnostics: list = []
     with (
         atomic_folder(out, overwrite) as tmp,
@@ -470,6 +343,15 @@ def _merge(plan: MergePlan, out_dir, device, shard_size, seed, overwrite, progre
     return out
 
 
+def set_chat_template(folder: Path, template: str) -> None:
+    """Give the tokenizer in `folder` this chat template (in both places transformers reads)."""
+    (folder / "chat_template.jinja").write_text(template)
+    config = folder / "tokenizer_config.json"
+    data = json.loads(config.read_text()) if config.is_file() else {}
+    data["chat_template"] = template
+    config.write_text(json.dumps(data, indent=2) + "\n")
+
+
 def _write_group(writer: ShardWriter, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
     for n in names:
         writer.write(n, tensors[n])
@@ -477,9 +359,10 @@ def _write_group(writer: ShardWriter, names: list[str], tensors: dict[str, torch
 
 def _hash_inputs(plan: MergePlan) -> list[dict]:
     records = []
-    for role, ckpt in [("base", plan.base)] + [("model", m) for m in plan.models]:
-        if ckpt is None:
-            continue
+    order = sorted(range(len(plan.checkpoints)), key=lambda i: i != plan.base)  # base first
+    for i in order:
+        ckpt = plan.checkpoints[i]
+        role = "base" if i == plan.base else "model"
         files = [
             {"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
             for f in ckpt.files
@@ -488,32 +371,20 @@ def _hash_inputs(plan: MergePlan) -> list[dict]:
     return records
 
 
-def _tokenizer_folder(plan: MergePlan) -> Path:
-    source = plan.config.tokenizer_source
-    if source in (None, "base"):
-        if source == "base" and plan.base is None:
-            raise ConfigError("tokenizer_source: base needs a base_model")
-        return plan.reference.path
-    if source == "union":
-        raise ConfigError("tokenizer_source: union is not supported; use base or a model folder")
-    folder = Path(source)
-    if not folder.is_dir():
-        raise ConfigError(f"tokenizer_source {source} is not a folder")
-    return folder
-
-
 def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, seed, device, seconds):
-    config = dict(plan.reference.config)
+    config = dict(plan.out_config)
     dtype_name = str(plan.out_dtype).removeprefix("torch.")
     config["dtype"] = dtype_name
     if "torch_dtype" in config:
         config["torch_dtype"] = dtype_name
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tok = _tokenizer_folder(plan)
+    tok = plan.tokenizer
     for name in TOKENIZER_FILES:
         if (tok / name).is_file():
             shutil.copy2(tok / name, folder / name)
-    for src in (tok, plan.reference.path):
+    if plan.chat_template is not None:
+        set_chat_template(folder, plan.chat_template)
+    for src in (tok, plan.checkpoints[plan.reference].path):
         if (src / "generation_config.json").is_file():
             shutil.copy2(src / "generation_config.json", folder / "generation_config.json")
             break

@@ -36,6 +36,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from medmerge.errors import ConfigError
+from medmerge.methods import get_method
 
 
 class Protocol(BaseModel):
@@ -124,6 +125,7 @@ def expand(study: StudyConfig) -> list[Run]:
         runs.append(Run(name=f"parent_{chr(ord('a') + i)}", kind="parent", model=m))
     seen: dict[str, int] = {}
     for spec in study.merges:
+        method = get_method(spec.method)
         axes = {k: v for k, v in spec.parameters.items() if isinstance(v, list)}
         fixed = {
             k: (v["value"] if isinstance(v, dict) and set(v) == {"value"} else v)
@@ -148,7 +150,8 @@ def expand(study: StudyConfig) -> list[Run]:
                 )
             cfg = {
                 "merge_method": spec.method,
-                "base_model": study.base,
+                # a method of the models alone (linear, slerp of two parents) leaves it out
+                **({"base_model": study.base} if method.takes_base(len(study.models)) else {}),
                 "models": [
                     {"model": m, "parameters": p}
                     for m, p in zip(study.models, per_model, strict=True)

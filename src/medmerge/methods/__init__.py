@@ -1,8 +1,9 @@
 """Merge methods: the registry (`registry`), the methods by family (`basic`, `sparse`,
-`spherical`, `hierarchical`), their torch building blocks (`sparsify`, `streaming`, `rng`) and
-CPU kernels (`kernels`). Importing the package registers every method."""
+`spherical`, `entrywise`, `hierarchical`), their torch building blocks (`sparsify`,
+`streaming`, `rng`) and CPU kernels (`kernels`). Importing the package registers every
+method."""
 
-from medmerge.methods import basic, hierarchical, sparse, spherical  # noqa: F401
+from medmerge.methods import basic, entrywise, hierarchical, sparse, spherical  # noqa: F401
 from medmerge.methods.kernels import largest_magnitude
 from medmerge.methods.registry import (
     REGISTRY,

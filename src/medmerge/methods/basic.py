@@ -1,5 +1,5 @@
-"""Linear averaging and task arithmetic, and the streamed linear combination they (and the
-spherical methods) compute.
+"""Linear averaging, and the streamed linear combination it (and task arithmetic and the
+spherical methods) computes.
 
 A combination accumulates one model at a time instead of stacking, so memory stays at a few
 tensors whatever the number of models; on the CPU it is one kernel pass that writes the output
@@ -52,38 +52,29 @@ def chunks(t: Tensor, minus: Tensor | None = None) -> Callable[[slice], Tensor]:
     return lambda p: flat[p].float() - other[p].float()
 
 
-def normalized(weight: list[float], normalize: bool, name: str) -> list[float]:
-    if not normalize:
-        return list(weight)
-    total = sum(weight)
-    if total == 0:
-        raise ConfigError(f"tensor {name!r}: the weights sum to 0, so they cannot be normalized")
-    return [w / total for w in weight]
+def _normalizable(params: dict) -> None:
+    if params["normalize"] and sum(params["weight"]) == 0:
+        raise ConfigError("the weights sum to 0, so they cannot be normalized")
 
 
-@register("linear", raw_inputs=True, spreads_nonfinite=True)
+@register("linear", raw_inputs=True, spreads_nonfinite=True, check=_normalizable)
 def linear(
     base: Tensor | None,
     models: list[Tensor],
     *,
     weight: list[float],
     normalize: bool = True,
-    name: str,
     out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """sum_i w_i theta_i / sum_i w_i  (Wortsman et al. 2022, model soups)."""
-    return combination(normalized(weight, normalize, name), models, None, out_dtype)
+    """sum_i w_i theta_i / sum_i w_i; the base, when given, is one of the models  (Wortsman et
+    al. 2022, model soups)."""
+    total = sum(weight) if normalize else 1.0
+    return combination([w / total for w in weight], models, None, out_dtype)
 
 
-@register("task_arithmetic", raw_inputs=True, spreads_nonfinite=True)
-def task_arithmetic(
-    base: Tensor,
-    models: list[Tensor],
-    *,
-    weight: list[float],
-    normalize: bool = False,
-    name: str,
-    out_dtype: torch.dtype = torch.float32,
-) -> Tensor:
-    """base + sum_i w_i (theta_i - base)  (Ilharco et al. 2023)."""
-    return combination(normalized(weight, normalize, name), models, base, out_dtype)
+@register("passthrough", max_models=1)
+def passthrough(base: Tensor | None, models: list[Tensor], *, scale: list[float] = None) -> Tensor:
+    """One model's tensor as it is, or times `scale`: with `slices`, layers stacked from
+    several models (a "frankenmerge"; mergekit's passthrough)."""
+    (model,) = models
+    return model if scale[0] is None else model * scale[0]

@@ -34,6 +34,7 @@ The engine also passes, when the function names them, these keyword arguments:
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -48,11 +49,48 @@ Group = Callable[[Sequence[str], dict], list[list[str]]]
 @dataclass(frozen=True)
 class Param:
     """A config parameter of a method: its Python name (`lambda_` is `lambda` in YAML), its
-    default (REQUIRED: none) and whether it takes one value per model."""
+    default (REQUIRED: none), whether it takes one value per model, and its kind: float, int,
+    bool, str, a tuple of the values allowed, or None (anything)."""
 
     name: str
     default: object = REQUIRED
     per_model: bool = False
+    kind: object = None
+
+    def value(self, raw: object, where: str) -> object:
+        """`raw` as this parameter's kind (a number written as a string, as YAML leaves
+        `1e-3`, is a number), or a ConfigError that says what `where` needs."""
+        kind = self.kind
+        if kind is float or kind is int:
+            number = raw
+            if isinstance(raw, str):
+                try:
+                    number = float(raw)
+                except ValueError:
+                    number = None
+            ok = isinstance(number, (int, float)) and not isinstance(number, bool)
+            if ok and math.isfinite(number) and (kind is float or float(number).is_integer()):
+                return kind(number)
+            what = "a finite number" if kind is float else "an integer"
+        elif kind is bool:
+            if isinstance(raw, bool):
+                return raw
+            if isinstance(raw, str) and raw.lower() in ("true", "false"):
+                return raw.lower() == "true"
+            what = "true or false"
+        elif kind is str:
+            if isinstance(raw, str):
+                return raw
+            what = "a string"
+        elif isinstance(kind, tuple):
+            if raw in kind:
+                return raw
+            what = "one of " + ", ".join(map(str, kind))
+        else:
+            return raw
+        raise ConfigError(
+            f"parameter {config_name(self.name)!r} ({where}) must be {what}, got {raw!r}"
+        )
 
 
 @dataclass(frozen=True)
@@ -72,6 +110,16 @@ class MergeMethod:
     min_models: int = 1
     max_models: int | None = None
     summarize: Callable[[list[dict]], dict] | None = None  # condenses the diagnostics records
+    # (models, whether a base is passed) -> what is wrong with that, or None: for a method whose
+    # inputs min_models and max_models cannot describe
+    inputs: Callable[[int, bool], str | None] | None = None
+    # raises ConfigError for parameters (one tensor's, resolved) that do not go together
+    check: Callable[[dict], None] | None = None
+
+    def takes_base(self, models: int) -> bool:
+        """Whether a config of `models` models that may leave its base out (a study's, an
+        example's) should name it: where the method reads the base beside those models."""
+        return self.uses_base and not (self.inputs and self.inputs(models, True))
 
     @property
     def per_model(self) -> frozenset[str]:
@@ -103,6 +151,8 @@ def register(
     min_models: int = 1,
     max_models: int | None = None,
     summarize: Callable[[list[dict]], dict] | None = None,
+    inputs: Callable[[int, bool], str | None] | None = None,
+    check: Callable[[dict], None] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register the decorated function as method `name`; its parameters, which of them are per
     model and whether it needs a base come from its signature."""
@@ -125,7 +175,7 @@ def register(
             spreads_nonfinite=spreads_nonfinite,
             raw_inputs=raw_inputs,
             params=tuple(
-                Param(p.name, p.default, per_model=hints.get(p.name) == list[float])
+                Param(p.name, p.default, hints.get(p.name) == list[float], _kind(hints.get(p.name)))
                 for p in kw
                 if p.name not in ENGINE_ARGS
             ),
@@ -134,11 +184,25 @@ def register(
             min_models=min_models,
             max_models=max_models,
             summarize=summarize,
+            inputs=inputs,
+            check=check,
         )
         add(method, aliases)
         return fn
 
     return decorate
+
+
+def _kind(hint) -> object:
+    """A parameter's kind from its annotation: a `list[float]` per model is a float, a
+    `Literal` the tuple of its values; unions and the rest take anything."""
+    if hint == list[float]:
+        return float
+    if hint in (float, int, bool, str):
+        return hint
+    if typing.get_origin(hint) is typing.Literal:
+        return typing.get_args(hint)
+    return None
 
 
 def _first_paragraph(doc: str | None) -> str:

@@ -1,15 +1,19 @@
-"""Sparsify -> weight -> sign consensus -> normalise: TIES, DARE, DELLA, Breadcrumbs, SCE.
+"""Task arithmetic and its sparse family: TIES, DARE, DELLA, Breadcrumbs (mergekit's
+generalized task arithmetic), and SCE.
 
-Each method is one pipeline with its variants as options, and one row of `VARIANTS`:
+Each method of the family is one row of `VARIANTS`, one pipeline with its variants as options:
 1. sparsify every task vector d_i = theta_i - b (`medmerge.methods.sparsify`: top-k by
    magnitude, random drop, magnitude-ranked random drop, outlier-and-small removal), rescaling
-   survivors;
-2. combine: a weighted sum, or TIES' sign election and disjoint mean;
+   survivors (`rescale: true` matches the L1 norm of the unsparsified vector, as mergekit);
+2. combine: sum_i w_i d_i, or with sign consensus the entries whose weighted sign agrees with
+   the sign of that sum (a sum of 0 counts as positive), each divided (`normalize`) by the sum
+   of the weights that contributed;
 3. b + lambda * combined delta.
-SCE (select by variance, weights from energies) is a function of its own on the same pipeline.
+SCE (select by variance, weights from energies, unweighted sign election) is a function of its
+own on the same pipeline.
 
-The methods stream: inputs arrive in their stored dtype; on the CPU one kernel pass merges
-each tensor from a `kernels.SparsePlan` (after a pass for a top-k threshold or an L1 norm where
+The methods stream: inputs arrive in their stored dtype; on the CPU one kernel pass merges each
+tensor from a `kernels.SparsePlan` (after a pass for a top-k threshold or an L1 norm where
 needed), elsewhere torch works over cache-sized chunks, converting to float32 chunk by chunk and
 writing the output dtype directly.
 """
@@ -24,6 +28,8 @@ from torch import Tensor
 
 from medmerge import buffers
 from medmerge.methods import kernels
+from medmerge.methods.basic import combination
+from medmerge.methods.kernels import Divisor
 from medmerge.methods.registry import REQUIRED, MergeMethod, Param, add, register
 from medmerge.methods.rng import key_words
 from medmerge.methods.sparsify import (
@@ -31,36 +37,51 @@ from medmerge.methods.sparsify import (
     Selector,
     Sparsification,
     Sparsify,
+    crumbs_counts,
     dropped,
-    entries,
+    l1_factor,
     rows_of,
     top_k,
+    trim_count,
 )
 from medmerge.methods.streaming import spans
 
 # ---- combination ---------------------------------------------------------------------------
 
 
-def combine(ds: list[Tensor], w: list[float], sign_consensus: bool, normalize: bool) -> Tensor:
-    """Weighted sum of (sparsified) task-vector chunks, or TIES' disjoint mean over the entries
-    agreeing with the elected sign; `normalize` divides by the sum of the weights that
-    contributed to each entry."""
+def combine(
+    ds: list[Tensor],
+    weights: list[float],
+    consensus: bool,
+    divisor: Divisor,
+    votes: list[float] | None = None,
+) -> Tensor:
+    """sum_i w_i d_i over chunks of (sparsified) task vectors; with `consensus` over the
+    entries whose sign, weighted by `votes` (default: the weights), agrees with the sign of
+    sum_i votes_i d_i (positive where it is 0). `divisor` says what the sum is divided by."""
     merged = torch.zeros_like(ds[0])
-    for wi, d in zip(w, ds, strict=True):
-        merged.add_(d, alpha=wi)
-    if sign_consensus:
-        elected = torch.sign(merged)
-        merged.zero_()
-        weight_sum = torch.zeros_like(merged)
-        for wi, d in zip(w, ds, strict=True):
-            # where elected is 0, an agreeing d is 0 too: it adds nothing to `merged`
-            agree = torch.sign(d) == elected
-            merged.add_(dropped(agree, d, d), alpha=wi)
-            weight_sum.add_(agree.to(merged.dtype), alpha=wi)
-    else:
-        weight_sum = torch.full_like(merged, sum(w))
-    if normalize:
-        merged.div_(torch.where(weight_sum.abs() > 1e-12, weight_sum, 1.0))
+    if not consensus:
+        for w, d in zip(weights, ds, strict=True):
+            merged.add_(d, alpha=w)
+        if divisor == Divisor.WEIGHTS:
+            total = torch.tensor(sum(weights), dtype=torch.float32)
+            merged.div_(total if abs(total) >= 1e-8 else 1.0)
+        return merged
+    votes = weights if votes is None else votes
+    for v, d in zip(votes, ds, strict=True):
+        merged.add_(d, alpha=v)
+    positive = merged >= 0
+    merged.zero_()
+    weight_sum = torch.zeros_like(merged)
+    for w, v, d in zip(weights, votes, ds, strict=True):
+        signed = d * v
+        agree = ((signed > 0) & positive) | ((signed < 0) & ~positive)
+        merged.add_(dropped(agree, d, d), alpha=w)
+        weight_sum.add_(agree.to(merged.dtype), alpha=w)
+    if divisor == Divisor.VOTES:
+        merged.div_(torch.where(weight_sum == 0, 1.0, weight_sum))
+    elif divisor == Divisor.VOTES_AT_LEAST:
+        merged.div_(weight_sum.clamp_min(1e-6))
     return merged
 
 
@@ -70,7 +91,7 @@ def sparse_merge(
     weight: list[float],
     specs: list[Sparsify],
     *,
-    sign_consensus: bool,
+    consensus: bool,
     normalize: bool,
     lambda_: float,
     out_dtype: torch.dtype,
@@ -79,11 +100,16 @@ def sparse_merge(
     """b + lambda * combine(sparsified task vectors): the CPU kernels where they apply,
     else torch streamed over chunks of whole rows (`row` entries: DELLA ranks within rows)."""
     for spec in specs:
-        spec.check(base.numel())
+        spec.check()
     w = [float(x) for x in weight]
+    divisor = (Divisor.VOTES if consensus else Divisor.WEIGHTS) if normalize else Divisor.NONE
+    if not consensus and all(spec.keeps_all for spec in specs):
+        # task arithmetic: one streamed combination, base + sum_i c_i d_i
+        total = sum(w) if divisor == Divisor.WEIGHTS and abs(sum(w)) >= 1e-8 else 1.0
+        return combination([x * lambda_ / total for x in w], models, base, out_dtype)
     if kernels.usable(base, *models, out_dtype=out_dtype):
         plan = kernels.SparsePlan.keep_all(
-            w, consensus=sign_consensus, normalize=normalize, lam=np.float32(lambda_), row=row
+            w, consensus=consensus, divisor=divisor, lam=np.float32(lambda_), row=row
         )
         plan = _kernel_plan(base, models, specs, plan)
         out = buffers.empty(base.shape, out_dtype)
@@ -101,7 +127,7 @@ def sparse_merge(
     for p in parts:
         b = flat_base[p].float()
         ds = [s(f[p].float() - b, p) for s, f in zip(sparsify, flats, strict=True)]
-        out[p] = b + lambda_ * combine(ds, w, sign_consensus, normalize)
+        out[p] = b + lambda_ * combine(ds, w, consensus, divisor)
     return out.view(base.shape)
 
 
@@ -111,29 +137,32 @@ def _kernel_plan(
     """`plan` with each model's sparsifier: top-k bounds (found here), draws and rescaling."""
     n = base.numel()
     for i, spec in enumerate(specs):
+        if spec.keeps_all:
+            continue
         if spec.how in (Sparsification.TRIM, Sparsification.CRUMBS):
-            outliers = entries(spec.gamma, n, "gamma")
-            kept = min(entries(spec.density, n, "density"), n - outliers)
+            if spec.how is Sparsification.TRIM:
+                outliers, kept = 0, trim_count(spec.density, n)
+            else:
+                outliers, kept = crumbs_counts(spec.density, spec.gamma, n)
             (top, cut), (upper, upper_cut) = kernels.top_ks(
                 kernels.Statistic.MAGNITUDE, base, models, i, [outliers + kept, outliers]
             )
             plan.keep_value[i], plan.keep_cut[i] = top, cut
-            if spec.how is Sparsification.CRUMBS:
-                plan.drop_value[i], plan.drop_cut[i] = upper, upper_cut
-            continue
-        plan.key[i] = key_words(spec.key)
-        if spec.how is Sparsification.DROP:
-            plan.rule[i], plan.density[i] = kernels.Rule.DRAW, spec.density
+            plan.drop_value[i], plan.drop_cut[i] = upper, upper_cut
+        elif spec.how is Sparsification.DROP or spec.density <= 0:
+            plan.key[i] = key_words(spec.key)
+            plan.rule[i], plan.density[i] = kernels.Rule.DRAW, max(spec.density, 0.0)
         else:
+            plan.key[i] = key_words(spec.key)
             plan.rule[i] = kernels.Rule.RANKED
             plan.low[i], plan.span[i] = spec.density - spec.epsilon, 2 * spec.epsilon
-        plan.divide[i] = spec.rescale == "inverse_density"
-    l1 = [i for i, spec in enumerate(specs) if spec.rescale == "l1"]
-    if l1:  # a first pass: the L1 norms of each task vector before and after dropping
+            plan.average_ties[i] = spec.ties == "average"
+        plan.by_probability[i] = spec.rescale == "inverse_density"
+    l1 = [i for i, spec in enumerate(specs) if spec.rescale == "l1" and not spec.keeps_all]
+    if l1:  # a first pass: the L1 norms of each task vector before and after sparsifying
         sums = kernels.kept_sums(base, models, plan, square=False)
         for i in l1:
-            total, kept = sums[i]
-            plan.factor[i] = total / kept if kept > 0 else 1.0
+            plan.factor[i] = l1_factor(*sums[i])
     return plan
 
 
@@ -142,62 +171,65 @@ def _kernel_plan(
 
 @dataclass(frozen=True)
 class Variant:
-    """One method of the family: how each task vector is sparsified, whether the task vectors
-    combine by TIES' sign consensus (else a weighted sum), and `normalize`'s default."""
+    """One method of the family (a row of mergekit's generalized task arithmetic): how each
+    task vector is sparsified, whether they combine by sign consensus (else a weighted sum),
+    and the defaults of `normalize` and `rescale`."""
 
     name: str
     sparsification: Sparsification
     consensus: bool
     normalize: bool
+    rescale: bool
     doc: str
 
 
+S = Sparsification
 VARIANTS = (
-    Variant("ties", Sparsification.TRIM, True, True,
+    Variant("task_arithmetic", S.NONE, False, False, False,
+            "base + lambda * sum_i w_i (theta_i - base)  (Ilharco et al. 2023)."),
+    Variant("ties", S.TRIM, True, True, False,
             "Trim to top-density by magnitude, elect signs, disjoint mean  (Yadav et al. 2023)."),
-    Variant("dare_ties", Sparsification.DROP, True, True,
+    Variant("dare_ties", S.DROP, True, False, True,
             "Random drop with rescale, then TIES sign consensus  (Yu et al. 2024)."),
-    Variant("dare_linear", Sparsification.DROP, False, False,
+    Variant("dare_linear", S.DROP, False, False, True,
             "Random drop with rescale, then a weighted sum of task vectors  (Yu et al. 2024)."),
-    Variant("della", Sparsification.MAGPRUNE, True, True,
-            "MagPrune, then sign election and fusion, scaled by lambda  (Deep et al. 2024)."),
-    Variant("della_linear", Sparsification.MAGPRUNE, False, False,
-            "MagPrune, then a weighted sum of task vectors, scaled by lambda  "
-            "(Deep et al. 2024)."),
-    Variant("breadcrumbs", Sparsification.CRUMBS, False, False,
+    Variant("breadcrumbs", S.CRUMBS, False, False, False,
             "Drop the gamma outliers and the smallest, keep density; weighted sum  "
             "(Davari 2023)."),
-    Variant("breadcrumbs_ties", Sparsification.CRUMBS, True, True,
+    Variant("breadcrumbs_ties", S.CRUMBS, True, False, False,
             "Drop the gamma outliers and the smallest, keep density; TIES consensus  "
             "(Davari 2023)."),
+    Variant("della", S.MAGPRUNE, True, True, True,
+            "MagPrune, then sign election and fusion, scaled by lambda  (Deep et al. 2024)."),
+    Variant("della_linear", S.MAGPRUNE, False, False, True,
+            "MagPrune, then a weighted sum of task vectors, scaled by lambda  "
+            "(Deep et al. 2024)."),
 )  # fmt: skip
 
-# each sparsification's parameters, between the weights and `normalize`, `lambda`
+RESCALES = (True, False, "l1", "inverse_density", "none")
+# each sparsification's own parameters, after mergekit's shared ones and weight, density
 SPARSIFICATION_PARAMS = {
-    Sparsification.TRIM: (Param("density", 1.0, per_model=True),),
-    Sparsification.CRUMBS: (
-        Param("density", per_model=True),
-        Param("gamma", 0.01, per_model=True),
-    ),
-    Sparsification.DROP: (Param("density", per_model=True), Param("rescale", "inverse_density")),
-    Sparsification.MAGPRUNE: (
-        Param("density", per_model=True),
-        Param("epsilon", 0.05),
-        Param("rescale", "inverse_density"),
+    S.CRUMBS: (Param("gamma", 0.01, per_model=True, kind=float),),
+    S.MAGPRUNE: (
+        Param("epsilon", 0.15, per_model=True, kind=float),
+        Param("rank_ties", "position", kind=("position", "average")),
     ),
 }
 
 
 def _variant_method(variant: Variant) -> MergeMethod:
-    """The registered method of a row: its parameters, and a function of the tensors."""
+    """The registered method of a row: mergekit's parameters (and defaults), and a function of
+    the tensors."""
     how = variant.sparsification
     params = (
-        Param("weight", per_model=True),
-        *SPARSIFICATION_PARAMS[how],
-        Param("normalize", variant.normalize),
-        Param("lambda_", 1.0),
+        Param("int8_mask", False, kind=bool),  # mergekit's mask dtype: no effect on the result
+        Param("normalize", variant.normalize, kind=bool),
+        Param("rescale", variant.rescale, kind=RESCALES),
+        Param("lambda_", 1.0, kind=float),
+        Param("weight", per_model=True, kind=float),
+        Param("density", 1.0, per_model=True, kind=float),
+        *SPARSIFICATION_PARAMS.get(how, ()),
     )
-    randomised = how in (Sparsification.DROP, Sparsification.MAGPRUNE)
 
     def fn(
         base: Tensor,
@@ -207,25 +239,17 @@ def _variant_method(variant: Variant) -> MergeMethod:
         out_dtype: torch.dtype = torch.float32,
         **given,
     ) -> Tensor:
+        if not models:  # the base alone among the inputs: mergekit gives it back
+            return base.to(out_dtype, copy=True)
         p = _bind(params, given, len(models))
-        specs = [
-            Sparsify(
-                how,
-                density,
-                gamma=p.get("gamma", [0.0] * len(models))[i],
-                epsilon=p.get("epsilon", 0.0),
-                key=keys[i] if randomised else 0,
-                rescale=p.get("rescale", "none"),
-            )
-            for i, density in enumerate(p["density"])
-        ]
+        specs = _specs(how, p, keys, len(models))
         row = rows_of(base.shape) if how is Sparsification.MAGPRUNE else 1
         return sparse_merge(
             base,
             models,
             p["weight"],
             specs,
-            sign_consensus=variant.consensus,
+            consensus=variant.consensus,
             normalize=p["normalize"],
             lambda_=p["lambda_"],
             out_dtype=out_dtype,
@@ -243,8 +267,31 @@ def _variant_method(variant: Variant) -> MergeMethod:
         spreads_nonfinite=True,  # a dropped entry contributes d - d (`dropped`)
         raw_inputs=True,
         params=params,
-        engine_args=frozenset({"keys", "out_dtype"} if randomised else {"out_dtype"}),
+        engine_args=frozenset({"keys", "out_dtype"} if how.random else {"out_dtype"}),
+        min_models=0,
+        check=lambda p: _specs(how, p, None, len(p["weight"])) and None,
     )
+
+
+def _specs(how: Sparsification, p: dict, keys: list[int] | None, n: int) -> list[Sparsify]:
+    """Each model's Sparsify from a row's parameters (`rescale` true is mergekit's `l1`)."""
+    rescale = {True: "l1", False: "none"}.get(p["rescale"], p["rescale"])
+    specs = []
+    for i in range(n):
+        specs.append(
+            Sparsify(
+                how,
+                p["density"][i],
+                gamma=p["gamma"][i] if "gamma" in p else 0.0,
+                epsilon=p["epsilon"][i] if "epsilon" in p else 0.0,
+                key=keys[i] if keys and how.random else 0,
+                rescale=rescale,
+                ties=p.get("rank_ties", "position"),
+            )
+        )
+    for spec in specs:
+        spec.check()
+    return specs
 
 
 def _bind(params: tuple[Param, ...], given: dict, models: int) -> dict:
@@ -266,21 +313,21 @@ for _variant in VARIANTS:
     add(_variant_method(_variant))
 
 
-@register("sce", raw_inputs=True, spreads_nonfinite=True)
+@register("sce", raw_inputs=True, spreads_nonfinite=True, min_models=0)
 def sce(
     base: Tensor,
     models: list[Tensor],
     *,
+    int8_mask: bool = False,
     select_topk: float = 1.0,
     lambda_: float = 1.0,
     out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Select high-variance entries, Calculate weights from squared deltas, Erase sign
     conflicts  (Wan et al. 2024, FuseChat)."""
+    if not models:  # the base alone among the inputs: mergekit gives it back
+        return base.to(out_dtype, copy=True)
     n = base.numel()
-    k = entries(select_topk, n, "select_topk") if len(models) > 1 else n
-    if kernels.usable(base, *models, out_dtype=out_dtype):
-        return _sce_kernels(base, models, k, lambda_, out_dtype)
     flat_base = base.reshape(-1)
     flats = [m.reshape(-1) for m in models]
     parts = spans(n, base.device)
@@ -295,6 +342,19 @@ def sce(
         # bit patterns of non-negative floats cannot hold (it changes no other value)
         return (sum((d - mean).square_() for d in ds) / len(ds)).abs_()
 
+    fast = kernels.usable(base, *models, out_dtype=out_dtype)
+    if select_topk >= 1:
+        k = n
+    elif select_topk <= 0:
+        k = 0
+    else:  # mergekit's count: of the entries where the task vectors differ at all
+        if fast:
+            differing = kernels.count_positive(base, models)
+        else:
+            differing = sum(int(torch.count_nonzero(variance(deltas(p)))) for p in parts)
+        k = int(differing * select_topk)
+    if fast:
+        return _sce_kernels(base, models, k, lambda_, out_dtype)
     top = top_k(lambda p: variance(deltas(p)), parts, k)
 
     def selected(select: Selector, p: slice) -> list[Tensor]:
@@ -306,16 +366,17 @@ def sce(
 
     energy = torch.zeros(len(models), dtype=torch.float64)
     select = Selector(top)
-    for p in parts:  # the Calculate pass: mean squared selected task vector per model
+    for p in parts:  # the Calculate pass: summed squared selected task vector per model
         energy += torch.tensor(
             [float(d.square().sum(dtype=torch.float64)) for d in selected(select, p)],
             dtype=torch.float64,
         )
-    weight = _energy_weights(energy.numpy())
+    weight = _energy_weights(energy.numpy(), n)
     out = buffers.empty(n, out_dtype, base.device)
     select = Selector(top)
+    votes = [1.0] * len(models)
     for p in parts:
-        merged = combine(selected(select, p), weight, sign_consensus=True, normalize=True)
+        merged = combine(selected(select, p), weight, True, Divisor.VOTES_AT_LEAST, votes)
         out[p] = flat_base[p].float() + lambda_ * merged
     return out.view(base.shape)
 
@@ -325,7 +386,8 @@ def _sce_kernels(
 ) -> Tensor:
     """SCE on the CPU kernels: the variance top-k and the energies in one pass (or, with every
     entry or none selected, the energies in a pass of their own), then the merge pass."""
-    plan = kernels.SparsePlan.keep_all([0.0] * len(models), variance=True)
+    n = len(models)
+    plan = kernels.SparsePlan.keep_all([0.0] * n, variance=True)
     if 0 < k < base.numel():
         top, energy = kernels.selection_energy(base, models, k)
     else:
@@ -333,8 +395,8 @@ def _sce_kernels(
         plan.keep_value[:], plan.keep_cut[:] = top
         energy = kernels.kept_sums(base, models, plan, square=True)[:, 1]
     plan = kernels.SparsePlan.keep_all(
-        _energy_weights(energy), variance=True, consensus=True, normalize=True,
-        lam=np.float32(lambda_),
+        _energy_weights(energy, base.numel()), votes=[1.0] * n, variance=True, consensus=True,
+        divisor=Divisor.VOTES_AT_LEAST, lam=np.float32(lambda_),
     )  # fmt: skip
     plan.keep_value[:], plan.keep_cut[:] = top
     out = buffers.empty(base.shape, out_dtype)
@@ -342,7 +404,11 @@ def _sce_kernels(
     return out
 
 
-def _energy_weights(energy: np.ndarray) -> list[float]:
-    """SCE's Calculate step: weights proportional to each model's selected squared deltas."""
-    total = float(energy.sum())
-    return (energy / total).tolist() if total > 0 else [1 / len(energy)] * len(energy)
+def _energy_weights(energy: np.ndarray, n: int) -> list[float]:
+    """SCE's Calculate step: weights proportional to each model's mean squared selected task
+    vector; equal where those means sum to less than 1e-6 (as mergekit)."""
+    means = np.asarray(energy, np.float64) / max(n, 1)
+    total = float(means.sum())
+    if abs(total) < 1e-6:
+        return [1 / len(means)] * len(means)
+    return (means / total).tolist()

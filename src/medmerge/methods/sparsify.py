@@ -101,11 +101,25 @@ def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
     return torch.cat([select(flat[p]) for p in parts]).reshape(magnitude.shape)
 
 
-def entries(fraction: float, n: int, what: str) -> int:
-    """How many of n entries a fraction (checked to be in [0, 1]) stands for."""
-    if not 0.0 <= fraction <= 1.0:
-        raise ConfigError(f"{what} must be between 0 and 1, got {fraction}")
-    return round(fraction * n)
+def trim_count(density: float, n: int) -> int:
+    """How many entries TIES' trim keeps, as mergekit counts them: all from density 1, none
+    at density 0 or below, else int(density * n) but at least one."""
+    if density >= 1:
+        return n
+    if density <= 0 or n == 0:
+        return 0
+    return max(1, int(density * n))
+
+
+def crumbs_counts(density: float, gamma: float, n: int) -> tuple[int, int]:
+    """(outliers dropped, entries kept) of Breadcrumbs, as mergekit counts them: all kept from
+    density 1; else int(density * n) kept, below the int(gamma * n) largest where they leave
+    room (fewer outliers where they do not)."""
+    if density >= 1:
+        return 0, n
+    kept = max(0, int(density * n))
+    bottom = max(0, n - kept - int(gamma * n))
+    return n - bottom - kept, kept
 
 
 # ---- sparsifiers: built from a task vector's chunks, applied chunk by chunk in order ----------
@@ -118,67 +132,94 @@ def dropped(keep: Tensor, kept: Tensor, d: Tensor) -> Tensor:
     return torch.where(keep, kept, d - d)
 
 
-def trim(task: Chunks, parts: list[slice], density: float) -> Sparsifier:
-    """Keep the top `density` fraction of entries by |d| (TIES' trim)."""
-    k = entries(density, parts[-1].stop, "density")
-    select = Selector(top_k(lambda p: task(p).abs(), parts, k))
-    return lambda d, p: dropped(select(d.abs()), d, d)
+# A rule says which entries of a chunk of a task vector are kept, and their keep probability
+# (None for the deterministic rules). Rules that count (top-k) hold state from chunk to chunk,
+# so a sparsifier makes a fresh one for every pass over the chunks.
+KeepRule = Callable[[Tensor, slice], tuple[Tensor, Tensor | float | None]]
+MakeRule = Callable[[], KeepRule]
 
 
-def crumbs(task: Chunks, parts: list[slice], density: float, gamma: float) -> Sparsifier:
-    """Drop the `gamma` fraction of largest |d| (outliers), keep the next `density` fraction."""
-    n = parts[-1].stop
-    outliers = entries(gamma, n, "gamma")
-    kept = min(entries(density, n, "density"), n - outliers)
+def trim(task: Chunks, parts: list[slice], density: float) -> MakeRule:
+    """Keep the top `density` fraction of entries by |d| (TIES' trim, `trim_count`)."""
+    top = top_k(lambda p: task(p).abs(), parts, trim_count(density, parts[-1].stop))
+
+    def make() -> KeepRule:
+        select = Selector(top)
+        return lambda d, p: (select(d.abs()), None)
+
+    return make
+
+
+def crumbs(task: Chunks, parts: list[slice], density: float, gamma: float) -> MakeRule:
+    """Drop the `gamma` fraction of largest |d| (outliers), keep the next `density` fraction
+    (`crumbs_counts`)."""
+    outliers, kept = crumbs_counts(density, gamma, parts[-1].stop)
     magnitude_ = lambda p: task(p).abs()  # noqa: E731
-    upper = Selector(top_k(magnitude_, parts, outliers))
-    lower = Selector(top_k(magnitude_, parts, outliers + kept))
+    upper_top = top_k(magnitude_, parts, outliers)
+    lower_top = top_k(magnitude_, parts, outliers + kept)
 
-    def apply(d: Tensor, p: slice) -> Tensor:
-        a = d.abs()
-        return dropped(lower(a) & ~upper(a), d, d)
+    def make() -> KeepRule:
+        upper, lower = Selector(upper_top), Selector(lower_top)
 
-    return apply
+        def rule(d: Tensor, p: slice):
+            a = d.abs()
+            return lower(a) & ~upper(a), None
+
+        return rule
+
+    return make
 
 
-KeepRule = Callable[[Tensor, slice], tuple[Tensor, Tensor | float]]  # -> (mask, keep probability)
-
-
-def drop(density: float, key: int) -> KeepRule:
-    """DARE: keep each entry with probability `density`."""
-    return lambda d, p: (uniform(key, p, d.device) < density, density)
+def drop(density: float, key: int) -> MakeRule:
+    """DARE: keep each entry with probability `density` (all from density 1)."""
+    p_keep = min(density, 1.0)
+    return lambda: lambda d, p: (uniform(key, p, d.device) < p_keep, p_keep)
 
 
 def check_epsilon(density: float, epsilon: float) -> None:
-    if epsilon < 0 or density - epsilon < 0 or density + epsilon > 1:
+    """DELLA's probabilities density -/+ epsilon must lie strictly inside (0, 1), as mergekit
+    requires, unless density keeps all (>= 1) or none (<= 0)."""
+    if 0 < density < 1 and not (epsilon >= 0 and 0 < density - epsilon and density + epsilon < 1):
         raise ConfigError(
-            f"della needs 0 <= density - epsilon and density + epsilon <= 1 "
-            f"(density={density}, epsilon={epsilon})"
+            "della needs 0 < density - epsilon and density + epsilon < 1 "
+            f"(density={density}, epsilon={epsilon}): lower epsilon"
         )
 
 
-def magprune(density: float, epsilon: float, key: int, row: int) -> KeepRule:
+def magprune(
+    density: float, epsilon: float, key: int, row: int, ties: str = "position"
+) -> MakeRule:
     """DELLA's MagPrune: per row of `row` entries, keep probability rises linearly with the |d|
     rank, p = density - epsilon + 2 epsilon * rank / (row - 1), so large entries survive more.
-    Equal |d| share their average rank: the probability depends on the magnitude alone."""
+    Equal |d| rank in position order (`ties="position"`, mergekit's ranks by a sort), or share
+    their average rank (`"average"`: the probability depends on the magnitude alone)."""
     check_epsilon(density, epsilon)
+    if density >= 1 or density <= 0:
+        return drop(max(density, 0.0), key)
 
     def rule(d: Tensor, p: slice) -> tuple[Tensor, Tensor]:
         magnitude = d.view(-1, row).abs()
-        ordered = magnitude.sort(dim=1).values
-        below = torch.searchsorted(ordered, magnitude)
-        through = torch.searchsorted(ordered, magnitude, right=True)
-        rank = (below + through - 1).float() * 0.5  # the average of ranks below..through-1
+        if ties == "average":
+            ordered = magnitude.sort(dim=1).values
+            below = torch.searchsorted(ordered, magnitude)
+            through = torch.searchsorted(ordered, magnitude, right=True)
+            rank = (below + through - 1).float() * 0.5  # the average of ranks below..through-1
+        else:
+            rank = magnitude.argsort(dim=1, stable=True).argsort(dim=1).float()
         prob = (density - epsilon + 2 * epsilon * (rank / max(row - 1, 1))).view(-1)
         return uniform(key, p, d.device) < prob, prob
 
-    return rule
+    return lambda: rule
 
 
-def rescaled(rule: KeepRule, rescale: Rescale, task: Chunks, parts: list[slice]) -> Sparsifier:
+def rescaled(make: MakeRule, rescale: Rescale, task: Chunks, parts: list[slice]) -> Sparsifier:
     """Entries the rule keeps, rescaled: `inverse_density` divides by the keep probability
-    (unbiased: E[kept / p] = d), `l1` matches the L1 norm of the undropped task vector."""
+    (unbiased: E[kept / p] = d), `l1` matches the L1 norm of the unsparsified task vector (as
+    mergekit does: not where either norm is below 1e-7)."""
+    if rescale not in ("inverse_density", "l1", "none"):
+        raise ConfigError(f"rescale must be inverse_density, l1 or none, got {rescale!r}")
     if rescale == "inverse_density":
+        rule = make()
 
         def apply(d: Tensor, p: slice) -> Tensor:
             keep, prob = rule(d, p)
@@ -187,18 +228,23 @@ def rescaled(rule: KeepRule, rescale: Rescale, task: Chunks, parts: list[slice])
             return dropped(keep, d / prob, d)
 
         return apply
-    if rescale not in ("l1", "none"):
-        raise ConfigError(f"rescale must be inverse_density, l1 or none, got {rescale!r}")
     factor = 1.0
-    if rescale == "l1":  # a first pass over the chunks: the draws are the same in the second
+    if rescale == "l1":  # a first pass over the chunks: the same entries kept as in the second
+        rule = make()
         total = kept = 0.0
         for p in parts:
             d = task(p)
             keep, _ = rule(d, p)
             total += float(d.abs().sum(dtype=torch.float64))
             kept += float(torch.where(keep, d.abs(), 0.0).sum(dtype=torch.float64))
-        factor = total / kept if kept > 0 else 1.0
+        factor = l1_factor(total, kept)
+    rule = make()
     return lambda d, p: dropped(rule(d, p)[0], d * factor, d)
+
+
+def l1_factor(total: float, kept: float) -> float:
+    """The `l1` rescale: the L1 norms' ratio, or 1 where either is below mergekit's 1e-7."""
+    return total / kept if total >= 1e-7 and kept >= 1e-7 else 1.0
 
 
 def _whole(d: Tensor, make: Callable[[Chunks, list[slice]], Sparsifier], row: int = 1) -> Tensor:
@@ -209,19 +255,19 @@ def _whole(d: Tensor, make: Callable[[Chunks, list[slice]], Sparsifier], row: in
     return torch.cat([apply(flat[p], p) for p in parts]).reshape(d.shape)
 
 
-def magnitude(d: Tensor, density: float) -> Tensor:
+def magnitude(d: Tensor, density: float, rescale: Rescale = "none") -> Tensor:
     """TIES' trim of a whole tensor."""
-    return _whole(d, lambda task, parts: trim(task, parts, density))
+    return _whole(d, lambda task, parts: rescaled(trim(task, parts, density), rescale, task, parts))
 
 
-def breadcrumbs(d: Tensor, density: float, gamma: float) -> Tensor:
+def breadcrumbs(d: Tensor, density: float, gamma: float, rescale: Rescale = "none") -> Tensor:
     """Breadcrumbs' outlier-and-small removal of a whole tensor."""
-    return _whole(d, lambda task, parts: crumbs(task, parts, density, gamma))
+    make = lambda task, parts: crumbs(task, parts, density, gamma)  # noqa: E731
+    return _whole(d, lambda task, parts: rescaled(make(task, parts), rescale, task, parts))
 
 
 def random_drop(d: Tensor, density: float, key: int, rescale: Rescale) -> Tensor:
     """DARE's random drop of a whole tensor, with rescaling."""
-    entries(density, d.numel(), "density")
     return _whole(d, lambda task, parts: rescaled(drop(density, key), rescale, task, parts))
 
 
@@ -231,51 +277,69 @@ def rows_of(shape: torch.Size) -> int:
     return n // shape[0] if len(shape) > 1 and shape[0] else max(n, 1)
 
 
-def della_prune(d: Tensor, density: float, epsilon: float, key: int, rescale: Rescale) -> Tensor:
+def della_prune(
+    d: Tensor, density: float, epsilon: float, key: int, rescale: Rescale, ties: str = "position"
+) -> Tensor:
     """DELLA's MagPrune of a whole tensor, with rescaling."""
-    entries(density, d.numel(), "density")
     row = rows_of(d.shape)
-    rule = magprune(density, epsilon, key, row)
-    return _whole(d, lambda task, parts: rescaled(rule, rescale, task, parts), row)
+    make = magprune(density, epsilon, key, row, ties)
+    return _whole(d, lambda task, parts: rescaled(make, rescale, task, parts), row)
 
 
 class Sparsification(Enum):
     """How a task vector is sparsified."""
 
+    NONE = "none"  # kept whole (task arithmetic)
     TRIM = "trim"  # keep the top `density` by |d| (TIES)
     CRUMBS = "crumbs"  # drop the `gamma` largest |d|, keep the next `density` (Breadcrumbs)
     DROP = "drop"  # keep each entry with probability `density` (DARE)
     MAGPRUNE = "magprune"  # keep by the |d| rank in its row (DELLA)
 
+    @property
+    def random(self) -> bool:
+        return self in (Sparsification.DROP, Sparsification.MAGPRUNE)
+
 
 @dataclass(frozen=True)
 class Sparsify:
-    """How one model's task vector is sparsified; the random ones draw with `key` and
-    rescale their survivors by `rescale`."""
+    """How one model's task vector is sparsified and its survivors rescaled; the random ones
+    draw with `key`. `ties` is DELLA's rank rule for equal |d|."""
 
     how: Sparsification
-    density: float
+    density: float = 1.0
     gamma: float = 0.0
     epsilon: float = 0.0
     key: int = 0
     rescale: Rescale = "none"
+    ties: str = "position"
 
-    def check(self, n: int) -> None:
-        entries(self.density, n, "density")
-        entries(self.gamma, n, "gamma")
+    def check(self) -> None:
+        if self.gamma < 0:
+            raise ConfigError(f"gamma must be at least 0, got {self.gamma}")
         if self.how is Sparsification.MAGPRUNE:
             check_epsilon(self.density, self.epsilon)
         if self.rescale not in ("inverse_density", "l1", "none"):
-            raise ConfigError(f"rescale must be inverse_density, l1 or none, got {self.rescale!r}")
+            raise ConfigError(f"rescale must be true, false, l1, inverse_density or none, got "
+                              f"{self.rescale!r}")  # fmt: skip
+        if self.rescale == "inverse_density" and not self.how.random:
+            raise ConfigError("rescale: inverse_density divides by a keep probability: it "
+                              "applies to the random drops (DARE, DELLA) alone")  # fmt: skip
+
+    @property
+    def keeps_all(self) -> bool:
+        """Whether every entry is kept as it is (then there is nothing to rescale)."""
+        return self.how is Sparsification.NONE or self.density >= 1
 
     def sparsifier(self, task: Chunks, parts: list[slice], row: int) -> Sparsifier:
         """The torch implementation, applied chunk by chunk."""
+        if self.keeps_all:
+            return lambda d, p: d
         if self.how is Sparsification.TRIM:
-            return trim(task, parts, self.density)
-        if self.how is Sparsification.CRUMBS:
-            return crumbs(task, parts, self.density, self.gamma)
-        if self.how is Sparsification.DROP:
-            rule = drop(self.density, self.key)
+            make = trim(task, parts, self.density)
+        elif self.how is Sparsification.CRUMBS:
+            make = crumbs(task, parts, self.density, self.gamma)
+        elif self.how is Sparsification.DROP:
+            make = drop(self.density, self.key)
         else:
-            rule = magprune(self.density, self.epsilon, self.key, row)
-        return rescaled(rule, self.rescale, task, parts)
+            make = magprune(self.density, self.epsilon, self.key, row, self.ties)
+        return rescaled(make, self.rescale, task, parts)

@@ -1,4 +1,5 @@
-"""Merges on the sphere: SLERP, NuSLERP, Karcher mean, and Model Stock (angle-derived ratio).
+"""Merges on the sphere: SLERP, NuSLERP, Multi-SLERP, Karcher mean, and Model Stock (an
+angle-derived ratio), with mergekit's formulas and thresholds.
 
 Tensors are treated as flat vectors (NuSLERP can work row by row). Interpolation angles come from
 the normalised vectors; the interpolation itself combines the original vectors, so magnitudes
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -38,51 +40,69 @@ def gram(models: list[Tensor], base: Tensor | None = None) -> Tensor:
     return g
 
 
-def slerp_coefficients(t: float, aa: float, bb: float, ab: float) -> tuple[float, float]:
-    """(s_a, s_b) with slerp(a, b) = s_a a + s_b b, from |a|^2, |b|^2 and a.b."""
-    norm = max(math.sqrt(max(aa, 0.0)), EPS) * max(math.sqrt(max(bb, 0.0)), EPS)
+def slerp_coefficients(
+    t: float, aa: float, bb: float, ab: float, colinear: float = 0.9995, eps: float = 1e-8
+) -> tuple[float, float]:
+    """(s_a, s_b) with slerp(a, b) = s_a a + s_b b, from |a|^2, |b|^2 and a.b; linear where
+    |cos| > `colinear`. A norm at or below `eps` counts as 1 (mergekit's guard)."""
+    norm_a, norm_b = math.sqrt(max(aa, 0.0)), math.sqrt(max(bb, 0.0))
+    norm = (norm_a if norm_a > eps else 1.0) * (norm_b if norm_b > eps else 1.0)
     cos = min(max(ab / norm, -1.0), 1.0)
-    if abs(cos) > COLINEAR:
+    if abs(cos) > colinear:
         return 1.0 - t, t
     theta = math.acos(cos)
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-COLINEAR = 0.9995  # |cos| above this: interpolate linearly (the angle is too small to divide by)
-EPS = 1e-8
+# NuSLERP interpolates linearly only where 1 - cos^2 <= 1e-16, that is |cos| = 1 to float64
+NUSLERP_COLINEAR = math.sqrt(1 - 1e-16)
 
 
-def slerp_vectors(t: float, a: Tensor, b: Tensor, dim: int | None = None) -> Tensor:
-    """Spherical interpolation from a (t=0) to b (t=1), over all entries or along `dim`."""
+def slerp_vectors(t: float, a: Tensor, b: Tensor, dim: int) -> Tensor:
+    """NuSLERP along `dim`: each slice along it a vector, normalised (norms clamped to 1e-7),
+    from a (t=0) to b (t=1); linear where 1 - cos^2 <= 1e-16 (mergekit's nuslerp)."""
 
     def unit(x):
-        norm = x.norm() if dim is None else x.norm(dim=dim, keepdim=True)
-        return x / norm.clamp_min(EPS)
+        return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-7)
 
-    cos = (unit(a) * unit(b)).sum() if dim is None else (unit(a) * unit(b)).sum(dim, keepdim=True)
-    cos = cos.clamp(-1.0, 1.0)
-    theta = torch.arccos(cos)
-    sin = torch.sin(theta)
-    colinear = cos.abs() > COLINEAR
-    safe_sin = torch.where(colinear, 1.0, sin)
-    s_a = torch.where(colinear, 1.0 - t, torch.sin((1 - t) * theta) / safe_sin)
-    s_b = torch.where(colinear, t, torch.sin(t * theta) / safe_sin)
-    return s_a * a + s_b * b
+    cos = (unit(a) * unit(b)).sum(dim, keepdim=True).clamp(-1.0, 1.0)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.arccos(torch.where(colinear, 0.0, cos))
+    sin = torch.where(colinear, 1.0, torch.sin(theta))
+    spherical = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / sin
+    return torch.where(colinear, (1 - t) * a + t * b, spherical)
 
 
-@register("slerp", raw_inputs=True, min_models=2, max_models=2)
+def _slerp_inputs(models: int, with_base: bool) -> str | None:
+    if with_base and models != 1:
+        return (
+            f"it interpolates its base_model and one other model, got {models} besides the "
+            "base (list the base among the models, as its t = 0 end)"
+        )
+    if not with_base and models != 2:
+        return f"it interpolates two models, got {models}"
+    return None
+
+
+@register("slerp", uses_base=True, raw_inputs=True, max_models=2, inputs=_slerp_inputs)
 def slerp(
     base: Tensor | None,
     models: list[Tensor],
     *,
-    t: float = 0.5,
+    t: float,
     out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Spherical interpolation of two models, t=0 the first (the base, if it is one of them)
-    (Shoemake 1985; mergekit)."""
-    g = gram(models)
+    """Spherical interpolation from the base (t = 0) to the other model (t = 1); without a
+    base, from the first model to the second  (Shoemake 1985; mergekit)."""
+    pair = [base, models[0]] if base is not None else models
+    g = gram(pair)
     coef = slerp_coefficients(t, float(g[0, 0]), float(g[1, 1]), float(g[0, 1]))
-    return combination(list(coef), models, None, out_dtype)
+    return combination(list(coef), pair, None, out_dtype)
+
+
+def _pairwise_t(acc_w: float, w: float) -> float:
+    total = acc_w + w
+    return 0.5 if abs(total) < 1e-6 else w / total
 
 
 @register("nuslerp", uses_base=True, raw_inputs=True, min_models=2)
@@ -95,24 +115,22 @@ def nuslerp(
     nuslerp_row_wise: bool = False,
     out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Weighted SLERP of n models, or of their task vectors when a base is given; for n > 2,
-    pairwise in model order with t = w_k / (w_1 + ... + w_k)  (mergekit's nuslerp)."""
-    total = sum(weight)
-    if total <= 0 or any(w < 0 for w in weight):
-        raise ConfigError(f"nuslerp weights must be non-negative with a positive sum: {weight}")
-    dim = None if nuslerp_flatten else (1 if nuslerp_row_wise else 0)
+    """SLERP of two models, or of their task vectors when a base is given, at t = w_2 / (w_1 +
+    w_2), of whole tensors or, not flattened, of their rows (of their columns, row-wise); more
+    than two models pairwise in model order  (mergekit's nuslerp)."""
+    dim = None if nuslerp_flatten else (0 if nuslerp_row_wise else -1)
     if dim is None or models[0].dim() < 2:  # flat: on the Gram matrix, streamed
         g = gram(models, base)
         coef, acc_w = torch.zeros(len(models), dtype=torch.float64), weight[0]
         coef[0] = 1.0
         for k, w in enumerate(weight[1:], start=1):
-            if acc_w + w > 0:
-                gc = g @ coef
-                s_a, s_b = slerp_coefficients(
-                    w / (acc_w + w), float(coef @ gc), float(g[k, k]), float(gc[k])
-                )
-                coef *= s_a
-                coef[k] += s_b
+            gc = g @ coef
+            s_a, s_b = slerp_coefficients(
+                _pairwise_t(acc_w, w), float(coef @ gc), float(g[k, k]), float(gc[k]),
+                NUSLERP_COLINEAR, 1e-7,
+            )  # fmt: skip
+            coef *= s_a
+            coef[k] += s_b
             acc_w += w
         return combination(coef.tolist(), models, base, out_dtype)
     vectors = [m.float() for m in models]
@@ -121,10 +139,47 @@ def nuslerp(
         vectors = [v - base for v in vectors]
     acc, acc_w = vectors[0], weight[0]
     for v, w in zip(vectors[1:], weight[1:], strict=True):
-        if acc_w + w > 0:
-            acc = slerp_vectors(w / (acc_w + w), acc, v, dim)
+        acc = slerp_vectors(_pairwise_t(acc_w, w), acc, v, dim)
         acc_w += w
     return acc + base if base is not None else acc
+
+
+@register("multislerp", uses_base=True, raw_inputs=True)
+def multislerp(
+    base: Tensor | None,
+    models: list[Tensor],
+    *,
+    weight: list[float],
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+    out_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Barycentric interpolation on the hypersphere of the models (of their task vectors when a
+    base is given): their weighted mean direction, moved along the tangent space, scaled by
+    the weighted mean norm  (Goddard 2024; mergekit's multislerp)."""
+    if len(models) == 1:
+        return combination([1.0], models, None, out_dtype)
+    g = gram(models, base).numpy()
+    w = np.asarray(weight, np.float64)
+    if normalize_weights:
+        w = w / w.sum()
+    norms = np.sqrt(np.clip(np.diag(g), 0, None))
+    inv = 1 / (norms + eps)  # unit_i = inv_i x_i
+    mean = w * inv  # coefficients of sum_i w_i unit_i
+    mean_norm = math.sqrt(max(float(mean @ g @ mean), 0.0))
+    if mean_norm < eps:
+        if len(models) == 2:  # opposite directions: linear interpolation instead
+            return combination(w.tolist(), models, base, out_dtype)
+        raise ConfigError(
+            "multislerp: the weighted mean of the models' directions is zero (antipodal "
+            "models with balancing weights); use other weights"
+        )
+    mean = mean / mean_norm
+    dots = inv * (g @ mean)  # unit_i . mean
+    tangent = w * inv - (w * dots).sum() * mean  # sum_i w_i (unit_i - dot_i mean)
+    step = math.sqrt(max(float(tangent @ g @ tangent), 0.0)) + eps
+    result = mean * math.cos(step) + tangent * (math.sin(step) / step)
+    return combination((result * float((norms * w).sum())).tolist(), models, base, out_dtype)
 
 
 @register("karcher", raw_inputs=True)
@@ -132,36 +187,37 @@ def karcher(
     base: Tensor | None,
     models: list[Tensor],
     *,
-    weight: list[float] = 1.0,
     max_iter: int = 10,
     tol: float = 1e-5,
     out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
-    """Weighted Riemannian (Karcher) mean of the models' directions on the unit sphere, scaled
-    by the weighted mean norm  (Karcher 1977; mergekit's karcher)."""
-    w = torch.tensor(weight, dtype=torch.float64)
-    if w.sum() <= 0 or (w < 0).any():
-        raise ConfigError(f"karcher weights must be non-negative with a positive sum: {weight}")
-    w = w / w.sum()
+    """Riemannian (Karcher) mean of the models' directions on the unit sphere, equal weights,
+    scaled by the mean norm; the base, when given, is one of the models  (Karcher 1977;
+    mergekit's karcher)."""
+    n = len(models)
+    if n == 1:
+        return combination([1.0], models, None, out_dtype)
     g = gram(models)
     norms = g.diagonal().clamp_min(0).sqrt()
-    live = norms > EPS
+    live = norms > tol
     if not live.any():
         return torch.zeros(models[0].shape, dtype=out_dtype, device=models[0].device)
     # the mean stays in the span of the unit directions: iterate on coefficients x = U c
     g_units = g[live][:, live] / torch.outer(norms[live], norms[live])
-    wu = w[live] / w[live].sum()
+    wu = torch.full((int(live.sum()),), 1.0 / int(live.sum()), dtype=torch.float64)
 
     def norm(c: Tensor) -> float:
         return math.sqrt(max(float(c @ g_units @ c), 0.0))
 
-    c = wu / max(norm(wu), EPS)
+    first = torch.zeros_like(wu)
+    first[0] = 1.0
+    c = first if norm(wu) < tol else wu / norm(wu)
     for _ in range(max_iter):
         cos = (g_units @ c).clamp(-1.0, 1.0)
         tangent = torch.zeros_like(c)
         for i, (wi, cos_i) in enumerate(zip(wu, cos, strict=True)):
             theta = math.acos(float(cos_i))
-            if theta > EPS:
+            if theta >= tol:
                 direction = -cos_i * c
                 direction[i] += 1.0  # u_i - cos_i x
                 tangent += wi * direction * (theta / math.sin(theta))
@@ -169,9 +225,10 @@ def karcher(
         if step < tol:
             break
         c = math.cos(step) * c + math.sin(step) * tangent / step
-        c = c / norm(c)
-    scale = float((w * norms).sum())
-    coef = torch.zeros(len(models), dtype=torch.float64)
+        if norm(c) > tol:
+            c = c / norm(c)
+    scale = float(norms.sum()) / n
+    coef = torch.zeros(n, dtype=torch.float64)
     coef[live] = c * scale / norms[live]
     return combination(coef.tolist(), models, None, out_dtype)
 
@@ -182,31 +239,38 @@ def model_stock(
     models: list[Tensor],
     *,
     filter_wise: bool = False,
+    clamp_cosine: bool = False,
     out_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """base + t (mean of models - base), t = n cos / (1 + (n - 1) cos) from the mean pairwise
-    cosine of the task vectors, clamped to [0, 1]  (Jang et al. 2024)."""
+    cosine of the task vectors (t = 0 where the denominator is below 1e-6; `clamp_cosine`
+    keeps cos in [0, 1])  (Jang et al. 2024)."""
     n = len(models)
+
+    def ratio(cos):
+        if clamp_cosine:
+            cos = cos.clamp(0.0, 1.0)
+        denominator = 1 + (n - 1) * cos
+        singular = denominator.abs() < 1e-6
+        return torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
+
     if not (filter_wise and base.dim() > 1):  # one ratio per tensor: streamed
         g = gram(models, base)
         norms = g.diagonal().clamp_min(0).sqrt()
         pairs = [
-            float(g[i, j] / (norms[i] * norms[j]).clamp_min(EPS))
+            (g[i, j] / (norms[i] * norms[j]).clamp_min(1e-6)).clamp(-1.0, 1.0)
             for i in range(n)
             for j in range(i + 1, n)
         ]
-        # task vectors pointing apart share nothing to average: t = 0 keeps the base there
-        cos = min(max(sum(pairs) / len(pairs), 0.0), 1.0)
-        t = n * cos / (1 + (n - 1) * cos)
+        t = float(ratio(torch.stack(pairs).mean()))
         return combination([t / n] * n, models, base, out_dtype)
     base = base.float()
     deltas = [m.float() - base for m in models]
 
     def cosine(a, b):
         norms = a.norm(dim=1, keepdim=True) * b.norm(dim=1, keepdim=True)
-        return (a * b).sum(1, keepdim=True) / norms.clamp_min(EPS)
+        return ((a * b).sum(1, keepdim=True) / norms.clamp_min(1e-6)).clamp(-1.0, 1.0)
 
     pairs = [cosine(deltas[i], deltas[j]) for i in range(n) for j in range(i + 1, n)]
-    cos = (sum(pairs) / len(pairs)).clamp(0.0, 1.0)
-    t = n * cos / (1 + (n - 1) * cos)
-    return base + t * sum(deltas) / n
+    t = ratio(torch.stack(pairs).mean(0))
+    return t * (sum(m.float() for m in models) / n) + (1 - t) * base

@@ -29,17 +29,19 @@ folder here.
 
 from medmerge.methods.kernels.combine import combine, delta_products, gram, lerp
 from medmerge.methods.kernels.core import BLOCK, DTYPES, array, largest_magnitude, usable
-from medmerge.methods.kernels.sparse import Rule, SparsePlan, kept_sums, merge
-from medmerge.methods.kernels.topk import Statistic, selection_energy, top_ks
+from medmerge.methods.kernels.sparse import Divisor, Rule, SparsePlan, kept_sums, merge
+from medmerge.methods.kernels.topk import Statistic, count_positive, selection_energy, top_ks
 
 __all__ = [
     "BLOCK",
     "DTYPES",
+    "Divisor",
     "Rule",
     "SparsePlan",
     "Statistic",
     "array",
     "combine",
+    "count_positive",
     "delta_products",
     "gram",
     "kept_sums",

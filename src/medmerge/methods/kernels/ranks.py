@@ -18,7 +18,7 @@ def workspace(row):
     patterns = PATTERNS if row > 0 else 0
     return (
         np.empty((4, row), np.uint32),
-        np.empty((2, patterns), np.int32),
+        np.empty((3, patterns), np.int32),
         np.empty(patterns, np.float32),
     )
 
@@ -56,16 +56,18 @@ def _sort_by_key(keys, positions):
 
 
 @njit(inline="always")
-def magprune(base, model, start, line, work, prob):
+def magprune(base, model, start, line, average, work, prob):
     """DELLA's keep probability of each entry of the row of `len(prob)` entries from `start`,
     low + span * rank / scale for line = (low, span, scale), where rank is the ascending rank
-    of |d| in the row, ties given their average rank. Torch twin: `sparsify.magprune`.
+    of |d| in the row, equal |d| ranked in position order or, with `average`, given their
+    average rank. Torch twin: `sparsify.magprune`.
 
     Counting, not sorting: a histogram of the |d| patterns by their top 16 bits (more bits
     per bucket where the row's range would need more than BUCKETS buckets) ranks every
     "regular" entry, one whose pattern has no lower bits set: every |d| of two bfloat16
-    weights of the same exponent. A bucket's regular entries are equal, so they share one
-    probability, looked up per entry in `table`. The others, a few percent and larger
+    weights of the same exponent. A bucket's regular entries are equal: in position order they
+    take the bucket's next ranks, or with `average` they share one probability, looked up per
+    entry in `table`. The others, a few percent and larger
     than their bucket's regular ones, rank within their bucket: directly when alone in it
     (most are), else by `_sort_by_key`. The tables are indexed by the pattern's bits
     themselves, so the per-entry loops need no offset or clamp; bucket 0 (zero, and any |d|
@@ -113,12 +115,24 @@ def magprune(base, model, start, line, work, prob):
     total = np.int32(0)
     for b in range(used + 1):  # now the number of entries before each bucket
         total, in_use[b] = total + in_use[b], total
-    for b in range(used):  # twice the regular entries' average rank
-        twice = np.int32(in_use[b] + in_use[b + 1] - in_use_others[b] - np.int32(1))
-        in_use_table[b] = _keep_probability(np.float32(twice), line)
-    table[0] = table[first]
-    for j in range(row):
-        prob[j] = table[keys[j] >> shift]
+    if average:
+        for b in range(used):  # twice the regular entries' average rank
+            twice = np.int32(in_use[b] + in_use[b + 1] - in_use_others[b] - np.int32(1))
+            in_use_table[b] = _keep_probability(np.float32(twice), line)
+        table[0] = table[first]
+        for j in range(row):
+            prob[j] = table[keys[j] >> shift]
+    else:  # a bucket's regular entries take its first ranks, in position order
+        cursor = counts[2]
+        cursor[first : last + 1] = before[first : last + 1]
+        cursor[0] = before[first]  # zero's bucket (counted at `first`, which is otherwise empty)
+        for j in range(row):
+            key = keys[j]
+            if (key & lower) == 0:
+                b = key >> shift
+                rank = cursor[b]
+                cursor[b] = rank + 1
+                prob[j] = _keep_probability(np.float32(2 * rank), line)
     several = 0  # buckets with several others, listed in odd_before (read by then)
     for e in range(m):
         j = odd_at[e]
@@ -134,13 +148,13 @@ def magprune(base, model, start, line, work, prob):
     for e in range(several):
         b = odd_before[e]
         begin, end = before[b + 1] - others[b], before[b + 1]
-        _sort_by_key(keys, slots[begin:end])
+        _sort_by_key(keys, slots[begin:end])  # stable: equal keys stay in position order
         s = begin
-        while s < end:  # equal keys at ranks s..t-1 share their average
+        while s < end:  # equal keys at ranks s..t-1 share their average, or take them in order
             t = s + 1
             while t < end and keys[slots[t]] == keys[slots[s]]:
                 t += 1
-            p = _keep_probability(np.float32(s + t - 1), line)
             for u in range(s, t):
-                prob[slots[u]] = p
+                twice = s + t - 1 if average else 2 * u
+                prob[slots[u]] = _keep_probability(np.float32(twice), line)
             s = t

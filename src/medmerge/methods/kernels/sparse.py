@@ -32,6 +32,15 @@ class Rule(IntEnum):
     THRESHOLD = 3  # TOP_K in a block that holds neither cut: plain comparisons (the pass picks it)
 
 
+class Divisor(IntEnum):
+    """What the combined task vectors are divided by (`normalize`), as mergekit divides them."""
+
+    NONE = 0
+    WEIGHTS = 1  # the weights' sum (1 where its magnitude is below 1e-8)
+    VOTES = 2  # per entry, the agreeing models' weights' sum (1 where it is 0)
+    VOTES_AT_LEAST = 3  # the same, at least 1e-6 (SCE)
+
+
 class Job(IntEnum):
     """What a pass computes."""
 
@@ -55,20 +64,22 @@ class SparsePlan(NamedTuple):
     density: np.ndarray  # float32: DRAW's keep probability
     low: np.ndarray  # float32: RANKED's keep probability low + span * rank / (row - 1)
     span: np.ndarray  # float32
-    divide: np.ndarray  # bool: kept entries divided by their keep probability, else ...
+    average_ties: np.ndarray  # bool: RANKED gives equal |d| their average rank, else in order
+    by_probability: np.ndarray  # bool: kept entries divided by their keep probability, else ...
     factor: np.ndarray  # float32: ... multiplied by this
     weight: np.ndarray  # float32
-    weight_total: np.float32  # the weights' sum, which `normalize` divides by without consensus
-    consensus: bool  # TIES' sign election and disjoint sum, else a weighted sum
-    normalize: bool  # divide by the (agreeing) weights
+    vote_weight: np.ndarray  # float32: the weights of the sign election (with consensus)
+    weight_total: np.float32  # the weights' sum (Divisor.WEIGHTS)
+    consensus: bool  # sign election and disjoint sum, else a weighted sum
+    divisor: int  # a Divisor
     lam: np.float32  # lambda, the merged delta's scale
     variance: bool  # top-k ranks the variance across the models (SCE), not |d|
     row: int  # entries per row: RANKED ranks within rows
 
     @classmethod
-    def keep_all(cls, weight: list[float], **given) -> SparsePlan:
-        """Every entry of every model kept as it is and summed with `weight`, unless `given`
-        (fields by name) says otherwise."""
+    def keep_all(cls, weight: list[float], votes: list[float] | None = None, **given):
+        """Every entry of every model kept as it is and summed with `weight`, electing signs
+        by `votes` (default: the weights), unless `given` (fields by name) says otherwise."""
         n, f32 = len(weight), np.float32
         plan = cls(
             rule=np.full(n, Rule.TOP_K, np.int64),
@@ -80,16 +91,20 @@ class SparsePlan(NamedTuple):
             density=np.zeros(n, f32),
             low=np.zeros(n, f32),
             span=np.zeros(n, f32),
-            divide=np.zeros(n, np.bool_),
+            average_ties=np.zeros(n, np.bool_),
+            by_probability=np.zeros(n, np.bool_),
             factor=np.ones(n, f32),
             weight=np.array(weight, f32),
+            vote_weight=np.array(weight if votes is None else votes, f32),
             weight_total=f32(sum(weight)),
             consensus=False,
-            normalize=False,
+            divisor=int(Divisor.NONE),
             lam=f32(1.0),
             variance=False,
             row=1,
         )
+        if "divisor" in given:
+            given["divisor"] = int(given["divisor"])
         return plan._replace(**given)
 
 
@@ -153,9 +168,10 @@ def _entry(base, model, j, position, statistic, select, rule, prob):
 @njit(inline="always")
 def _sparsify(base, model, start, select, rule, scaling, job, work):
     """One model's pass over a block of `len(own)` entries from `start`, for a constant `rule`.
-    MERGE: its kept task vector, rescaled (scaling = (weight, factor, divide)), in `own`, and
-    weighted into `acc`; returns zeros. The sums jobs: returns the sums of |d| (or d * d) over
-    the block's entries and over its kept ones. `work` is (statistic, prob, own, acc)."""
+    MERGE: its kept task vector, rescaled (scaling = (vote weight, factor, by probability)), in
+    `own`, and weighted into `acc`; returns zeros. The sums jobs: returns the sums of |d| (or
+    d * d) over the block's entries and over its kept ones. `work` is (statistic, prob, own,
+    acc)."""
     # names unlike the callers': numba's inliner can confuse a name shared with one
     block_statistic, block_prob, own, block_acc = work
     w, f, div = scaling
@@ -195,8 +211,9 @@ def _model_pass(base, models, plan, i, start, job, work, ranks):
     if rule == Rule.RANKED:
         row = plan.row
         line = (plan.low[i], plan.span[i], np.float32(max(row - 1, 1)))
+        average = plan.average_ties[i]
         for r in range(0, len(probability), row):
-            magprune(base, model, start + r, line, ranks, probability[r : r + row])
+            magprune(base, model, start + r, line, average, ranks, probability[r : r + row])
     elif rule == Rule.DRAW:
         probability[:] = plan.density[i]
     # parameters as locals: loads the compiler cannot hoist past the array writes would keep
@@ -205,7 +222,7 @@ def _model_pass(base, models, plan, i, start, job, work, ranks):
     outlier_bounds = (plan.drop_value[i], plan.drop_cut[i])
     draw_key = (plan.key[i, 0], plan.key[i, 1])
     select = (plan.variance,) + top_bounds + outlier_bounds + draw_key
-    scaling = (plan.weight[i], plan.factor[i], plan.divide[i])
+    scaling = (plan.vote_weight[i], plan.factor[i], plan.by_probability[i])
     end = start + len(probability)
     cut_in = start < top_bounds[1] < end or start < outlier_bounds[1] < end
     if rule == Rule.TOP_K and cut_in:
@@ -223,38 +240,46 @@ def _model_pass(base, models, plan, i, start, job, work, ranks):
 
 
 @njit(inline="always")
-def _vote(w, d, elected, acc, total):
-    """TIES's disjoint sum, one model's step: its weighted entry d added to acc and its weight
-    to total where d agrees in sign with the elected weighted sum (compared as it is: a sign
-    of its own would be an int64, in 512-bit lanes)."""
-    agree = ((d > 0) == (elected > 0)) & ((d < 0) == (elected < 0))
+def _vote(w, v, d, positive, acc, total):
+    """The sign election's step for one model: its entry d weighted by w added to acc, and w
+    to total, where the sign of v * d agrees with the elected sign (positive where the elected
+    sum is 0 or more); a 0 never agrees. In compares: a float sign would be an int64, in
+    512-bit lanes."""
+    signed = v * d
+    agree = ((signed > 0) & positive) | ((signed < 0) & ~positive)
     return fma(w, d if agree else d - d, acc), fma(
         w, np.float32(1.0) if agree else np.float32(0.0), total
     )
 
 
 @njit(inline="always")
-def _normalized(x, divisor):
-    return x / (divisor if abs(divisor) > np.float32(1e-12) else np.float32(1.0))
+def _divided(x, divisor, mode):
+    """x divided as `Divisor` mode says (the torch twin's `combine` divides the same way)."""
+    if mode == Divisor.WEIGHTS:
+        return x / (divisor if abs(divisor) >= np.float32(1e-8) else np.float32(1.0))
+    if mode == Divisor.VOTES:
+        return x / (divisor if divisor != np.float32(0.0) else np.float32(1.0))
+    if mode == Divisor.VOTES_AT_LEAST:
+        return x / max(divisor, np.float32(1e-6))
+    return x
 
 
 @njit(inline="always")
 def _write(base, plan, start, kept, acc, out):
     """The block's merged entries, base + lambda * the combined task vectors: the weighted
-    sum `acc` (divided by the weights' sum with `normalize`), or with `consensus` the sum of
-    the weighted entries agreeing in sign with `acc` (divided by their weights). The first
-    model's votes add to zero and the last one's go straight to the output."""
+    sum `acc`, or with `consensus` the sum of the weighted entries agreeing in sign with `acc`
+    (the election's sum), divided as `plan.divisor` says. The first model's votes add to zero
+    and the last one's go straight to the output."""
     size = len(acc)
-    normalize, lam = plan.normalize, plan.lam
+    mode, lam = plan.divisor, plan.lam
     if not plan.consensus:
         weight_total = plan.weight_total
         for t in range(size):
-            x = acc[t]
-            if normalize:
-                x = _normalized(x, weight_total)
-            store(out, start + t, load(base, start + t) + lam * x)
+            store(out, start + t, load(base, start + t) + lam * _divided(acc[t], weight_total,
+                                                                         mode))  # fmt: skip
         return
     elected = acc
+    zero = np.float32(0.0)
     agreeing = np.empty(size, np.float32)  # the agreeing weighted entries' sum
     votes = np.empty(size, np.float32)  # their weights' sum
     n = len(kept)
@@ -262,20 +287,18 @@ def _write(base, plan, start, kept, acc, out):
         agreeing[:] = 0.0
         votes[:] = 0.0
     for i in range(n):
-        w, own = plan.weight[i], kept[i]
+        w, v, own = plan.weight[i], plan.vote_weight[i], kept[i]
         if i == n - 1:
             for t in range(size):
-                x, total = _vote(w, own[t], elected[t], agreeing[t], votes[t])
-                if normalize:
-                    x = _normalized(x, total)
-                store(out, start + t, load(base, start + t) + lam * x)
+                x, total = _vote(w, v, own[t], elected[t] >= zero, agreeing[t], votes[t])
+                store(out, start + t, load(base, start + t) + lam * _divided(x, total, mode))
         elif i == 0:
-            zero = np.float32(0.0)
             for t in range(size):
-                agreeing[t], votes[t] = _vote(w, own[t], elected[t], zero, zero)
+                agreeing[t], votes[t] = _vote(w, v, own[t], elected[t] >= zero, zero, zero)
         else:
             for t in range(size):
-                agreeing[t], votes[t] = _vote(w, own[t], elected[t], agreeing[t], votes[t])
+                agreeing[t], votes[t] = _vote(w, v, own[t], elected[t] >= zero, agreeing[t],
+                                              votes[t])  # fmt: skip
 
 
 @njit(parallel=True, cache=True, nogil=True)

@@ -260,6 +260,27 @@ def _sample(mode, base, models, i, positions):
     return out
 
 
+@njit(parallel=True, cache=True, nogil=True)
+def _positive(base, models, counts):
+    """Per block, the entries whose variance across the models is not 0."""
+    n = base.size
+    for blk in prange((n + BLOCK - 1) // BLOCK):
+        found = 0
+        for j in range(blk * BLOCK, min(n, (blk + 1) * BLOCK)):
+            pattern = np.float32(value(Statistic.VARIANCE, base, models, 0, j)).view(np.uint32)
+            found += pattern != 0
+        counts[blk] = found
+
+
+def count_positive(base: Tensor, models: list[Tensor]) -> int:
+    """How many entries' variance across the models is not 0 (NaN counts, as in torch's
+    `count_nonzero`), where SCE takes its top k from. Torch twin: `sparse.sce`'s count."""
+    base_, models_ = arrays(base, models)
+    counts = np.zeros((base_.size + BLOCK - 1) // BLOCK, np.int64)
+    _positive(base_, models_, counts)
+    return int(counts.sum())
+
+
 def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int]):
     """[(value, cut)] per k (at most two inner ones): the k largest entries of the statistic
     (a `Statistic`; model i's |d| or the variance) are those above `value` and those equal to

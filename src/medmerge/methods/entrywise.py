@@ -1,0 +1,105 @@
+"""Methods that decide entry by entry which model's value to take: NearSwap, Arcee Fusion, and
+RAM (Reinforced Agent Merging, plain and tensor-local), with mergekit's formulas.
+
+They work in float32 on torch, chunk by chunk where a chunk decides alone (NearSwap), and in two
+passes over the chunks where a tensor-wide statistic decides (RAM's counts, Arcee Fusion's
+quantiles). Arcee Fusion samples its quantiles from large tensors with medmerge's counter-based
+draws, so a seed gives the same result on any device (mergekit draws unseeded).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from medmerge.methods.registry import register
+from medmerge.methods.rng import uniform
+from medmerge.methods.streaming import chunkwise, spans
+
+
+@register("nearswap", min_models=1, max_models=1)
+def nearswap(base: Tensor, models: list[Tensor], *, t: float) -> Tensor:
+    """Take the other model's value where it lies within t of the base's, interpolating by
+    t / |a - b| beyond  (mergekit's nearswap)."""
+
+    def swap(a: Tensor, b: Tensor) -> Tensor:
+        weight = (t / (a - b).abs().clamp_min(1e-6)).clamp(0.0, 1.0)
+        return weight * b + (1 - weight) * a
+
+    return chunkwise(swap, base, models[0])
+
+
+QUANTILE_SAMPLE = 1_000_000  # entries of a larger tensor sampled for Arcee Fusion's quartiles
+
+
+@register("arcee_fusion", min_models=1, max_models=1)
+def arcee_fusion(base: Tensor, models: list[Tensor], *, keys: list[int]) -> Tensor:
+    """Take the other model's value where its importance, |b - a| times the KL divergence of
+    its row's softmax from the base's, reaches median + 1.5 IQR  (mergekit's arcee_fusion)."""
+    (model,) = models
+    diff = (model - base).abs()
+    p = torch.softmax(model, dim=-1) + 1e-8
+    q = torch.softmax(base, dim=-1) + 1e-8
+    importance = diff * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    flat = importance.reshape(-1)
+    if flat.numel() > QUANTILE_SAMPLE:
+        draws = uniform(keys[0], slice(0, QUANTILE_SAMPLE), flat.device).double()
+        flat = flat[(draws * flat.numel()).long()]
+    ordered = flat.sort().values
+    q1, median, q3 = (
+        ordered[int(q * (ordered.numel() - 1))] for q in torch.tensor([0.25, 0.5, 0.75]).tolist()
+    )
+    mask = importance >= median + 1.5 * (q3 - q1)
+    return base + (model - base) * mask
+
+
+def _counts(base: Tensor, models: list[Tensor], epsilon: float) -> Tensor:
+    """Per entry, how many models change it by more than epsilon."""
+    flat = base.reshape(-1)
+    counts = torch.empty(flat.numel(), dtype=torch.int32, device=base.device)
+    for p in spans(flat.numel(), base.device):
+        counts[p] = sum(((m.reshape(-1)[p] - flat[p]).abs() > epsilon).int() for m in models)
+    return counts
+
+
+def _ram(base: Tensor, models: list[Tensor], epsilon: float, scale: list[float]) -> Tensor:
+    """base + sum_i d_i where only model i changes an entry (times scale_i), plus the mean of
+    the d_i that change it where several do; a change is |d| > epsilon."""
+    counts = _counts(base, models, epsilon)
+    flat = base.reshape(-1)
+    out = torch.empty_like(flat)
+    for p in spans(flat.numel(), base.device):
+        c, b = counts[p], flat[p]
+        merged = torch.zeros_like(b)
+        for m, s in zip(models, scale, strict=True):
+            d = m.reshape(-1)[p] - b
+            changed = d.abs() > epsilon
+            unique = torch.where(changed & (c == 1), d * s, 0.0)
+            shared = torch.where(changed & (c > 1), d / c.clamp_min(1), 0.0)
+            merged += unique + shared
+        out[p] = b + merged
+    return out.view(base.shape)
+
+
+@register("ram", min_models=0)
+def ram(base: Tensor, models: list[Tensor], *, epsilon: float = 1e-5) -> Tensor:
+    """Each model's change where it alone changes an entry, the mean of the changes where
+    several do  (Reinforced Agent Merging, 2026; mergekit's ram)."""
+    return _ram(base, models, epsilon, [1.0] * len(models))
+
+
+@register("ramplus_tl", min_models=0)
+def ramplus_tl(
+    base: Tensor, models: list[Tensor], *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
+) -> Tensor:
+    """RAM with each model's unique changes scaled by 1 + r * min(rho, alpha), rho its shared
+    changes over its unique ones in this tensor  (RAM+, tensor-local; mergekit's ramplus_tl)."""
+    counts = _counts(base, models, epsilon).reshape(base.shape)
+    scale = []
+    for m in models:
+        changed = (m - base).abs() > epsilon
+        shared = float((changed & (counts > 1)).sum())
+        unique = float((changed & (counts == 1)).sum())
+        rho = shared / max(unique, epsilon)
+        scale.append(1 + r * min(max(rho, 0.0), alpha))
+    return _ram(base, models, epsilon, scale)

@@ -1,0 +1,561 @@
+"""Planning a merge: everything a merge needs decided, and every check that can fail, before a
+tensor is read.
+
+config -> its slices (mergekit's `models:` form is one slice over every layer of each model, the
+base added as a source when it is not listed) -> the models they name, opened lazily -> the
+output tensors, each with its inputs (which model's which tensor; the method's base first) and
+the method's parameters for it -> groups of tensors for the method.
+
+Parameters resolve as in mergekit: a source's own `parameters` (per-model parameters only), then
+its slice's, its module's, the config's; a gradient takes the tensor's depth t in its slice
+(layer i of n at i / (n - 1), a slice of one layer at 1; embeddings, final norm and head at 0);
+a filter matches a substring of the tensor's name.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from medmerge.chat_templates import CHAT_TEMPLATES
+from medmerge.checkpoint import TOKENIZER_FILES, Checkpoint
+from medmerge.config import (
+    ConditionalParameter,
+    InputSlice,
+    MergeConfig,
+    Parameters,
+    ParameterValue,
+    load_config,
+)
+from medmerge.errors import ConfigError, IncompatibleModelsError
+from medmerge.hashing import cache_dir
+from medmerge.methods import REQUIRED, MergeMethod, Param, config_name, get_method
+
+log = logging.getLogger("medmerge")
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
+EMBEDDINGS = re.compile(r"embed|wte|wpe")  # tensors before the first layer
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of an output tensor: tensor `name` of checkpoint `model` of the plan."""
+
+    model: int
+    name: str
+
+
+@dataclass
+class OutputTensor:
+    name: str
+    inputs: tuple[Input, ...]  # the method's base first when `has_base`, then its models
+    has_base: bool
+    params: dict  # the method's keyword arguments for this tensor
+
+    @property
+    def models(self) -> tuple[Input, ...]:
+        return self.inputs[1:] if self.has_base else self.inputs
+
+
+@dataclass
+class MergePlan:
+    config: MergeConfig
+    method: MergeMethod
+    checkpoints: list[Checkpoint]  # every model the merge reads
+    base: int | None  # the base_model's index in checkpoints, if there is one
+    reference: int  # whose config, tokenizer and layout the output takes
+    tensors: dict[str, OutputTensor]  # by output name
+    groups: list[list[str]]  # output names, in output order, as the method takes them
+    out_dtype: torch.dtype
+    out_config: dict  # the output's config.json
+    index: dict[str, int]  # each model reference of the config -> its checkpoint's index
+    tokenizer: Path  # the folder whose tokenizer files the output gets
+    chat_template: str | None  # the output tokenizer's template, where the config sets one
+    temp_dirs: list[Path] = field(default_factory=list)  # adapters folded for this merge
+
+    @property
+    def order(self) -> list[str]:
+        return [n for g in self.groups for n in g]
+
+
+@dataclass
+class _Slice:
+    """An output slice, normalised: its sources (model, layer range or None for every layer,
+    parameters), its base, and the parameters of the slice and of its module."""
+
+    sources: list[InputSlice]
+    whole: bool  # the `models:` form: every layer of each source, names unchanged
+    base: str | None
+    settings: list[Parameters]  # slice, module, config: after a source's own
+
+
+def plan_merge(
+    config: MergeConfig | dict | str | Path, dtype: str | None = None, *, strict: bool = False
+) -> MergePlan:
+    """Open the inputs and check everything that can fail before a byte is written."""
+    cfg = load_config(config, strict=strict)
+    method = get_method(cfg.merge_method)
+    if method.needs_base and not cfg.base_model:
+        raise ConfigError(f"merge_method {method.name} needs a base_model (the common ancestor)")
+    slices = _slices(cfg)
+    temp_dirs: list[Path] = []
+    refs = list(dict.fromkeys(s.model for sl in slices for s in sl.sources))
+    if cfg.base_model and cfg.base_model not in refs:
+        refs.insert(0, cfg.base_model)
+    try:
+        checkpoints = [_open_model(ref, cfg, temp_dirs) for ref in refs]
+        index = _identities(refs, checkpoints)
+        plan = _plan(cfg, method, slices, checkpoints, index, dtype, strict)
+    except BaseException:
+        _discard(temp_dirs)
+        raise
+    plan.temp_dirs = temp_dirs
+    return plan
+
+
+def _slices(cfg: MergeConfig) -> list[_Slice]:
+    """The config's output slices (one module at most: medmerge merges text decoders)."""
+    module_params: Parameters = {}
+    models, slices = cfg.models, cfg.slices
+    if cfg.modules:
+        if len(cfg.modules) > 1:
+            raise ConfigError(
+                f"modules {', '.join(cfg.modules)}: medmerge merges one module (a text decoder); "
+                "merge the language model alone, with `models:` or `slices:`"
+            )
+        (module,) = cfg.modules.values()
+        module_params = module.parameters
+        models, slices = module.models, module.slices
+    settings = [module_params, cfg.parameters]
+    if models:
+        sources = [InputSlice(model=m.model, layer_range=(0, 0), parameters=m.parameters)
+                   for m in models]  # fmt: skip
+        if cfg.base_model and cfg.base_model not in [m.model for m in models]:
+            sources.append(InputSlice(model=cfg.base_model, layer_range=(0, 0)))
+        return [_Slice(sources, True, cfg.base_model, [{}, *settings])]
+    out = []
+    for i, sl in enumerate(slices):
+        lengths = {s.layer_range[1] - s.layer_range[0] for s in sl.sources}
+        if len(lengths) != 1 or min(lengths) <= 0:
+            ranges = [list(s.layer_range) for s in sl.sources]
+            raise ConfigError(
+                f"slices[{i}]: every source needs a layer range of the same, positive length "
+                f"(got {ranges})"
+            )
+        base = sl.base_model or cfg.base_model
+        out.append(_Slice(sl.sources, False, base, [sl.parameters, *settings]))
+    return out
+
+
+def _open_model(ref: str, cfg: MergeConfig, temp_dirs: list[Path]) -> Checkpoint:
+    """A model's checkpoint; a LoRA adapter is folded into its base when the config asks."""
+    from medmerge.adapters import adapter_base, is_adapter, materialize
+
+    if not (cfg.materialize_adapters and is_adapter(ref)):
+        return Checkpoint(ref)  # refuses an adapter with advice
+    own_base = adapter_base(Path(ref))
+    base = own_base if own_base and Path(own_base).is_dir() else cfg.base_model
+    cache = cache_dir()
+    cache.mkdir(parents=True, exist_ok=True)
+    temp = Path(tempfile.mkdtemp(prefix="adapter-", dir=cache))
+    temp_dirs.append(temp)
+    log.info("folding LoRA adapter %s into %s", ref, base)
+    # folded in float32: the merge rounds once, at the end
+    return Checkpoint(materialize(ref, temp / "model", base=base, dtype="float32"))
+
+
+def _discard(temp_dirs: list[Path]) -> None:
+    import shutil
+
+    for temp in temp_dirs:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def _identities(refs: list[str], checkpoints: list[Checkpoint]) -> dict[str, int]:
+    """Each reference's checkpoint index; two spellings of one folder are one model."""
+    index, seen = {}, {}
+    for i, (ref, ckpt) in enumerate(zip(refs, checkpoints, strict=True)):
+        index[ref] = seen.setdefault(ckpt.path.resolve(), i)
+    return index
+
+
+def _plan(cfg, method, slices, checkpoints, index, dtype, strict) -> MergePlan:
+    base = index[cfg.base_model] if cfg.base_model else None
+    reference = base if base is not None else index[slices[0].sources[0].model]
+    ref = checkpoints[reference]
+    _check_architecture(checkpoints, reference)
+    layouts = _layouts(slices, checkpoints, index, ref)
+    tensors: dict[str, OutputTensor] = {}
+    known = {config_name(p.name): p for p in method.params}
+    _check_parameter_names(cfg, method, known, strict)
+    for name, (sl, mapping, t) in layouts.items():
+        tensors[name] = _output_tensor(method, sl, name, mapping, t, index, checkpoints, known)
+    floats = [
+        n for n in tensors if _info(checkpoints, tensors[n].inputs[0]).dtype.is_floating_point
+    ]
+    others = [[n] for n in tensors if n not in set(floats)]
+    grouped = method.group(floats, ref.config) if method.group else [[n] for n in floats]
+    out_config = dict(ref.config)
+    if not all(sl.whole for sl in slices):
+        out_config["num_hidden_layers"] = sum(
+            s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices
+        )
+    tokenizer = _tokenizer(cfg, checkpoints, index, reference)
+    return MergePlan(cfg, method, checkpoints, base, reference, tensors, grouped + others,
+                     _output_dtype(cfg, ref, dtype), out_config, index, tokenizer,
+                     _chat_template(cfg.chat_template, checkpoints))  # fmt: skip
+
+
+def _check_architecture(checkpoints: list[Checkpoint], reference: int) -> None:
+    ref = checkpoints[reference]
+    for other in checkpoints:
+        for key in ("model_type", "architectures"):
+            if ref.config.get(key) != other.config.get(key):
+                raise IncompatibleModelsError(
+                    f"{other.path} has {key}={other.config.get(key)!r} but {ref.path} has "
+                    f"{ref.config.get(key)!r}; only models of one architecture can be merged"
+                )
+
+
+def _layer_names(ckpt: Checkpoint) -> tuple[list[str], dict[int, list[str]], list[str]]:
+    """A checkpoint's tensor names: before the layers, per layer, after the layers."""
+    pre, layers, post = [], {}, []
+    for name in ckpt.names():
+        m = LAYER_INDEX.search(name)
+        if m:
+            layers.setdefault(int(m.group(1)), []).append(name)
+        else:
+            (pre if EMBEDDINGS.search(name) else post).append(name)
+    return pre, layers, post
+
+
+def _renamed(name: str, layer: int) -> str:
+    m = LAYER_INDEX.search(name)
+    return f"{name[: m.start(1)]}{layer}{name[m.end(1) :]}"
+
+
+def _layouts(slices, checkpoints, index, ref) -> dict[str, tuple[_Slice, dict, float]]:
+    """Output name -> (its slice, {source position: its input tensor name}, its depth t)."""
+    out: dict[str, tuple[_Slice, dict, float]] = {}
+    if slices[0].whole:  # names as the reference has them; layer i of n at i / (n - 1)
+        (sl,) = slices
+        n = _num_layers(ref)
+        for name in ref.names():
+            m = LAYER_INDEX.search(name)
+            t = int(m.group(1)) / (n - 1) if m and n > 1 else (1.0 if m else 0.0)
+            out[name] = (sl, dict.fromkeys(range(len(sl.sources)), name), t)
+        return out
+    first = checkpoints[index[slices[0].sources[0].model]]
+    pre, _, post = _layer_names(first)
+    for name in pre:
+        out[name] = (slices[0], dict.fromkeys(range(len(slices[0].sources)), name), 0.0)
+    layer = 0
+    for sl in slices:
+        start = sl.sources[0].layer_range[0]
+        n = sl.sources[0].layer_range[1] - start
+        _, layers, _ = _layer_names(checkpoints[index[sl.sources[0].model]])
+        for offset in range(n):
+            if start + offset not in layers:
+                raise ConfigError(
+                    f"slice source {sl.sources[0].model} has no layer {start + offset} "
+                    f"(its layers: 0-{max(layers, default=-1)}); fix its layer_range"
+                )
+            t = offset / (n - 1) if n > 1 else 1.0
+            for name in layers[start + offset]:
+                inputs = {
+                    k: _renamed(name, s.layer_range[0] + offset) for k, s in enumerate(sl.sources)
+                }
+                out[_renamed(name, layer)] = (sl, inputs, t)
+            layer += 1
+    for name in post:
+        out[name] = (slices[-1], dict.fromkeys(range(len(slices[-1].sources)), name), 0.0)
+    return out
+
+
+def _num_layers(ckpt: Checkpoint) -> int:
+    cfg = ckpt.config.get("text_config", ckpt.config)
+    if "num_hidden_layers" in cfg:
+        return int(cfg["num_hidden_layers"])
+    found = [int(m.group(1)) for n in ckpt.names() if (m := LAYER_INDEX.search(n))]
+    return max(found, default=0) + 1
+
+
+def _info(checkpoints: list[Checkpoint], item: Input):
+    return checkpoints[item.model].info(item.name)
+
+
+def _output_tensor(method, sl, name, mapping, t, index, checkpoints, known) -> OutputTensor:
+    """The inputs of output tensor `name` and the method's parameters for it."""
+    base = index[sl.base] if sl.base else None
+    sources = [(index[s.model], s, mapping[k]) for k, s in enumerate(sl.sources)]
+    # the input the others are compared with: the base's where it is one, else the first
+    ref_model, ref_name = next(((m, t) for m, _, t in sources if m == base), sources[0][::2])
+    ref = checkpoints[ref_model]
+    for model, _, stored in sources:
+        other = checkpoints[model]
+        if other.resolve(stored) is None:
+            raise IncompatibleModelsError(
+                f"tensor {stored!r} of {ref.path} is missing from {other.path}; the models do "
+                "not share one architecture (check `num_hidden_layers`, the tensor names and "
+                "the layer ranges)"
+            )
+        a, b = ref.info(ref_name).shape, other.info(stored).shape
+        if a != b:
+            raise IncompatibleModelsError(
+                f"tensor {stored!r} has shape {list(b)} in {other.path} but {list(a)} in "
+                f"{ref.path}; merged models need identical shapes (a resized vocabulary must "
+                "be resized the same way in every model)"
+            )
+    takes_base = method.uses_base and base is not None and any(m == base for m, _, _ in sources)
+    if method.needs_base and not takes_base:
+        raise ConfigError(
+            f"merge_method {method.name} needs its base_model among the inputs of tensor "
+            f"{name!r}; add the base as a source of that slice"
+        )
+    if takes_base:
+        base_source = next(src for src in sources if src[0] == base)
+        models = [src for src in sources if src[0] != base]
+        ordered = [base_source, *models]
+    else:
+        models = ordered = sources
+    _check_model_count(method, len(models), takes_base)
+    if method.inputs and (problem := method.inputs(len(models), takes_base)):
+        raise ConfigError(f"merge_method {method.name}: {problem} (tensor {name!r})")
+    params = _parameters(method, known, sl, name, t, models)
+    if method.check:
+        try:
+            method.check(params)
+        except ConfigError as e:
+            raise ConfigError(f"{method.name}, tensor {name!r}: {e}") from e
+    return OutputTensor(name, tuple(Input(m, s) for m, _, s in ordered), takes_base, params)
+
+
+def _check_model_count(method: MergeMethod, n: int, with_base: bool) -> None:
+    if n < method.min_models or (method.max_models and n > method.max_models):
+        want = f"{method.min_models}" + (
+            f" to {method.max_models}" if method.max_models != method.min_models else ""
+        )
+        besides = " besides the base" if with_base else ""
+        raise ConfigError(f"merge_method {method.name} takes {want} models{besides}; got {n}")
+
+
+def _parameters(method, known, sl: _Slice, name: str, t: float, models) -> dict:
+    """The method's keyword arguments for one output tensor: shared parameters from the
+    slice, module and config; per-model ones from each model's source first."""
+    kwargs = {}
+    for param in known.values():
+        if param.per_model:
+            kwargs[param.name] = [
+                _resolve(param, [source.parameters, *sl.settings], stored, t, method, source.model)
+                for _, source, stored in models
+            ]
+        else:
+            kwargs[param.name] = _resolve(param, sl.settings, name, t, method, None)
+    return kwargs
+
+
+def _resolve(param: Param, settings: list[Parameters], name: str, t: float, method, model):
+    for scope in settings:
+        if config_name(param.name) in scope:
+            value = evaluate(scope[config_name(param.name)], name, t, param)
+            if value is not None:
+                return param.value(value, _where(method, name, model))
+    if param.default is REQUIRED:
+        where = f" for model {model}" if model else ""
+        raise ConfigError(
+            f"{method.name} needs parameter {config_name(param.name)!r}{where} (tensor {name!r}); "
+            "set it in `parameters` (top level or per model)"
+        )
+    return param.default
+
+
+def _where(method: MergeMethod, name: str, model: str | None) -> str:
+    return f"{method.name}, tensor {name!r}" + (f", model {model}" if model else "")
+
+
+def evaluate(value: ParameterValue, name: str, t: float, param: Param | None = None):
+    """A parameter's value for one tensor: a scalar, a gradient over depth (numbers
+    interpolate; other values step), or the first `{filter, value}` entry that matches."""
+    if isinstance(value, ConditionalParameter):
+        value = [value]
+    if not isinstance(value, list):
+        return value
+    if not value:
+        return None
+    if isinstance(value[0], ConditionalParameter):
+        for cond in value:
+            if cond.filter in (None, "*") or cond.filter in name:
+                return evaluate(cond.value, name, t, param)
+        return None
+    if param is not None and param.kind in (float, int):
+        values = [param.value(v, f"gradient of {config_name(param.name)}") for v in value]
+        scaled = t * (len(values) - 1)
+        i0 = int(scaled)
+        i1 = min(len(values) - 1, i0 + 1)
+        frac = scaled - i0
+        return (1 - frac) * values[i0] + frac * values[i1]
+    return value[int(t * (len(value) - 1))]
+
+
+def _check_parameter_names(cfg: MergeConfig, method: MergeMethod, known: dict, strict: bool):
+    """Warn of (with `strict`, refuse) parameters the method does not have, and per-model
+    values of parameters that apply to the whole merge: mergekit ignores both."""
+    import difflib
+
+    def report(message: str) -> None:
+        if strict:
+            raise ConfigError(message)
+        log.warning("%s; ignored, as mergekit does", message)
+
+    for where, params, per_source in _parameter_scopes(cfg):
+        for key, value in params.items():
+            if key in known:  # every value checked, also those no tensor ends up using
+                _check_values(known[key], value, f"{method.name}, {where}")
+            if key not in known:
+                near = difflib.get_close_matches(key, list(known), n=1)
+                hint = (
+                    f"did you mean {near[0]!r}?"
+                    if near
+                    else f"allowed: {', '.join(known) or 'none'}"
+                )
+                report(f"{method.name} has no parameter {key!r} (in {where}; {hint})")
+            elif per_source and not known[key].per_model:
+                report(
+                    f"{method.name} parameter {key!r} applies to the whole merge, not per model "
+                    f"(in {where}); set it in the top-level parameters"
+                )
+
+
+def _check_values(param: Param, value: ParameterValue, where: str) -> None:
+    if isinstance(value, ConditionalParameter):
+        value = [value]
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, ConditionalParameter):
+            _check_values(param, item.value, where)
+        else:
+            param.value(item, where)
+
+
+def _parameter_scopes(cfg: MergeConfig):
+    """(where, parameters, whether per model) for every `parameters` of the config."""
+    yield "parameters", cfg.parameters, False
+    for m in cfg.models or []:
+        yield f"parameters of model {m.model}", m.parameters, True
+    modules = list((cfg.modules or {}).items())
+    layouts = [("", cfg.slices or [])] + [(f"modules.{k}.", m.slices or []) for k, m in modules]
+    for name, module in modules:
+        yield f"modules.{name}.parameters", module.parameters, False
+        for m in module.models or []:
+            yield f"parameters of model {m.model}", m.parameters, True
+    for prefix, slices in layouts:
+        for i, sl in enumerate(slices):
+            yield f"{prefix}slices[{i}].parameters", sl.parameters, False
+            for s in sl.sources:
+                yield f"{prefix}slices[{i}] source {s.model}", s.parameters, True
+
+
+def _tokenizer(cfg: MergeConfig, checkpoints: list[Checkpoint], index, reference: int) -> Path:
+    """The folder the output's tokenizer comes from: `tokenizer_source` (or the `tokenizer`
+    block's `source`): base, a model, or union (the models' one vocabulary); by default the
+    base, else the first model."""
+    block = cfg.tokenizer
+    source = block.source if block else cfg.tokenizer_source
+    if block and (block.tokens or block.pad_to_multiple_of):
+        raise ConfigError(
+            "tokenizer: `tokens` and `pad_to_multiple_of` change the vocabulary, which this "
+            "version of medmerge does not; remove them (the output keeps the vocabulary of "
+            "its tokenizer source)"
+        )
+    ref = checkpoints[reference]
+    if source == "union":
+        with_files = [c for c in checkpoints if _vocabulary(c) is not None]
+        differ = [c for c in with_files if _vocabulary(c) != _vocabulary(with_files[0])]
+        if differ:
+            raise ConfigError(
+                f"tokenizer source union: {differ[0].path} has another vocabulary than "
+                f"{with_files[0].path}; merging different vocabularies is not supported in this "
+                "version: give every model the same tokenizer, or use tokenizer_source: base"
+            )
+        return ref.path if _vocabulary(ref) is not None or not with_files else with_files[0].path
+    if source in (None, "base"):
+        if source == "base" and cfg.base_model is None:
+            raise ConfigError("tokenizer_source: base needs a base_model")
+        folder = ref.path
+    else:
+        folder = checkpoints[index[source]].path if source in index else Path(source)
+        if not folder.is_dir():
+            raise ConfigError(f"tokenizer_source {source} is not a folder")
+    if source is not None and not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        raise ConfigError(
+            f"tokenizer_source {source}: {folder} has no tokenizer files "
+            f"({', '.join(TOKENIZER_FILES[:2])}, ...); choose a folder that has them"
+        )
+    return folder
+
+
+def _vocabulary(ckpt: Checkpoint) -> bytes | None:
+    """The bytes that define a model's vocabulary (its tokenizer files), or None."""
+    folder = ckpt.path
+    parts = [
+        (folder / name).read_bytes()
+        for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+        if (folder / name).is_file()
+    ]
+    return b"\0".join(parts) if parts else None
+
+
+def _chat_template(value: str | None, checkpoints: list[Checkpoint]) -> str | None:
+    """The output's chat template: None (the tokenizer source's stays), `auto` (the template
+    most input models have, as mergekit picks it), a named one, or a Jinja template."""
+    if value is None:
+        return None
+    if value == "auto":
+        found = [t for c in checkpoints if (t := chat_template_of(c.path))]
+        return Counter(found).most_common(1)[0][0] if found else None
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    if "{" not in value:
+        raise ConfigError(
+            f"chat_template {value!r}: give `auto` (the template most input models have), one "
+            f"of {', '.join(CHAT_TEMPLATES)}, or a Jinja template"
+        )
+    return value
+
+
+def chat_template_of(folder: Path) -> str | None:
+    """A model folder's chat template: chat_template.jinja, or tokenizer_config.json's."""
+    if (folder / "chat_template.jinja").is_file():
+        return (folder / "chat_template.jinja").read_text().strip() or None
+    config = folder / "tokenizer_config.json"
+    if not config.is_file():
+        return None
+    try:
+        template = json.loads(config.read_text()).get("chat_template")
+    except (json.JSONDecodeError, AttributeError):
+        return None
+    if isinstance(template, list):  # named templates: the default one
+        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+    return template.strip() if isinstance(template, str) and template.strip() else None
+
+
+def _output_dtype(cfg: MergeConfig, ref: Checkpoint, override: str | None) -> torch.dtype:
+    name = override or cfg.out_dtype or cfg.dtype
+    if name is None:
+        stored = [i.dtype for i in ref.tensors.values() if i.dtype.is_floating_point]
+        return stored[0] if stored else torch.float32
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
