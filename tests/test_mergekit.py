@@ -380,3 +380,18 @@ def test_mergekit_config_shapes_cover_every_layout():
     assert sum("slices:" in t for t in texts) >= 4 and sum("---" in t for t in texts) >= 1
     assert any("modules:" in t for t in texts) and any("int8_mask" in t for t in texts)
     assert np.unique([yaml.safe_load_all(t).__next__()["merge_method"] for t in texts]).size >= 15
+
+
+def test_a_slice_may_name_its_own_base(family8, tmp_path):
+    """A slice's `base_model` stands in for the config's: a method that needs a base runs
+    without a top-level one."""
+    base, a, b, _ = family8
+    sources = [{"model": str(base), "layer_range": [0, 4]},
+               {"model": str(a), "layer_range": [4, 8], "parameters": {"weight": 1.0}}]  # fmt: skip
+    cfg = {"merge_method": "task_arithmetic", "dtype": "float32",
+           "slices": [{"base_model": str(base), "sources": sources}]}  # fmt: skip
+    out = state(medmerge.merge(cfg, tmp_path / "m", progress=False))
+    B, A = ({k: v.float() for k, v in state(x).items()} for x in (base, a))
+    name = "model.layers.1.mlp.up_proj.weight"  # base layer 1 plus (a's layer 5 - base layer 1)
+    torch.testing.assert_close(out[name], A[name.replace(".1.", ".5.")])
+    assert len({n for n in out if ".layers." in n}) == len({n for n in B if ".layers.3." in n}) * 4

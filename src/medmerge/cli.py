@@ -271,7 +271,7 @@ def example(
     config = {
         "merge_method": method,
         **({"base_model": str(base.resolve())} if chosen.takes_base(2) else {}),
-        "models": [{"model": str(m.resolve()), "parameters": per_model} for m in (a, b)],
+        "models": [{"model": str(m.resolve()), "parameters": dict(per_model)} for m in (a, b)],
         **({"parameters": {"t": 0.5}} if "t" in chosen.defaults else {}),
         "dtype": "bfloat16",
     }

@@ -93,8 +93,9 @@ class MergePlan:
 
 @dataclass
 class _Slice:
-    """An output slice, normalised: its sources (model, layer range or None for every layer,
-    parameters), its base, and the parameters of the slice and of its module."""
+    """An output slice, normalised: its sources (model, layer range, parameters; the layer
+    ranges unused where `whole`), its base, and the parameters of the slice, its module and
+    the config."""
 
     sources: list[InputSlice]
     whole: bool  # the `models:` form: every layer of each source, names unchanged
@@ -108,13 +109,12 @@ def plan_merge(
     """Open the inputs and check everything that can fail before a byte is written."""
     cfg = load_config(config, strict=strict)
     method = get_method(cfg.merge_method)
-    if method.needs_base and not cfg.base_model:
-        raise ConfigError(f"merge_method {method.name} needs a base_model (the common ancestor)")
     slices = _slices(cfg)
+    if method.needs_base and not all(sl.base for sl in slices):
+        raise ConfigError(f"merge_method {method.name} needs a base_model (the common ancestor)")
     temp_dirs: list[Path] = []
-    refs = list(dict.fromkeys(s.model for sl in slices for s in sl.sources))
-    if cfg.base_model and cfg.base_model not in refs:
-        refs.insert(0, cfg.base_model)
+    named = [s.model for sl in slices for s in sl.sources] + [sl.base for sl in slices if sl.base]
+    refs = list(dict.fromkeys(named))
     try:
         checkpoints = [_open_model(ref, cfg, temp_dirs) for ref in refs]
         index = _identities(refs, checkpoints)
@@ -143,7 +143,7 @@ def _slices(cfg: MergeConfig) -> list[_Slice]:
     if models:
         sources = [InputSlice(model=m.model, layer_range=(0, 0), parameters=m.parameters)
                    for m in models]  # fmt: skip
-        if cfg.base_model and cfg.base_model not in [m.model for m in models]:
+        if cfg.base_model and not any(_same(m.model, cfg.base_model) for m in models):
             sources.append(InputSlice(model=cfg.base_model, layer_range=(0, 0)))
         return [_Slice(sources, True, cfg.base_model, [{}, *settings])]
     out = []
@@ -158,6 +158,11 @@ def _slices(cfg: MergeConfig) -> list[_Slice]:
         base = sl.base_model or cfg.base_model
         out.append(_Slice(sl.sources, False, base, [sl.parameters, *settings]))
     return out
+
+
+def _same(a: str, b: str) -> bool:
+    """Whether two model references name one folder."""
+    return a == b or Path(a).resolve() == Path(b).resolve()
 
 
 def _open_model(ref: str, cfg: MergeConfig, temp_dirs: list[Path]) -> Checkpoint:
