@@ -111,9 +111,9 @@ def sparse_merge(
         plan = kernels.SparsePlan.keep_all(
             w, consensus=consensus, divisor=divisor, lam=np.float32(lambda_), row=row
         )
-        plan = _kernel_plan(base, models, specs, plan)
+        plan, marks = _kernel_plan(base, models, specs, plan)
         out = buffers.empty(base.shape, out_dtype)
-        kernels.merge(base, models, plan, out)
+        kernels.merge(base, models, plan, out, marks)
         return out
     flat_base = base.reshape(-1)
     flats = [m.reshape(-1) for m in models]
@@ -133,8 +133,11 @@ def sparse_merge(
 
 def _kernel_plan(
     base: Tensor, models: list[Tensor], specs: list[Sparsify], plan: kernels.SparsePlan
-) -> kernels.SparsePlan:
-    """`plan` with each model's sparsifier: top-k bounds (found here), draws and rescaling."""
+) -> tuple[kernels.SparsePlan, np.ndarray | None]:
+    """`plan` with each model's sparsifier: top-k bounds (found here), draws and rescaling; and
+    where an `l1` rescale needs a first pass for its norms, that pass's marks of the kept
+    entries, which the merge pass then reads (those models' rule MARKED) instead of deciding
+    again."""
     n = base.numel()
     for i, spec in enumerate(specs):
         if spec.keeps_all:
@@ -159,11 +162,16 @@ def _kernel_plan(
             plan.average_ties[i] = spec.ties == "average"
         plan.by_probability[i] = spec.rescale == "inverse_density"
     l1 = [i for i, spec in enumerate(specs) if spec.rescale == "l1" and not spec.keeps_all]
-    if l1:  # a first pass: the L1 norms of each task vector before and after sparsifying
-        sums = kernels.kept_sums(base, models, plan, square=False)
-        for i in l1:
-            plan.factor[i] = l1_factor(*sums[i])
-    return plan
+    if not l1:
+        return plan, None
+    # a first pass: the L1 norms of each task vector before and after sparsifying; DELLA's
+    # kept entries then come from its marks (ranking a row again costs more than reading them)
+    sums, marks = kernels.kept_sums(base, models, plan, square=False)
+    for i in l1:
+        plan.factor[i] = l1_factor(*sums[i])
+        if plan.rule[i] == kernels.Rule.RANKED:
+            plan.rule[i] = kernels.Rule.MARKED
+    return plan, marks
 
 
 # ---- the family, as a table ----------------------------------------------------------------
@@ -393,14 +401,14 @@ def _sce_kernels(
     else:
         (top,) = kernels.top_ks(kernels.Statistic.VARIANCE, base, models, 0, [k])
         plan.keep_value[:], plan.keep_cut[:] = top
-        energy = kernels.kept_sums(base, models, plan, square=True)[:, 1]
+        energy = kernels.kept_sums(base, models, plan, square=True)[0][:, 1]
     plan = kernels.SparsePlan.keep_all(
         _energy_weights(energy, base.numel()), votes=[1.0] * n, variance=True, consensus=True,
         divisor=Divisor.VOTES_AT_LEAST, lam=np.float32(lambda_),
     )  # fmt: skip
     plan.keep_value[:], plan.keep_cut[:] = top
     out = buffers.empty(base.shape, out_dtype)
-    kernels.merge(base, models, plan, out)
+    kernels.merge(base, models, plan, out, None)
     return out
 
 

@@ -55,7 +55,7 @@ def _sort_by_key(keys, positions):
         positions[s] = np.uint32(packed[s] & np.uint64(0xFFFFFFFF))
 
 
-@njit(inline="always")
+@njit(cache=True, nogil=True)
 def magprune(base, model, start, line, average, work, prob):
     """DELLA's keep probability of each entry of the row of `len(prob)` entries from `start`,
     low + span * rank / scale for line = (low, span, scale), where rank is the ascending rank

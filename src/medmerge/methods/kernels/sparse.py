@@ -3,8 +3,10 @@ combine every model's task vector and write the output dtype, block by block, in
 
 The method builds a `SparsePlan` (what each model keeps and how the kept entries combine);
 `merge` runs it, `kept_sums` gathers the statistics a plan can need first (the L1 norms of the
-`l1` rescale, SCE's energies). Each model's pass over a block runs in a loop compiled for its
-`Rule` alone, simple enough to vectorise. The torch twin is `medmerge.methods.sparse`'s chunk
+`l1` rescale, SCE's energies) and marks the entries each model keeps, so that the merge pass
+need not decide again (DELLA's ranks, DARE's draws) for models whose rule is then MARKED. Each
+model's pass over a block runs in a loop compiled for its `Rule` alone, simple enough to
+vectorise. The torch twin is `medmerge.methods.sparse`'s chunk
 loop (`sparsify.Sparsify.sparsifier`, then `sparse.combine`): the same float32 operations in
 the same order.
 """
@@ -30,6 +32,7 @@ class Rule(IntEnum):
     DRAW = 1  # a draw below `density` (DARE)
     RANKED = 2  # a draw below the rank probability of |d| in its row (DELLA's MagPrune)
     THRESHOLD = 3  # TOP_K in a block that holds neither cut: plain comparisons (the pass picks it)
+    MARKED = 4  # kept where the sums pass marked it kept (`kept_sums`' marks): no test again
 
 
 class Divisor(IntEnum):
@@ -108,22 +111,38 @@ class SparsePlan(NamedTuple):
         return plan._replace(**given)
 
 
-def merge(base: Tensor, models: list[Tensor], plan: SparsePlan, out: Tensor) -> None:
-    """Write into `out` the merge `plan` describes. Torch twin: `sparse.sparse_merge`'s chunk
-    loop."""
+def merge(
+    base: Tensor, models: list[Tensor], plan: SparsePlan, out: Tensor, marks: np.ndarray | None
+) -> None:
+    """Write into `out` the merge `plan` describes; models whose rule is MARKED keep what
+    `marks` (from `kept_sums`) says. Torch twin: `sparse.sparse_merge`'s chunk loop."""
     base_, models_ = arrays(base, models)
     sums = np.zeros((0, len(models), 2))
-    _sparse_pass(base_, models_, plan, Job.MERGE, array(out), sums)
+    if marks is None:  # no model MARKED: read by none
+        marks = new_marks(base_.size, plan, len(models))
+    _sparse_pass(base_, models_, plan, Job.MERGE, array(out), (sums, marks))
 
 
-def kept_sums(base: Tensor, models: list[Tensor], plan: SparsePlan, square: bool) -> np.ndarray:
+def kept_sums(
+    base: Tensor, models: list[Tensor], plan: SparsePlan, square: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Per model, the float64 sums of |d| (of d * d with `square`) over all entries and over
-    those the plan keeps. Torch twins: `sparsify.rescaled`'s L1 pass, `sparse.sce`'s energies."""
+    those the plan keeps; and the marks of the kept entries, a bit each, for `merge`. Torch
+    twins: `sparsify.rescaled`'s L1 pass, `sparse.sce`'s energies."""
     base_, models_ = arrays(base, models)
     block = _block_size(plan.row)
     sums = np.zeros(((base_.size + block - 1) // block, len(models), 2))
-    _sparse_pass(base_, models_, plan, Job.SQUARE_SUMS if square else Job.ABS_SUMS, base_[:0], sums)
-    return sums.sum(0)
+    marks = new_marks(base_.size, plan, len(models))
+    job = Job.SQUARE_SUMS if square else Job.ABS_SUMS
+    _sparse_pass(base_, models_, plan, job, base_[:0], (sums, marks))
+    return sums.sum(0), marks
+
+
+def new_marks(n: int, plan: SparsePlan, models: int) -> np.ndarray:
+    """Room for the kept entries' marks of `models` models: a bit per entry, a row of bytes
+    per block (so that no two blocks write one byte); zeroed pages only when touched."""
+    block = _block_size(plan.row)
+    return np.zeros((models, (n + block - 1) // block, (block + 7) // 8), np.uint8)
 
 
 @njit(inline="always")
@@ -170,14 +189,15 @@ def _sparsify(base, model, start, select, rule, scaling, job, work):
     """One model's pass over a block of `len(own)` entries from `start`, for a constant `rule`.
     MERGE: its kept task vector, rescaled (scaling = (vote weight, factor, by probability)), in
     `own`, and weighted into `acc`; returns zeros. The sums jobs: returns the sums of |d| (or
-    d * d) over the block's entries and over its kept ones. `work` is (statistic, prob, own,
-    acc)."""
+    d * d) over the block's entries and over its kept ones, and a bit of `marks` set for each
+    kept entry, which MARKED reads. `work` is (statistic, prob, own, acc, marks)."""
     # names unlike the callers': numba's inliner can confuse a name shared with one
-    block_statistic, block_prob, own, block_acc = work
+    block_statistic, block_prob, own, block_acc, block_marks = work
     w, f, div = scaling
     size = len(own)
     position = np.uint32(start)  # a uint32 for the draws (see `draw`)
     if job != Job.MERGE:
+        flags = np.empty(size, np.uint8)
         for t in range(size):
             d, keep = _entry(base, model, start + t, position, block_statistic[t], select,
                              rule, block_prob[t])  # fmt: skip
@@ -185,10 +205,25 @@ def _sparsify(base, model, start, select, rule, scaling, job, work):
             x = d * d if job == Job.SQUARE_SUMS else abs(d)
             block_acc[t] = x
             own[t] = x if keep else np.float32(0.0)
+            flags[t] = keep
+        whole = size // 8
+        for g in range(whole):  # the kept entries' bits, 8 to a byte (unrolled: it vectorises)
+            f = flags[8 * g : 8 * g + 8]
+            block_marks[g] = (f[0] | (f[1] << 1) | (f[2] << 2) | (f[3] << 3) | (f[4] << 4)
+                              | (f[5] << 5) | (f[6] << 6) | (f[7] << 7))  # fmt: skip
+        if size > 8 * whole:
+            byte = np.uint8(0)
+            for b in range(size - 8 * whole):
+                byte |= flags[8 * whole + b] << np.uint8(b)
+            block_marks[whole] = byte
         return sum64(block_acc, size), sum64(own, size)
     for t in range(size):
-        d, keep = _entry(base, model, start + t, position, block_statistic[t], select, rule,
-                         block_prob[t])  # fmt: skip
+        if rule == Rule.MARKED:
+            d = load(model, start + t) - load(base, start + t)
+            keep = ((block_marks[t >> 3] >> np.uint8(t & 7)) & np.uint8(1)) != 0
+        else:
+            d, keep = _entry(base, model, start + t, position, block_statistic[t], select,
+                             rule, block_prob[t])  # fmt: skip
         position = np.uint32(position + np.uint32(1))
         if div:
             p = block_prob[t]
@@ -225,7 +260,9 @@ def _model_pass(base, models, plan, i, start, job, work, ranks):
     scaling = (plan.vote_weight[i], plan.factor[i], plan.by_probability[i])
     end = start + len(probability)
     cut_in = start < top_bounds[1] < end or start < outlier_bounds[1] < end
-    if rule == Rule.TOP_K and cut_in:
+    if rule == Rule.MARKED:
+        sums = _sparsify(base, model, start, select, Rule.MARKED, scaling, job, work)
+    elif rule == Rule.TOP_K and cut_in:
         sums = _sparsify(base, model, start, select, Rule.TOP_K, scaling, job, work)
     elif rule == Rule.TOP_K:
         top = _threshold(top_bounds[0], top_bounds[1], start)
@@ -302,10 +339,12 @@ def _write(base, plan, start, kept, acc, out):
 
 
 @njit(parallel=True, cache=True, nogil=True)
-def _sparse_pass(base, models, plan, job, out, sums):
+def _sparse_pass(base, models, plan, job, out, found):
     """One pass of `job` over blocks of whole rows: each model's pass, model by model, then for
-    MERGE the block's output in `out`; for the sums jobs, model i's sums of block b in
-    `sums[b, i]`."""
+    MERGE the block's output in `out`; for the sums jobs, into found = (sums, marks), model i's
+    sums of block b in `sums[b, i]` and its kept entries' bits in `marks[i, b]` (which MERGE
+    reads for MARKED models)."""
+    sums, marks = found
     n = base.size
     block = _block_size(plan.row)
     ranked = False
@@ -323,7 +362,7 @@ def _sparse_pass(base, models, plan, job, out, sums):
             for t in range(size):
                 statistic[t] = value(Statistic.VARIANCE, base, models, 0, start + t)
         for i in range(len(models)):
-            work = (statistic, prob, kept[i], acc)
+            work = (statistic, prob, kept[i], acc, marks[i, blk])
             total, kept_total = _model_pass(base, models, plan, i, start, job, work, ranks)
             if job != Job.MERGE:
                 sums[blk, i, 0], sums[blk, i, 1] = total, kept_total
