@@ -8,7 +8,10 @@ It holds one full model in memory, which peft needs.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +19,9 @@ import torch
 
 from medmerge.checkpoint import TOKENIZER_FILES, Checkpoint, atomic_folder, parse_size, write_state
 from medmerge.errors import CheckpointError
-from medmerge.hashing import sha256_file
+from medmerge.hashing import cache_dir, sha256_file
+
+log = logging.getLogger("medmerge")
 
 
 def is_adapter(folder: str | Path) -> bool:
@@ -51,6 +56,7 @@ def materialize(
             f"the adapter's base {str(base)!r} is not a local folder; pass --base BASE_DIR"
         )
     reference = Checkpoint(base)  # validates the base folder (and refuses an adapter as base)
+    check_adapter_fits(adapter_dir, base)
     try:
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
@@ -88,3 +94,49 @@ def materialize(
         (tmp / "medmerge_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
     reference.close()
     return Path(out_dir)
+
+
+def fold(adapter: Path, model: Path) -> Path:
+    """The folder of `adapter` folded into `model` in float32 (so that a merge rounds once), in
+    medmerge's cache under a key of both folders' file hashes: folded once per pair."""
+    digest = hashlib.sha256(b"float32\n")
+    for part in (model, adapter):
+        for f in sorted(p for p in part.iterdir() if p.is_file()):
+            digest.update(f"{f.name}:{sha256_file(f)}\n".encode())
+    out = cache_dir() / "folded" / digest.hexdigest()[:24]
+    if not (out / "config.json").is_file():
+        log.info("folding adapter %s into %s (cached in %s)", adapter, model, out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        materialize(adapter, out, base=model, dtype="float32", overwrite=out.exists())
+    return out
+
+
+def check_adapter_fits(adapter: Path, model: Path) -> None:
+    """Refuse an adapter whose LoRA matrices do not fit the model's weights (an adapter of
+    another base), naming the first tensor that does not fit; before anything is loaded."""
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file():
+        return  # a legacy .bin adapter: peft checks it as it loads
+    from safetensors import safe_open
+
+    with safe_open(weights, "pt") as f:
+        shapes = {n: f.get_slice(n).get_shape() for n in f.keys()}  # noqa: SIM118
+    ckpt = Checkpoint(model)  # headers only: nothing is read
+    for name, shape in shapes.items():
+        m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight$", name)
+        if not m:
+            continue
+        target = ckpt.resolve(f"{m.group(1)}.weight")
+        if target is None:
+            raise CheckpointError(
+                f"adapter {adapter} changes {m.group(1)}, which {model} does not have: the "
+                f"adapter was trained on another base ({adapter_base(adapter)})"
+            )
+        rows, cols = ckpt.info(target).shape[:2]
+        fits = shape[1] == cols if m.group(2) == "A" else shape[0] == rows
+        if not fits:
+            raise CheckpointError(
+                f"adapter {adapter}: {name} has shape {list(shape)}, which does not fit "
+                f"{target} {[rows, cols]} of {model}: the adapter was trained on another base "
+                f"({adapter_base(adapter)})"
+            )

@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
+from medmerge import references
 from medmerge.checkpoint import Checkpoint
 from medmerge.errors import CheckpointError
 from medmerge.methods.sparsify import top_k_mask
@@ -118,11 +119,11 @@ def layer_of(name: str) -> str:
 # ---- compatibility -----------------------------------------------------------------------
 
 
-def _open(path: Path, findings: list[Finding]) -> Checkpoint | None:
+def _open(reference: str, findings: list[Finding]) -> Checkpoint | None:
     try:
-        return Checkpoint(path)
+        return Checkpoint(references.folder(reference))
     except CheckpointError as e:
-        findings.append(Finding(check=f"readable: {path}", ok=False, detail=str(e)))
+        findings.append(Finding(check=f"readable: {reference}", ok=False, detail=str(e)))
         return None
 
 
@@ -265,8 +266,8 @@ def check(
 ) -> CheckReport:
     """Check that `models` can be merged with `base` and how their task vectors agree."""
     findings: list[Finding] = []
-    base_ckpt = _open(Path(base), findings)
-    ckpts = [_open(Path(m), findings) for m in models]
+    base_ckpt = _open(str(base), findings)
+    ckpts = [_open(str(m), findings) for m in models]
     for f in findings:
         if "PEFT/LoRA adapter" in f.detail:
             f.check = "full checkpoint, not an adapter"

@@ -192,10 +192,12 @@ class Checkpoint:
             raise CheckpointError(
                 f"{index} is not a valid index (needs a 'weight_map'): {e}"
             ) from e
-        root = self.path.resolve()
+        root = Path(os.path.abspath(self.path))
         files = []
         for shard in sorted(set(weight_map.values())):
-            file = (self.path / shard).resolve()
+            # the name must lie inside the folder; the file may be a link out of it (the Hub
+            # cache links every snapshot file to a blob)
+            file = Path(os.path.abspath(root / shard))
             if not file.is_relative_to(root):
                 raise CheckpointError(
                     f"{index} points outside the model folder ({shard!r}); refusing to read it. "

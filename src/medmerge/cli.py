@@ -76,8 +76,10 @@ def merge(
 
 @app.command()
 def check(
-    models: Annotated[list[Path], typer.Argument(help="the models to merge (2 or more)")],
-    base: Annotated[Path, typer.Option(help="the common base model")],
+    models: Annotated[
+        list[str], typer.Argument(help="the models to merge (2 or more): folders or Hub IDs")
+    ],
+    base: Annotated[str, typer.Option(help="the common base model")],
     json_out: Annotated[
         Path | None, typer.Option("--json", help="write the report as JSON")
     ] = None,
@@ -137,20 +139,24 @@ def _num(x: float | None) -> str:
 
 @app.command()
 def materialize(
-    adapter_dir: Annotated[Path, typer.Argument(help="a PEFT LoRA adapter folder")],
+    adapter: Annotated[str, typer.Argument(help="a PEFT LoRA adapter: folder or Hub ID")],
     out_dir: Annotated[Path, typer.Argument(help="folder for the full checkpoint")],
-    base: Annotated[Path | None, typer.Option(help="base model (default: the adapter's)")] = None,
+    base: Annotated[str | None, typer.Option(help="base model (default: the adapter's)")] = None,
     dtype: Annotated[DType | None, typer.Option(help="output dtype (default: base's)")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty OUT_DIR")] = False,
 ) -> None:
     """Fold a LoRA adapter into its base (peft merge_and_unload); write a full checkpoint."""
+    from medmerge.adapters import adapter_base
     from medmerge.adapters import materialize as run
+    from medmerge.references import folder
 
+    adapter_dir = _run(folder, adapter)
+    named = base or adapter_base(adapter_dir)  # a folder or Hub ID
     out = _run(
         run,
         adapter_dir,
         out_dir,
-        base=base,
+        base=_run(folder, named) if named else None,
         dtype=dtype.value if dtype else None,
         overwrite=overwrite,
     )
@@ -159,7 +165,7 @@ def materialize(
 
 @app.command("eval")
 def eval_(
-    model_dir: Annotated[Path, typer.Argument(help="checkpoint folder to evaluate")],
+    model: Annotated[str, typer.Argument(help="the model: folder, Hub ID or MODEL+ADAPTER")],
     suite: Annotated[str, typer.Option(help="paper, or a local suite folder")] = "paper",
     tasks: Annotated[str | None, typer.Option(help="comma-separated subset of tasks")] = None,
     num_fewshot: Annotated[int, typer.Option(help="few-shot examples")] = 5,
@@ -177,7 +183,7 @@ def eval_(
 
     result = _run(
         evaluate,
-        model_dir,
+        model,
         suite=suite,
         tasks=tasks.split(",") if tasks else None,
         num_fewshot=num_fewshot,
@@ -191,7 +197,7 @@ def eval_(
         out=out,
     )
     origin = "from the result store" if result.cached else f"in {result.seconds:.0f} s"
-    typer.echo(f"{model_dir} ({origin}):")
+    typer.echo(f"{model} ({origin}):")
     for task, score in result.tasks.items():
         shown = ", ".join(
             f"{m} {v:.4f}" + (f" +- {score.stderr[m]:.4f}" if score.stderr.get(m) else "")

@@ -10,9 +10,12 @@ models:                           # or `slices:` (layer ranges), or `modules:` (
     parameters: {weight: 0.5}
 parameters: {normalize: false}    # apply to every model unless a model sets its own
 dtype: bfloat16                   # output dtype (`out_dtype` wins if both are given)
-tokenizer_source: base            # base, or a model folder
+tokenizer_source: base            # base, union, or a model: the output's vocabulary
 materialize_adapters: false       # true: fold PEFT LoRA adapters among the models first
 ```
+
+A model is a local folder, a Hub ID `org/name` or `org/name@revision`, `MODEL+ADAPTER` (a LoRA
+adapter folded into MODEL), or mergekit's `{model: {path, revision}, lora: {path, revision}}`.
 
 A parameter value is a number (or bool/string), a gradient (a list of values interpolated over
 the layers, as in mergekit), a `{filter, value}` entry, or a list of them, where the first whose
@@ -29,16 +32,19 @@ import difflib
 import logging
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
 from medmerge.errors import ConfigError
+from medmerge.references import reference_string
 
 log = logging.getLogger("medmerge")
 
 Scalar = bool | int | float | str
+# a model: a folder, `org/name[@revision]`, `MODEL+ADAPTER`, or mergekit's {model, lora} form
+Reference = Annotated[str, BeforeValidator(reference_string)]
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 
 
@@ -56,14 +62,14 @@ Parameters = dict[str, ParameterValue]
 
 
 class InputModel(Strict):
-    model: str
+    model: Reference
     parameters: Parameters = {}
 
 
 class InputSlice(Strict):
     """Layers `layer_range` = [start, end) of one model."""
 
-    model: str
+    model: Reference
     layer_range: tuple[int, int]
     parameters: Parameters = {}
 
@@ -73,7 +79,7 @@ class OutputSlice(Strict):
     length); `base_model` overrides the config's for this slice."""
 
     sources: list[InputSlice]
-    base_model: str | None = None
+    base_model: Reference | None = None
     residual_weight: float | None = None  # accepted as mergekit does, which ignores it
     parameters: Parameters = {}
 
@@ -90,7 +96,7 @@ class TokenEmbedding(Strict):
 
 
 class TokenizerConfig(Strict):
-    source: str = "union"
+    source: Reference = "union"
     tokens: dict[str, TokenEmbedding] | None = None
     pad_to_multiple_of: int | None = None
 
@@ -100,11 +106,11 @@ class MergeConfig(Strict):
     models: list[InputModel] | None = None
     slices: list[OutputSlice] | None = None
     modules: dict[str, OutputModule] | None = None
-    base_model: str | None = None
+    base_model: Reference | None = None
     parameters: Parameters = {}
     dtype: DType | None = None
     out_dtype: DType | None = None
-    tokenizer_source: str | None = None
+    tokenizer_source: Reference | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
     name: str | None = None  # a document's name in a multi-document file

@@ -277,8 +277,6 @@ def _merge_one(cfg, out_dir, device, dtype, shard_size, seed, overwrite, progres
         buffers.release()
         for ckpt in plan.checkpoints:
             ckpt.close()
-        for temp in plan.temp_dirs:
-            shutil.rmtree(temp, ignore_errors=True)
 
 
 def _merge(plan: MergePlan, out_dir, device, shard_size, seed, overwrite, progress, started):
@@ -367,7 +365,8 @@ def _hash_inputs(plan: MergePlan) -> list[dict]:
             {"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
             for f in ckpt.files
         ]
-        records.append({"role": role, "path": str(ckpt.path.resolve()), "files": files})
+        source = plan.sources[i].record() if plan.sources else {}
+        records.append({"role": role, **source, "path": str(ckpt.path.resolve()), "files": files})
     return records
 
 

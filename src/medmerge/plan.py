@@ -17,13 +17,13 @@ from __future__ import annotations
 import json
 import logging
 import re
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from medmerge import references
 from medmerge.chat_templates import CHAT_TEMPLATES
 from medmerge.checkpoint import TOKENIZER_FILES, Checkpoint
 from medmerge.config import (
@@ -35,7 +35,6 @@ from medmerge.config import (
     load_config,
 )
 from medmerge.errors import ConfigError, IncompatibleModelsError
-from medmerge.hashing import cache_dir
 from medmerge.methods import REQUIRED, MergeMethod, Param, config_name, get_method
 
 log = logging.getLogger("medmerge")
@@ -84,7 +83,7 @@ class MergePlan:
     index: dict[str, int]  # each model reference of the config -> its checkpoint's index
     tokenizer: Path  # the folder whose tokenizer files the output gets
     chat_template: str | None  # the output tokenizer's template, where the config sets one
-    temp_dirs: list[Path] = field(default_factory=list)  # adapters folded for this merge
+    sources: list[references.Resolved] = field(default_factory=list)  # per checkpoint
 
     @property
     def order(self) -> list[str]:
@@ -112,17 +111,15 @@ def plan_merge(
     slices = _slices(cfg)
     if method.needs_base and not all(sl.base for sl in slices):
         raise ConfigError(f"merge_method {method.name} needs a base_model (the common ancestor)")
-    temp_dirs: list[Path] = []
     named = [s.model for sl in slices for s in sl.sources] + [sl.base for sl in slices if sl.base]
     refs = list(dict.fromkeys(named))
-    try:
-        checkpoints = [_open_model(ref, cfg, temp_dirs) for ref in refs]
-        index = _identities(refs, checkpoints)
-        plan = _plan(cfg, method, slices, checkpoints, index, dtype, strict)
-    except BaseException:
-        _discard(temp_dirs)
-        raise
-    plan.temp_dirs = temp_dirs
+    # adapters among the models fold into their own base, else the config's, when asked
+    fold_into = cfg.base_model if cfg.materialize_adapters else None
+    resolved = [references.resolve(ref, fold_into=fold_into) for ref in refs]
+    checkpoints = [Checkpoint(r.path) for r in resolved]  # refuses an adapter with advice
+    index = _identities(refs, checkpoints)
+    plan = _plan(cfg, method, slices, checkpoints, index, dtype, strict)
+    plan.sources = resolved
     return plan
 
 
@@ -163,30 +160,6 @@ def _slices(cfg: MergeConfig) -> list[_Slice]:
 def _same(a: str, b: str) -> bool:
     """Whether two model references name one folder."""
     return a == b or Path(a).resolve() == Path(b).resolve()
-
-
-def _open_model(ref: str, cfg: MergeConfig, temp_dirs: list[Path]) -> Checkpoint:
-    """A model's checkpoint; a LoRA adapter is folded into its base when the config asks."""
-    from medmerge.adapters import adapter_base, is_adapter, materialize
-
-    if not (cfg.materialize_adapters and is_adapter(ref)):
-        return Checkpoint(ref)  # refuses an adapter with advice
-    own_base = adapter_base(Path(ref))
-    base = own_base if own_base and Path(own_base).is_dir() else cfg.base_model
-    cache = cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(prefix="adapter-", dir=cache))
-    temp_dirs.append(temp)
-    log.info("folding LoRA adapter %s into %s", ref, base)
-    # folded in float32: the merge rounds once, at the end
-    return Checkpoint(materialize(ref, temp / "model", base=base, dtype="float32"))
-
-
-def _discard(temp_dirs: list[Path]) -> None:
-    import shutil
-
-    for temp in temp_dirs:
-        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _identities(refs: list[str], checkpoints: list[Checkpoint]) -> dict[str, int]:
@@ -500,9 +473,7 @@ def _tokenizer(cfg: MergeConfig, checkpoints: list[Checkpoint], index, reference
             raise ConfigError("tokenizer_source: base needs a base_model")
         folder = ref.path
     else:
-        folder = checkpoints[index[source]].path if source in index else Path(source)
-        if not folder.is_dir():
-            raise ConfigError(f"tokenizer_source {source} is not a folder")
+        folder = checkpoints[index[source]].path if source in index else references.folder(source)
     if source is not None and not any((folder / n).is_file() for n in TOKENIZER_FILES):
         raise ConfigError(
             f"tokenizer_source {source}: {folder} has no tokenizer files "

@@ -35,6 +35,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from medmerge.config import Reference
 from medmerge.errors import ConfigError
 from medmerge.methods import get_method
 
@@ -67,8 +68,8 @@ class MergeSpec(BaseModel):
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = "study"
-    base: str
-    models: list[str]
+    base: Reference  # a folder, Hub ID or MODEL+ADAPTER, as in merge configs
+    models: list[Reference]
     suite: str = "paper"
     tasks: list[str] | None = None
     protocol: Protocol = Protocol()
@@ -83,7 +84,7 @@ class Run(BaseModel):
 
     name: str
     kind: Literal["base", "parent", "merge"]
-    model: str | None = None  # reference rows: the folder
+    model: str | None = None  # reference rows: the model
     method: str | None = None
     parameters: dict[str, Any] = {}  # the grid point (top-level merge parameters)
     swept: dict[str, Any] = {}  # the parameters that vary in this run's grid

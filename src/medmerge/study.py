@@ -98,7 +98,7 @@ def execute_run(run: Run, study: StudyConfig, folder: str) -> RunRecord:
 
     folder = Path(folder)
     merge_seconds = peak = None
-    model = Path(run.model) if run.model else folder / "models" / run.name
+    model = run.model or folder / "models" / run.name
     if run.kind == "merge":
         started = time.time()
         with PeakRSS() as mem:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
+from medmerge import references
 from medmerge.errors import EvalError
 from medmerge.eval.store import ResultStore, model_fingerprint
 from medmerge.eval.suites import PAPER_TASKS, Suite, load_suite
@@ -169,8 +170,11 @@ def evaluate(
     use_cache: bool = True,
     out: str | Path | None = None,
 ) -> EvalResult:
-    """Evaluate a checkpoint folder on a suite; cached by weights and protocol."""
+    """Evaluate a model (a folder, Hub ID or MODEL+ADAPTER) on a suite; cached by weights and
+    protocol."""
     lm_eval, TaskManager = _lm_eval()
+    reference, model_dir = str(model_dir), references.folder(model_dir)
+    _check_tokenizer(model_dir, reference)
     resolved: Suite = load_suite(suite, tasks)
     protocol = {
         "suite": resolved.name,
@@ -187,7 +191,7 @@ def evaluate(
     hit = results_db.get(fingerprint, protocol) if use_cache else None
     if hit is not None:
         log.info("evaluation of %s found in the result store", model_dir)
-        result = EvalResult(**{**hit, "model": str(model_dir), "cached": True})
+        result = EvalResult(**{**hit, "model": reference, "cached": True})
     else:
         result = _run(
             lm_eval,
@@ -199,10 +203,21 @@ def evaluate(
             device=device,
             batch_size=batch_size,
         )
+        result.model = reference
         results_db.put(fingerprint, protocol, result.model_dump(exclude={"cached"}))
     if out:
         Path(out).write_text(result.model_dump_json(indent=2))
     return result
+
+
+def _check_tokenizer(folder: Path, reference: str) -> None:
+    """Refuse a model without tokenizer files before lm-eval fails on it in its own words."""
+    if not any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer.model",
+                                                      "vocab.json")):  # fmt: skip
+        raise EvalError(
+            f"model {reference} has no tokenizer (tokenizer.json, tokenizer.model or "
+            "vocab.json); copy its base model's tokenizer files into the folder"
+        )
 
 
 def _run(
