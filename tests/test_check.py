@@ -79,7 +79,6 @@ def test_lineage_flags_a_random_model_posing_as_a_finetune(mistral, tmp_path):
     "variant, failing, detail",
     [
         (dict(arch="llama"), "config model_type", "differs"),
-        (dict(vocab_size=400), "config vocab_size", "differs"),
         (dict(intermediate_size=96), "tensors of", "with other shapes"),
     ],
 )
@@ -92,6 +91,16 @@ def test_incompatible_models_fail_with_reasons(mistral, tmp_path, variant, faili
     bad = [f for f in report.compatibility if not f.ok]
     assert any(f.check.startswith(failing) and detail in f.detail for f in bad), bad
     assert any(r.advice == "do not merge these models as they are" for r in report.recommendations)
+
+
+def test_a_resized_vocabulary_is_mergeable_with_a_tokenizer_setting(mistral, tmp_path):
+    base, a, _ = mistral
+    other = write_model(tmp_path / "other", tiny_config("mistral", vocab_size=400))
+    report = run(base, a, other)
+    assert report.compatible
+    vocab = next(f for f in report.compatibility if f.check == "config vocab_size")
+    assert "differs" in vocab.detail and "tokenizer setting" in vocab.detail
+    assert any("tokenizer_source: union" in r.advice for r in report.recommendations)
 
 
 def test_adapter_is_reported_with_the_fix(mistral, tmp_path):

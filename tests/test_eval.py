@@ -155,3 +155,11 @@ def test_paper_suite_offline_fails_fast_naming_the_dataset(mistral, tmp_path, mo
         r"GBaker/MedQA-USMLE-4-options-hf.*local suite",
     ):
         ev.evaluate(mistral[0], suite="paper", store=tmp_path / "r.sqlite")
+
+
+def test_a_model_without_tokenizer_files_is_refused_before_lm_eval(mistral, tmp_path):
+    bare = shutil.copytree(mistral[0], tmp_path / "bare")
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(EvalError, match=r"bare has no tokenizer .*copy its base model's"):
+        ev.evaluate(bare, suite="paper", store=tmp_path / "r.sqlite")

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from conftest import state
-from huggingface_hub import constants
+from huggingface_hub import ModelCard, constants
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -78,6 +78,10 @@ def test_hub_ids_merge_as_their_folders_and_record_the_commit(mistral, hub, tmp_
         "org/b@v1": ("org/b", COMMIT_B),
     }
     assert "org/base" in (out / "merge_config.yaml").read_text()  # the user's references
+    card = ModelCard.load(out / "README.md")  # the model card, as the Hub reads it
+    assert card.data.base_model == ["org/base", "org/a", "org/b"]
+    assert card.data.library_name == "transformers" and {"merge", "medmerge"} <= set(card.data.tags)
+    assert COMMIT_B in card.text and "merge_method: ties" in card.text
 
 
 @pytest.mark.parametrize(

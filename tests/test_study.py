@@ -105,6 +105,16 @@ def test_study_end_to_end_resume_and_report(study_config, tmp_path, monkeypatch)
     assert [r.run.name for r in records] == names
     merge = records[3]
     assert merge.merge_seconds > 0 and merge.merge_peak_rss_mb > 0 and merge.fingerprint
+    # the merged model's card carries its scores, as text and as Hub model-index results
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "models" / "linear" / "README.md")
+    task, score = next(iter(merge.result["tasks"].items()))
+    metric, value = next(iter(score["metrics"].items()))
+    found = [r for r in card.data.eval_results if (r.dataset_name, r.metric_type) == (task, metric)]
+    assert [r.metric_value for r in found] == [value]
+    assert "## Scores (study tiny)" in card.text
+    assert f"| {task} | {metric} | {value:.4f} |" in card.text
 
     report = (folder / "report.md").read_text()
     assert report.startswith("# Study report: tiny\n")

@@ -117,10 +117,13 @@ def check_adapter_fits(adapter: Path, model: Path) -> None:
     weights = adapter / "adapter_model.safetensors"
     if not weights.is_file():
         return  # a legacy .bin adapter: peft checks it as it loads
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(weights, "pt") as f:
-        shapes = {n: f.get_slice(n).get_shape() for n in f.keys()}  # noqa: SIM118
+    try:
+        with safe_open(weights, "pt") as f:
+            shapes = {n: f.get_slice(n).get_shape() for n in f.keys()}  # noqa: SIM118
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights} cannot be read ({e}); re-download the adapter") from e
     ckpt = Checkpoint(model)  # headers only: nothing is read
     for name, shape in shapes.items():
         m = re.match(r"(?:base_model\.model\.)?(.+)\.lora_([AB])(?:\.\w+)?\.weight$", name)

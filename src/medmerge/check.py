@@ -28,8 +28,10 @@ from tqdm.auto import tqdm
 
 from medmerge import references
 from medmerge.checkpoint import Checkpoint
-from medmerge.errors import CheckpointError
+from medmerge.errors import CheckpointError, ConfigError
 from medmerge.methods.sparsify import top_k_mask
+from medmerge.plan import chat_template_of
+from medmerge.vocab import differences, is_vocabulary_tensor, some_tokens
 
 log = logging.getLogger("medmerge")
 
@@ -147,18 +149,56 @@ def _tokenizer_identity(folder: Path) -> str | None:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
+def _shape(ckpt: Checkpoint, name: str) -> tuple:
+    shape = ckpt.info(name).shape
+    return shape[1:] if is_vocabulary_tensor(name) else shape
+
+
+def _vocabularies(base: Checkpoint, models: list[Checkpoint]) -> list[Finding]:
+    """Each model's vocabulary against the base's (tokens added and missing, special tokens),
+    and their chat templates. Different vocabularies merge with a tokenizer setting."""
+    out = []
+    ids = {c.path: _tokenizer_identity(c.path) for c in [base, *models]}
+    if None in ids.values():
+        detail = "some models have no tokenizer files; cannot compare"
+        out.append(Finding(check="tokenizer", ok=True, detail=detail))
+    for m in models:
+        if None in (ids[m.path], ids[base.path]):
+            continue
+        if ids[m.path] == ids[base.path]:
+            detail = "same vocabulary and special tokens as the base"
+        else:
+            extra, lacking = differences(base, m)
+            detail = (
+                "; ".join(
+                    [f"adds {len(extra)}: {some_tokens(extra)}"] * bool(extra)
+                    + [f"lacks {len(lacking)}: {some_tokens(lacking)}"] * bool(lacking)
+                )
+                or "same tokens as the base, other special tokens or normalisation"
+            )
+            detail = f"vocabulary differs from the base's: {detail} (tokenizer_source: union)"
+        out.append(Finding(check=f"tokenizer of {m.path}", ok=True, detail=detail))
+    templates = {str(c.path): chat_template_of(c.path) for c in [base, *models]}
+    kinds = {t for t in templates.values() if t}
+    if len(kinds) > 1:
+        which = ", ".join(
+            f"{Path(p).name}: {hashlib.sha256(t.encode()).hexdigest()[:8] if t else 'none'}"
+            for p, t in templates.items()
+        )
+        detail = f"differs ({which}); set chat_template (auto: the commonest)"
+        out.append(Finding(check="chat template", ok=True, detail=detail))
+    return out
+
+
 def _compatibility(base: Checkpoint, models: list[Checkpoint]) -> list[Finding]:
     out = []
     for key in CONFIG_KEYS:
         values = {str(c.path): c.config.get(key) for c in [base, *models]}
         same = len({json.dumps(v) for v in values.values()}) == 1
-        out.append(
-            Finding(
-                check=f"config {key}",
-                ok=same,
-                detail=f"all {values[str(base.path)]!r}" if same else f"differs: {values}",
-            )
-        )
+        detail = f"all {values[str(base.path)]!r}" if same else f"differs: {values}"
+        if key == "vocab_size" and not same:  # rows matched by token make it mergeable
+            detail += "; the vocabulary differs: merge with a tokenizer setting"
+        out.append(Finding(check=f"config {key}", ok=same or key == "vocab_size", detail=detail))
     archs = {str(c.path): c.config.get("architectures") for c in [base, *models]}
     out.append(
         Finding(
@@ -171,7 +211,8 @@ def _compatibility(base: Checkpoint, models: list[Checkpoint]) -> list[Finding]:
     )
     for m in models:
         missing = [n for n in base.names() if m.resolve(n) is None]
-        shapes = [n for n in base.names() if m.resolve(n) and m.info(n).shape != base.info(n).shape]
+        # a vocabulary tensor's row count may differ: the tokenizer setting maps rows by token
+        shapes = [n for n in base.names() if m.resolve(n) and _shape(m, n) != _shape(base, n)]
         extra = sorted(set(m.names()) - set(base.names()) - {"lm_head.weight"})
         detail = "all tensors present with the base's shapes"
         if missing or shapes or extra:
@@ -203,21 +244,7 @@ def _compatibility(base: Checkpoint, models: list[Checkpoint]) -> list[Finding]:
                 ),
             )
         )
-    tokens = {str(c.path): _tokenizer_identity(c.path) for c in [base, *models]}
-    known = {v for v in tokens.values() if v}
-    out.append(
-        Finding(
-            check="tokenizer",
-            ok=len(known) <= 1,
-            detail=(
-                "same vocabulary and special tokens"
-                if len(known) == 1 and None not in tokens.values()
-                else "some models have no tokenizer files; cannot compare"
-                if len(known) <= 1
-                else f"vocabulary or special tokens differ: {tokens}"
-            ),
-        )
-    )
+    out += _vocabularies(base, models)
     return out
 
 
@@ -265,6 +292,10 @@ def check(
     progress: bool = True,
 ) -> CheckReport:
     """Check that `models` can be merged with `base` and how their task vectors agree."""
+    if not models:
+        raise ConfigError("check needs at least one model besides the base")
+    if not 0 < topk <= 1:
+        raise ConfigError(f"topk is a fraction of the entries, in (0, 1]; got {topk}")
     findings: list[Finding] = []
     base_ckpt = _open(str(base), findings)
     ckpts = [_open(str(m), findings) for m in models]
@@ -330,7 +361,7 @@ def check(
                 model=str(c.path),
                 relative_delta=overall,
                 per_layer={k: (v / max(base_sq[k], 1e-30)) ** 0.5 for k, v in delta_sq[i].items()},
-                plausible_finetune=overall <= LINEAGE_LIMIT,
+                plausible_finetune=0 < overall <= LINEAGE_LIMIT,  # 0: the base itself
             )
         )
     for p in pairs:
@@ -361,6 +392,16 @@ def _finish(report: CheckReport, json_path, plot_path) -> CheckReport:
 
 def _recommend(report: CheckReport) -> list[Recommendation]:
     recs = []
+    differ = [f for f in report.compatibility if "vocabulary differs" in f.detail
+              or f.check == "config vocab_size" and "differs" in f.detail]  # fmt: skip
+    if differ:
+        recs.append(
+            Recommendation(
+                advice="merge with `tokenizer_source: union` (every model's added tokens kept, "
+                "rows matched by token), or `base` to keep the base's vocabulary",
+                because="; ".join(f"{f.check}: {f.detail}" for f in differ),
+            )
+        )
     for f in report.compatibility:
         if f.ok:
             continue
@@ -381,7 +422,14 @@ def _recommend(report: CheckReport) -> list[Recommendation]:
                 )
             )
     for lin in report.lineage:
-        if not lin.plausible_finetune:
+        if lin.relative_delta == 0:
+            recs.append(
+                Recommendation(
+                    advice=f"{lin.model} has the base's weights exactly: merging it adds nothing",
+                    because="its task vector is zero",
+                )
+            )
+        elif not lin.plausible_finetune:
             recs.append(
                 Recommendation(
                     advice=f"{lin.model} does not look like a fine-tune of the base; merging it "

@@ -107,19 +107,25 @@ class Checkpoint:
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{config_file} is missing: a model folder needs its config.json")
-        try:
-            self.config: dict = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise CheckpointError(f"{config_file} is not valid JSON: {e}") from e
+        self.config: dict = _read_config(config_file)
         self.tensors: dict[str, TensorInfo] = {}
         self._bin_shards: dict[Path, dict[str, torch.Tensor]] = {}
         for file in self._weight_files():
             if file.suffix == ".safetensors":
-                self.tensors.update(_safetensors_header(file))
+                found = _safetensors_header(file)
             else:
                 self._bin_shards[file] = _load_bin(file)
-                for name, t in self._bin_shards[file].items():
-                    self.tensors[name] = TensorInfo(file, t.dtype, tuple(t.shape), -1, -1)
+                found = {
+                    name: TensorInfo(file, t.dtype, tuple(t.shape), -1, -1)
+                    for name, t in self._bin_shards[file].items()
+                }
+            twice = next((n for n in found if n in self.tensors), None)
+            if twice is not None:
+                raise CheckpointError(
+                    f"tensor {twice!r} is stored twice, in {self.tensors[twice].file.name} and "
+                    f"{file.name} of {self.path}; the checkpoint is damaged (re-download it)"
+                )
+            self.tensors.update(found)
         self._fds: dict[Path, int] = {}
 
     def __repr__(self) -> str:
@@ -161,6 +167,11 @@ class Checkpoint:
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        if os.fstat(fd).st_size < info.end:  # a map past the end would kill the process
+            raise CheckpointError(
+                f"{info.file} was truncated while it was read (tensor {name!r} ends at byte "
+                f"{info.end}); do not change a model's files during a merge"
+            )
         if info.nbytes and info.start % info.dtype.itemsize == 0:
             data = _mapped(fd, info.start, info.nbytes)
         else:  # an empty tensor, or one a typed view of a map cannot start at
@@ -187,11 +198,18 @@ class Checkpoint:
 
     def _shards_from_index(self, index: Path) -> list[Path]:
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
             raise CheckpointError(
                 f"{index} is not a valid index (needs a 'weight_map'): {e}"
             ) from e
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+        ):
+            raise CheckpointError(
+                f"{index}: 'weight_map' must map tensor names to shard file names; the index is "
+                "damaged (re-download it)"
+            )
         root = Path(os.path.abspath(self.path))
         files = []
         for shard in sorted(set(weight_map.values())):
@@ -207,6 +225,27 @@ class Checkpoint:
                 raise CheckpointError(f"{index} names shard {shard!r}, which is missing")
             files.append(file)
         return files
+
+
+# config keys that must be whole numbers where present (the model's shape)
+INTEGER_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                "head_dim", "intermediate_size", "vocab_size")  # fmt: skip
+
+
+def _read_config(file: Path) -> dict:
+    """A model's config.json: a JSON object whose shape keys are whole numbers."""
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} must be a JSON object (a model's config), not a list")
+    for cfg in (config, config.get("text_config")):
+        for key in INTEGER_KEYS if isinstance(cfg, dict) else ():
+            value = cfg.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise CheckpointError(f"{file}: {key} must be a whole number, not {value!r}")
+    return config
 
 
 def _safetensors_header(file: Path) -> dict[str, TensorInfo]:
@@ -242,7 +281,12 @@ def _safetensors_header(file: Path) -> dict[str, TensorInfo]:
 
 def _load_bin(file: Path) -> dict[str, torch.Tensor]:
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:  # the legacy (pre-zip) format cannot be mapped: read it whole
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for unsafe or damaged pickles
         raise CheckpointError(
             f"{file} could not be loaded safely with torch.load(weights_only=True) ({e}); convert "
@@ -465,26 +509,97 @@ def _copied(fd: int, start: int, nbytes: int, what: str) -> torch.Tensor:
 
 @contextmanager
 def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside `out_dir`; on success it replaces `out_dir` by renaming."""
-    out = Path(out_dir)
+    """Yield a temporary folder beside `out_dir`; on success its files are synced to disk and
+    it replaces `out_dir` by renaming. One process at a time writes a destination (`locked`);
+    temporary folders a killed writer left beside it are removed first."""
+    out = Path(os.path.abspath(out_dir))
     if out.exists() and not out.is_dir():
         raise MergeError(f"output path {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise MergeError(f"output folder {out} is not empty; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result should be an ordinary folder
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise MergeError(f"output folder {out}: {out.parent} is not a folder") from e
+    with locked(out):
+        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # no live writer: we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+        try:
+            yield tmp
+            _sync(tmp)
+            if out.is_dir() and any(out.iterdir()) and not overwrite:
+                raise MergeError(
+                    f"output folder {out} appeared while this merge ran; pass --overwrite to "
+                    "replace it"
+                )
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out.exists():
+            old = out.with_name(f".{out.name}.tmp-old-{uuid.uuid4().hex[:8]}")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+        _sync_folder(out.parent)
+
+
+def _sync(folder: Path) -> None:
+    """Flush every file under `folder`, then the folders, to disk: a folder renamed into place
+    after a power loss then holds whole files."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        if path.is_file() and not path.is_symlink():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        elif path.is_dir():
+            _sync_folder(path)
+    _sync_folder(folder)
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def locked(target: Path) -> Iterator[None]:
+    """Hold the lock of `target` (a file `.NAME.lock` beside it, holding the owner's pid): a
+    second writer gets an error naming the first. The kernel drops the lock of a process that
+    dies, so a lock is never stale."""
+    path = target.parent / f".{target.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise MergeError(
+                f"{target} is being written by another medmerge process (pid {owner}); wait "
+                "for it to finish, or write elsewhere"
+            ) from None
+        try:  # the file may have been unlinked by its last owner between open and lock
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        os.close(fd)

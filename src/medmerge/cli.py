@@ -34,6 +34,10 @@ def _run(fn, *args, **kwargs):
     except MedmergeError as e:
         typer.secho(f"error: {e}", fg="red", err=True)
         raise typer.Exit(2) from e
+    except OSError as e:  # a full disk, a path under a file, permissions: in the system's words
+        where = f": {e.filename}" if e.filename else ""
+        typer.secho(f"error: {e.strerror or e}{where}", fg="red", err=True)
+        raise typer.Exit(2) from e
 
 
 @app.command()

@@ -247,10 +247,7 @@ def load_configs(
     path = Path(config)
     if not path.is_file():
         raise ConfigError(f"merge config {path} does not exist")
-    try:
-        documents = [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
-    except yaml.YAMLError as e:
-        raise ConfigError(f"merge config {path} is not valid YAML: {e}") from e
+    documents = read_yaml(path, "merge config")
     if not documents:
         raise ConfigError(f"merge config {path} is empty")
     configs = []
@@ -260,6 +257,38 @@ def load_configs(
             raise ConfigError(f"merge config {where} must be a YAML mapping")
         configs.append(_validate(document, where, strict))
     return configs
+
+
+MAX_YAML_VALUES = 100_000
+
+
+def read_yaml(path: Path, what: str) -> list:
+    """The documents of a YAML file as plain data (no Python tags), refusing text that is not
+    UTF-8 and aliases that expand past MAX_YAML_VALUES values (a "billion laughs" file)."""
+    try:
+        documents = [
+            d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None
+        ]
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {path} is not UTF-8 text ({e.reason} at byte {e.start})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {path} is not valid YAML: {e}") from e
+    sizes: dict[int, int] = {}
+
+    def size(node) -> int:  # shared (aliased) nodes count once per use, computed once
+        if not isinstance(node, dict | list):
+            return 1
+        if id(node) not in sizes:
+            items = list(node.items()) if isinstance(node, dict) else [(None, v) for v in node]
+            sizes[id(node)] = 1 + sum(size(v) for _, v in items)
+        return sizes[id(node)]
+
+    if sum(size(d) for d in documents) > MAX_YAML_VALUES:
+        raise ConfigError(
+            f"{what} {path} expands to more than {MAX_YAML_VALUES} values through its aliases "
+            "(&anchor / *alias); write the values out"
+        )
+    return documents
 
 
 def load_config(

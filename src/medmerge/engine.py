@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from medmerge import buffers
+from medmerge.card import model_card
 from medmerge.checkpoint import (
     TOKENIZER_FILES,
     Checkpoint,
@@ -41,6 +42,7 @@ from medmerge.methods import (
 from medmerge.methods.rng import tensor_keys
 from medmerge.plan import MergePlan, plan_merge
 from medmerge.version import __version__
+from medmerge.vocab import is_vocabulary_tensor
 
 log = logging.getLogger("medmerge")
 
@@ -72,6 +74,8 @@ def _read_group(plan: MergePlan, names: list[str]) -> GroupInput:
             ckpt = plan.checkpoints[item.model]
             read.append(_read_finite(ckpt, item.name) if check else ckpt.read(item.name))
             nbytes += ckpt.info(item.name).nbytes
+        if plan.vocabulary is not None and is_vocabulary_tensor(n):
+            read = plan.vocabulary.align([i.model for i in plan.tensors[n].inputs], read)
         inputs[n] = read
     return GroupInput(names, inputs, nbytes)
 
@@ -281,9 +285,7 @@ def _merge_one(cfg, out_dir, device, dtype, shard_size, seed, overwrite, progres
 
 def _merge(plan: MergePlan, out_dir, device, shard_size, seed, overwrite, progress, started):
     out = Path(out_dir)
-    for ckpt in plan.checkpoints:
-        if out.resolve() == ckpt.path.resolve():
-            raise MergeError(f"output folder {out} is an input of the merge; choose another folder")
+    _refuse_output_near_inputs(out, plan)
     dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
@@ -297,7 +299,10 @@ def _merge(plan: MergePlan, out_dir, device, shard_size, seed, overwrite, progre
         inputs = plan.tensors[n].inputs
         info = plan.checkpoints[inputs[0].model].info(inputs[0].name)
         dtype = plan.out_dtype if info.dtype.is_floating_point else info.dtype
-        layout.append((n, info.shape, dtype))
+        shape = info.shape
+        if plan.vocabulary is not None and is_vocabulary_tensor(n):
+            shape = (plan.vocabulary.size, *shape[1:])
+        layout.append((n, shape, dtype))
         total_in += sum(plan.checkpoints[i.model].info(i.name).nbytes for i in inputs)
     diagnostics: list = []
     with (
@@ -334,11 +339,31 @@ def _merge(plan: MergePlan, out_dir, device, shard_size, seed, overwrite, progre
             for w in writes:
                 w.result()
         shards = writer.finish()
-        _write_metadata(
-            plan, tmp, shards, hashes.result(), diagnostics, seed, device, time.time() - started
-        )
+        run = {"seed": seed, "device": device, "seconds": time.time() - started, "name": out.name}
+        _write_metadata(plan, tmp, shards, hashes.result(), diagnostics, run)
     log.info("merged %s into %s in %.1f s", plan.method.name, out, time.time() - started)
     return out
+
+
+def _refuse_output_near_inputs(out: Path, plan: MergePlan) -> None:
+    """Refuse an output folder that is, contains or lies inside an input: a model, an adapter
+    or model it was folded from, the tokenizer source (replacing it would delete them)."""
+    folders = {c.path for c in plan.checkpoints} | {plan.tokenizer}
+    folders |= {part.path for source in plan.sources for part in source.parts}
+    target = out.resolve()
+    for folder in sorted(folders):
+        real = folder.resolve()
+        where = (
+            "is" if real == target
+            else "contains" if real.is_relative_to(target)
+            else "lies inside" if target.is_relative_to(real)
+            else None
+        )  # fmt: skip
+        if where:
+            raise MergeError(
+                f"output folder {out} {where} the input {folder}; write the merge to a folder "
+                "apart from its inputs"
+            )
 
 
 def set_chat_template(folder: Path, template: str) -> None:
@@ -370,7 +395,9 @@ def _hash_inputs(plan: MergePlan) -> list[dict]:
     return records
 
 
-def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, seed, device, seconds):
+def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, run: dict):
+    """config, tokenizer, generation config, merge config, provenance, model card and
+    diagnostics into `folder`, the output's temporary folder."""
     config = dict(plan.out_config)
     dtype_name = str(plan.out_dtype).removeprefix("torch.")
     config["dtype"] = dtype_name
@@ -378,9 +405,12 @@ def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, seed, devic
         config["torch_dtype"] = dtype_name
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok = plan.tokenizer
-    for name in TOKENIZER_FILES:
-        if (tok / name).is_file():
-            shutil.copy2(tok / name, folder / name)
+    if plan.vocabulary is not None and plan.vocabulary.rebuilt:
+        plan.vocabulary.tokenizer.save_pretrained(folder)
+    else:
+        for name in TOKENIZER_FILES:
+            if (tok / name).is_file():
+                shutil.copy2(tok / name, folder / name)
     if plan.chat_template is not None:
         set_chat_template(folder, plan.chat_template)
     for src in (tok, plan.checkpoints[plan.reference].path):
@@ -393,14 +423,16 @@ def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, seed, devic
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "merge_method": plan.method.name,
         "config": plan.config.model_dump(mode="json", exclude_defaults=True),
-        "seed": seed,
-        "device": device,
+        "seed": run["seed"],
+        "device": run["device"],
         "dtype": dtype_name,
-        "seconds": round(seconds, 3),
+        "seconds": round(run["seconds"], 3),
         "inputs": inputs,
         "output_files": shards,
     }
     (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
+    card = model_card(provenance, plan.config.to_yaml(), run["name"])
+    (folder / "README.md").write_text(card)
     if diagnostics:
         summary = plan.method.summarize(diagnostics) if plan.method.summarize else None
         if summary and "verdict" in summary:

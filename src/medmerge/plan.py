@@ -23,9 +23,9 @@ from pathlib import Path
 
 import torch
 
-from medmerge import references
+from medmerge import references, vocab
 from medmerge.chat_templates import CHAT_TEMPLATES
-from medmerge.checkpoint import TOKENIZER_FILES, Checkpoint
+from medmerge.checkpoint import EMBEDDING_PATTERN, Checkpoint
 from medmerge.config import (
     ConditionalParameter,
     InputSlice,
@@ -36,6 +36,7 @@ from medmerge.config import (
 )
 from medmerge.errors import ConfigError, IncompatibleModelsError
 from medmerge.methods import REQUIRED, MergeMethod, Param, config_name, get_method
+from medmerge.vocab import Vocabulary, is_vocabulary_tensor
 
 log = logging.getLogger("medmerge")
 
@@ -83,6 +84,7 @@ class MergePlan:
     index: dict[str, int]  # each model reference of the config -> its checkpoint's index
     tokenizer: Path  # the folder whose tokenizer files the output gets
     chat_template: str | None  # the output tokenizer's template, where the config sets one
+    vocabulary: Vocabulary | None = None  # where the config sets a tokenizer
     sources: list[references.Resolved] = field(default_factory=list)  # per checkpoint
 
     @property
@@ -175,12 +177,15 @@ def _plan(cfg, method, slices, checkpoints, index, dtype, strict) -> MergePlan:
     reference = base if base is not None else index[slices[0].sources[0].model]
     ref = checkpoints[reference]
     _check_architecture(checkpoints, reference)
+    tokenizer, vocabulary = _tokenizer(cfg, checkpoints, index, base, reference)
     layouts = _layouts(slices, checkpoints, index, ref)
     tensors: dict[str, OutputTensor] = {}
     known = {config_name(p.name): p for p in method.params}
     _check_parameter_names(cfg, method, known, strict)
     for name, (sl, mapping, t) in layouts.items():
-        tensors[name] = _output_tensor(method, sl, name, mapping, t, index, checkpoints, known)
+        aligned = vocabulary is not None and is_vocabulary_tensor(name)
+        tensors[name] = _output_tensor(method, sl, name, mapping, t, index, checkpoints, known,
+                                       aligned)  # fmt: skip
     floats = [
         n for n in tensors if _info(checkpoints, tensors[n].inputs[0]).dtype.is_floating_point
     ]
@@ -191,10 +196,13 @@ def _plan(cfg, method, slices, checkpoints, index, dtype, strict) -> MergePlan:
         out_config["num_hidden_layers"] = sum(
             s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices
         )
-    tokenizer = _tokenizer(cfg, checkpoints, index, reference)
+    if vocabulary is not None:
+        for config in (out_config, out_config.get("text_config")):
+            if isinstance(config, dict) and "vocab_size" in config:
+                config["vocab_size"] = vocabulary.size
     return MergePlan(cfg, method, checkpoints, base, reference, tensors, grouped + others,
                      _output_dtype(cfg, ref, dtype), out_config, index, tokenizer,
-                     _chat_template(cfg.chat_template, checkpoints))  # fmt: skip
+                     _chat_template(cfg.chat_template, checkpoints), vocabulary)  # fmt: skip
 
 
 def _check_architecture(checkpoints: list[Checkpoint], reference: int) -> None:
@@ -275,8 +283,11 @@ def _info(checkpoints: list[Checkpoint], item: Input):
     return checkpoints[item.model].info(item.name)
 
 
-def _output_tensor(method, sl, name, mapping, t, index, checkpoints, known) -> OutputTensor:
-    """The inputs of output tensor `name` and the method's parameters for it."""
+def _output_tensor(
+    method, sl, name, mapping, t, index, checkpoints, known, aligned
+) -> OutputTensor:
+    """The inputs of output tensor `name` and the method's parameters for it; `aligned`: a row
+    per token, mapped to the output vocabulary (row counts may differ)."""
     base = index[sl.base] if sl.base else None
     sources = [(index[s.model], s, mapping[k]) for k, s in enumerate(sl.sources)]
     # the input the others are compared with: the base's where it is one, else the first
@@ -291,7 +302,7 @@ def _output_tensor(method, sl, name, mapping, t, index, checkpoints, known) -> O
                 "the layer ranges)"
             )
         a, b = ref.info(ref_name).shape, other.info(stored).shape
-        if a != b:
+        if (a[1:], len(a)) != (b[1:], len(b)) if aligned else a != b:
             raise IncompatibleModelsError(
                 f"tensor {stored!r} has shape {list(b)} in {other.path} but {list(a)} in "
                 f"{ref.path}; merged models need identical shapes (a resized vocabulary must "
@@ -420,6 +431,11 @@ def _check_parameter_names(cfg: MergeConfig, method: MergeMethod, known: dict, s
 def _check_values(param: Param, value: ParameterValue, where: str) -> None:
     if isinstance(value, ConditionalParameter):
         value = [value]
+    if isinstance(value, list) and not value:
+        raise ConfigError(
+            f"{where}: parameter {config_name(param.name)!r} is an empty list; give a value, "
+            "or a gradient of one or more"
+        )
     for item in value if isinstance(value, list) else [value]:
         if isinstance(item, ConditionalParameter):
             _check_values(param, item.value, where)
@@ -445,41 +461,60 @@ def _parameter_scopes(cfg: MergeConfig):
                 yield f"{prefix}slices[{i}] source {s.model}", s.parameters, True
 
 
-def _tokenizer(cfg: MergeConfig, checkpoints: list[Checkpoint], index, reference: int) -> Path:
-    """The folder the output's tokenizer comes from: `tokenizer_source` (or the `tokenizer`
-    block's `source`): base, a model, or union (the models' one vocabulary); by default the
-    base, else the first model."""
+def _tokenizer(cfg: MergeConfig, checkpoints: list[Checkpoint], index, base, reference: int):
+    """The folder the output's tokenizer comes from and, where the config sets a tokenizer
+    (`tokenizer_source`, or the `tokenizer` block), the output vocabulary the models' rows are
+    mapped to. Without one the models must share a vocabulary; the base's (else the first
+    model's) tokenizer is copied."""
     block = cfg.tokenizer
     source = block.source if block else cfg.tokenizer_source
-    if block and (block.tokens or block.pad_to_multiple_of):
-        raise ConfigError(
-            "tokenizer: `tokens` and `pad_to_multiple_of` change the vocabulary, which this "
-            "version of medmerge does not; remove them (the output keeps the vocabulary of "
-            "its tokenizer source)"
-        )
     ref = checkpoints[reference]
-    if source == "union":
-        with_files = [c for c in checkpoints if _vocabulary(c) is not None]
-        differ = [c for c in with_files if _vocabulary(c) != _vocabulary(with_files[0])]
-        if differ:
-            raise ConfigError(
-                f"tokenizer source union: {differ[0].path} has another vocabulary than "
-                f"{with_files[0].path}; merging different vocabularies is not supported in this "
-                "version: give every model the same tokenizer, or use tokenizer_source: base"
-            )
-        return ref.path if _vocabulary(ref) is not None or not with_files else with_files[0].path
-    if source in (None, "base"):
-        if source == "base" and cfg.base_model is None:
-            raise ConfigError("tokenizer_source: base needs a base_model")
-        folder = ref.path
-    else:
-        folder = checkpoints[index[source]].path if source in index else references.folder(source)
-    if source is not None and not any((folder / n).is_file() for n in TOKENIZER_FILES):
-        raise ConfigError(
-            f"tokenizer_source {source}: {folder} has no tokenizer files "
-            f"({', '.join(TOKENIZER_FILES[:2])}, ...); choose a folder that has them"
+    embed = next((n for n in ref.names() if EMBEDDING_PATTERN.search(n)), None)
+    if source is None or embed is None:
+        if embed is not None:
+            _check_vocabularies(checkpoints, reference, embed)
+        return ref.path, None
+    if source == "base" and base is None:
+        raise ConfigError("tokenizer_source: base needs a base_model")
+    vocabulary, folder = vocab.build(cfg, checkpoints, index, base, reference, embed)
+    return folder, vocabulary
+
+
+def _check_vocabularies(checkpoints: list[Checkpoint], reference: int, embed: str) -> None:
+    """Without a tokenizer setting: refuse models whose embeddings have different row counts,
+    naming the tokens that differ and the fix; warn where same-sized vocabularies differ."""
+    ref = checkpoints[reference]
+    rows, files = ref.info(ref.resolve(embed)).shape[0], _vocabulary(ref)
+    for other in checkpoints:
+        other_rows, other_files = other.info(other.resolve(embed)).shape[0], _vocabulary(other)
+        if other_rows == rows and other_files == files:
+            continue
+        tokenizers = files is not None and other_files is not None
+        extra, lacking = vocab.differences(ref, other) if tokenizers else ([], [])
+        named = "; ".join(
+            f"{what}: {vocab.some_tokens(toks)}"
+            for what, toks in (("it adds", extra), ("it lacks", lacking))
+            if toks
         )
-    return folder
+        fix = (
+            "set `tokenizer_source: union` (every model's tokens), `base`, or a model, so "
+            "that the rows are matched by token"
+        )
+        if other_rows != rows:
+            raise IncompatibleModelsError(
+                f"{other.path} has {other_rows} token rows in {embed} but {ref.path} has {rows}"
+                + (f" ({named})" if named else "")
+                + f"; {fix}"
+            )
+        if named:
+            log.warning(
+                "%s and %s have different vocabularies of one size (%s); rows are "
+                "merged by position: %s",
+                other.path,
+                ref.path,
+                named,
+                fix,
+            )
 
 
 def _vocabulary(ckpt: Checkpoint) -> bytes | None:

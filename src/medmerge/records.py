@@ -28,14 +28,15 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import os
+import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from medmerge.config import Reference
+from medmerge.config import Reference, read_yaml
 from medmerge.errors import ConfigError
 from medmerge.methods import get_method
 
@@ -57,17 +58,21 @@ class MergeOptions(BaseModel):
     seed: int = 0
 
 
+# a plain name: run and study names become file and folder names
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$", max_length=100)]
+
+
 class MergeSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: str
-    name: str | None = None
+    name: Name | None = None
     parameters: dict[str, Any] = {}
     per_model: list[dict[str, Any]] | None = None
 
 
 class StudyConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = "study"
+    name: Name = "study"
     base: Reference  # a folder, Hub ID or MODEL+ADAPTER, as in merge configs
     models: list[Reference]
     suite: str = "paper"
@@ -108,7 +113,10 @@ def load_study(config: str | Path | dict | StudyConfig) -> StudyConfig:
         path = Path(config)
         if not path.is_file():
             raise ConfigError(f"study config {path} does not exist")
-        config = yaml.safe_load(path.read_text())
+        documents = read_yaml(path, "study config")
+        if len(documents) != 1 or not isinstance(documents[0], dict):
+            raise ConfigError(f"study config {path} must be one YAML mapping")
+        config = documents[0]
     try:
         return StudyConfig.model_validate(config)
     except ValidationError as e:
@@ -116,7 +124,12 @@ def load_study(config: str | Path | dict | StudyConfig) -> StudyConfig:
 
 
 def _value_label(v: Any) -> str:
-    return json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+    """A swept value as part of a run name, a file name: other characters become `_`."""
+    text = json.dumps(v, separators=(",", ":")) if isinstance(v, (list, dict)) else str(v)
+    return re.sub(r"[^A-Za-z0-9_.,+=\[\]-]", "_", text)
+
+
+MAX_GRID = 1000  # runs one merge of a study may sweep
 
 
 def expand(study: StudyConfig) -> list[Run]:
@@ -133,6 +146,12 @@ def expand(study: StudyConfig) -> list[Run]:
             for k, v in spec.parameters.items()
             if k not in axes
         }
+        points = math.prod(len(v) for v in axes.values())
+        if points > MAX_GRID:
+            raise ConfigError(
+                f"merge {spec.name or spec.method}: its grid has {points} points (more than "
+                f"{MAX_GRID}); sweep fewer values"
+            )
         for point in itertools.product(*axes.values()) if axes else [()]:
             swept = dict(zip(axes, point, strict=True))
             params = {**fixed, **swept}
@@ -187,7 +206,20 @@ def load_records(folder: str | Path) -> list[RunRecord]:
     for run in expand(study):
         path = folder / "runs" / f"{run.name}.json"
         if path.is_file():
-            data = json.loads(path.read_text())
+            data = read_record(path)
             data.pop("hash", None)
             records.append(RunRecord.model_validate(data))
     return records
+
+
+def read_record(path: Path) -> dict:
+    """A stored run record; ConfigError naming the file if it is damaged."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+        RunRecord.model_validate({k: v for k, v in data.items() if k != "hash"})
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, ValidationError) as e:
+        raise ConfigError(
+            f"run record {path} is damaged ({e.__class__.__name__}); delete it and run the "
+            "study again to redo that run"
+        ) from e
+    return data

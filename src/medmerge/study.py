@@ -25,6 +25,7 @@ import psutil
 import yaml
 from tqdm.auto import tqdm
 
+from medmerge.checkpoint import locked
 from medmerge.errors import ConfigError
 from medmerge.records import (
     Run,
@@ -32,6 +33,7 @@ from medmerge.records import (
     StudyConfig,
     expand,
     load_study,
+    read_record,
     save_record,
 )
 
@@ -93,6 +95,7 @@ def _run_hash(run: Run, study: StudyConfig) -> str:
 def execute_run(run: Run, study: StudyConfig, folder: str) -> RunRecord:
     """Merge (if a merge run), evaluate through the study's result store, record. Pure enough to
     run in another process (Ray)."""
+    from medmerge.card import add_scores
     from medmerge.engine import merge
     from medmerge.eval import evaluate
 
@@ -136,6 +139,8 @@ def execute_run(run: Run, study: StudyConfig, folder: str) -> RunRecord:
     )
     if run.kind == "merge" and not study.keep_models:
         shutil.rmtree(model, ignore_errors=True)
+    elif run.kind == "merge":
+        add_scores(Path(model), study.name, result.protocol, result.tasks)
     return record
 
 
@@ -150,6 +155,13 @@ def run_study(
     """Run (or resume) a study into `out`; returns the folder. Writes the report at the end."""
     study = load_study(config)
     folder = Path(out or f"studies/{study.name}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with locked(folder):  # one process at a time runs a study folder
+        _run_locked(study, folder, executor, report, progress)
+    return folder
+
+
+def _run_locked(study: StudyConfig, folder: Path, executor: str, report: bool, progress: bool):
     (folder / "runs").mkdir(parents=True, exist_ok=True)
     (folder / "models").mkdir(exist_ok=True)
     (folder / "study.yaml").write_text(
@@ -165,12 +177,9 @@ def run_study(
         runs = expand(study)
         todo = []
         for run in runs:
-            path = folder / "runs" / f"{run.name}.json"
-            done = path.is_file() and json.loads(path.read_text()).get("hash") == _run_hash(
-                run, study
-            )
-            if not done:
+            if not _done(folder / "runs" / f"{run.name}.json", _run_hash(run, study)):
                 todo.append(run)
+        _check_merges(todo)
         log.info("study %s: %d runs, %d to do", study.name, len(runs), len(todo))
         if executor == "ray":
             _run_ray(todo, study, folder)
@@ -203,7 +212,32 @@ def run_study(
     finally:
         log.removeHandler(handler)
         handler.close()
-    return folder
+
+
+def _check_merges(runs: list[Run]) -> None:
+    """Plan every merge before anything runs, unknown parameters as errors: a misspelt method
+    or parameter fails now, not after the base and parents were evaluated."""
+    from medmerge.plan import plan_merge
+
+    for run in runs:
+        if run.kind == "merge":
+            try:
+                plan = plan_merge(run.merge_config, strict=True)
+            except ConfigError as e:
+                raise ConfigError(f"study merge {run.name}: {e}") from e
+            for ckpt in plan.checkpoints:
+                ckpt.close()
+
+
+def _done(path: Path, run_hash: str) -> bool:
+    """Whether a run's record is stored for this very run; a damaged one is redone."""
+    if not path.is_file():
+        return False
+    try:
+        return read_record(path).get("hash") == run_hash
+    except ConfigError as e:
+        log.warning("%s; redoing that run", e)
+        return False
 
 
 def _run_ray(todo: list[Run], study: StudyConfig, folder: Path) -> None:

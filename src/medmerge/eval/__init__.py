@@ -172,6 +172,10 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate a model (a folder, Hub ID or MODEL+ADAPTER) on a suite; cached by weights and
     protocol."""
+    if num_fewshot < 0 or (limit is not None and limit < 1):
+        raise EvalError(
+            f"num_fewshot must be 0 or more and limit 1 or more (got {num_fewshot}, {limit})"
+        )
     lm_eval, TaskManager = _lm_eval()
     reference, model_dir = str(model_dir), references.folder(model_dir)
     _check_tokenizer(model_dir, reference)

@@ -1,8 +1,9 @@
 """The result store: one SQLite file of evaluation results keyed by model and protocol.
 
-The key is a hash of the model's weight fingerprint and the evaluation protocol (suite content,
-tasks, few-shot count, dtype, limit, seed, lm-eval version), so an unchanged model evaluated the
-same way is answered from the store, and any change to weights, data or protocol runs again.
+The key is a hash of the model's fingerprint (weights, config, tokenizer) and the evaluation
+protocol (suite content, tasks, few-shot count, dtype, limit, seed, lm-eval version), so an
+unchanged model evaluated the same way is answered from the store, and any change to weights,
+tokenizer, data or protocol runs again.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import sqlite3
 from pathlib import Path
 
+from medmerge.errors import EvalError
 from medmerge.hashing import cache_dir, sha256_file
 
 SCHEMA = """
@@ -30,12 +32,15 @@ def default_store() -> Path:
 
 
 def model_fingerprint(folder: str | Path) -> str:
-    """Hash of config.json, the safetensors index and every weight file's SHA-256 (cached)."""
-    from medmerge.checkpoint import Checkpoint
+    """Hash of everything that can change a score: config.json, the weights' index and every
+    weight file's SHA-256 (cached), the tokenizer and chat-template files, the generation
+    config."""
+    from medmerge.checkpoint import BIN_INDEX, SAFE_INDEX, TOKENIZER_FILES, Checkpoint
 
     ckpt = Checkpoint(folder)
     h = hashlib.sha256()
-    for name in ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json"):
+    described = ("config.json", SAFE_INDEX, BIN_INDEX, *TOKENIZER_FILES, "generation_config.json")
+    for name in described:
         if (ckpt.path / name).is_file():
             h.update(name.encode() + b"\0" + (ckpt.path / name).read_bytes())
     for f in ckpt.files:
@@ -54,21 +59,34 @@ class ResultStore:
         self.path = Path(path) if path else default_store()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self._connect() as db:
-            db.execute(SCHEMA)
+            self._run(db, SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
-        return sqlite3.connect(self.path, timeout=60)
+        try:
+            return sqlite3.connect(self.path, timeout=60)
+        except sqlite3.DatabaseError as e:
+            raise EvalError(f"result store {self.path} cannot be opened ({e})") from e
+
+    def _run(self, db: sqlite3.Connection, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        try:
+            return db.execute(sql, args)
+        except sqlite3.DatabaseError as e:
+            raise EvalError(
+                f"result store {self.path} cannot be read ({e}); move it away (its results are "
+                "lost) or give another with --store"
+            ) from e
 
     def get(self, fingerprint: str, protocol: dict) -> dict | None:
         with self._connect() as db:
-            row = db.execute(
-                "SELECT result FROM results WHERE key = ?", (result_key(fingerprint, protocol),)
+            row = self._run(
+                db, "SELECT result FROM results WHERE key = ?", (result_key(fingerprint, protocol),)
             ).fetchone()
         return json.loads(row[0]) if row else None
 
     def put(self, fingerprint: str, protocol: dict, result: dict) -> None:
         with self._connect() as db:
-            db.execute(
+            self._run(
+                db,
                 "INSERT OR REPLACE INTO results (key, fingerprint, protocol, result) "
                 "VALUES (?, ?, ?, ?)",
                 (

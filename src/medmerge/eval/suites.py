@@ -27,6 +27,7 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from medmerge.config import read_yaml
 from medmerge.errors import ConfigError
 from medmerge.hashing import cache_dir
 
@@ -131,18 +132,30 @@ RECORDS: dict[str, type[_Record]] = {
 }
 
 
+# a plain name: it becomes a file name and an lm-eval task name
+Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)]
+
+
 class TaskSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: Name
     format: Format
     test: str
     fewshot: str | None = None
     description: str | None = None
 
+    @field_validator("description")
+    @classmethod
+    def _plain_text(cls, v):
+        """lm-eval renders a description as a Jinja template: a suite is data, so none."""
+        if v is not None and any(mark in v for mark in ("{{", "{%", "{#")):
+            raise ValueError("must be plain text: template syntax ({{, {%, {#) is not allowed")
+        return v
+
 
 class SuiteManifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: Name
     tasks: list[TaskSpec]
 
 
@@ -162,23 +175,25 @@ def validate_records(path: Path, fmt: str) -> int:
         raise ConfigError(f"suite data file {path} does not exist")
     model = RECORDS[fmt]
     count = 0
-    with path.open() as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
-            try:
-                model.model_validate(record)
-            except ValidationError as e:
-                problems = "; ".join(
-                    f"{'.'.join(map(str, err['loc'])) or 'record'}: {err['msg']}"
-                    for err in e.errors()
-                )
-                raise ConfigError(f"{path}:{line_no}: invalid {fmt} record: {problems}") from e
-            count += 1
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"suite data file {path} is not UTF-8 text (byte {e.start})") from e
+    for line_no, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}:{line_no}: not valid JSON ({e.msg})") from e
+        try:
+            model.model_validate(record)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or 'record'}: {err['msg']}" for err in e.errors()
+            )
+            raise ConfigError(f"{path}:{line_no}: invalid {fmt} record: {problems}") from e
+        count += 1
     if count == 0:
         raise ConfigError(f"suite data file {path} has no records")
     return count
@@ -246,10 +261,16 @@ def load_suite(suite: str | Path, tasks: list[str] | None = None) -> Suite:
             f"suite {suite!r} is neither 'paper' nor a folder with suite.yaml "
             "(see docs/eval.md for the manifest format)"
         )
+    documents = read_yaml(manifest_file, "suite manifest")
     try:
-        manifest = SuiteManifest.model_validate(yaml.safe_load(manifest_file.read_text()))
-    except (ValidationError, yaml.YAMLError) as e:
-        raise ConfigError(f"{manifest_file} is not a valid suite manifest: {e}") from e
+        manifest = SuiteManifest.model_validate(documents[0] if len(documents) == 1 else None)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc'])) or 'manifest'}: "
+            + err["msg"].removeprefix("Value error, ")
+            for err in e.errors()
+        )
+        raise ConfigError(f"{manifest_file} is not a valid suite manifest: {problems}") from e
     specs = manifest.tasks
     if tasks:
         unknown = set(tasks) - {t.name for t in specs}
@@ -259,6 +280,11 @@ def load_suite(suite: str | Path, tasks: list[str] | None = None) -> Suite:
     h = hashlib.sha256(manifest_file.read_bytes())
     for spec in specs:
         for rel in filter(None, (spec.test, spec.fewshot)):
+            if not (folder / rel).resolve().is_relative_to(folder.resolve()):
+                raise ConfigError(
+                    f"{manifest_file}: task {spec.name} names data file {rel}, outside the "
+                    "suite folder; keep the data beside suite.yaml"
+                )
             validate_records(folder / rel, spec.format)
             h.update((folder / rel).read_bytes())
     digest = h.hexdigest()[:16]

@@ -1,0 +1,246 @@
+"""One vocabulary for models whose tokenizers differ: mergekit's `tokenizer_source` and
+`tokenizer:` block.
+
+The output vocabulary is built first: the base's tokenizer (`base`), a model's (`<model>`), or
+the base's with every other model's tokens added (`union`: their vocabulary tokens, then their
+added tokens), plus the block's `tokens`. Each model's embedding and LM-head rows are then mapped
+to it by token string, so that the merge method sees aligned tensors. A token a model lacks (or
+one `force`d) takes the embedding its `tokens` entry names, else, as mergekit fills it: the only
+model that has it; none: zeros; the base, where the base has it; else the mean of the models
+that have it. Rows past the vocabulary (`pad_to_multiple_of`) take the mean of each model's rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medmerge import references
+from medmerge.checkpoint import EMBEDDING_PATTERN, LM_HEAD_NAMES, Checkpoint
+from medmerge.errors import ConfigError, IncompatibleModelsError
+
+log = logging.getLogger("medmerge")
+
+
+def is_vocabulary_tensor(name: str) -> bool:
+    """Whether a tensor has a row per token (embeddings, LM head)."""
+    return name in LM_HEAD_NAMES or EMBEDDING_PATTERN.search(name) is not None
+
+
+@dataclass
+class Fill:
+    """Where a token's embedding comes from when a model lacks it (or it is forced): a
+    model's row for it (`model`, `row`), zeros (`model` None), or the mean of the models that
+    have it (`mean`)."""
+
+    model: int | None = None
+    row: int | None = None  # the model's own row where None
+    mean: bool = False
+    force: bool = False
+
+
+@dataclass
+class Vocabulary:
+    tokenizer: object  # the output's transformers tokenizer
+    rebuilt: bool  # whether it differs from its source folder's files (then it is saved)
+    tokens: list[str]  # by output id
+    size: int  # rows of the output's vocabulary tensors (the vocabulary, padded)
+    rows: dict[int, torch.Tensor]  # per checkpoint: its row of each output id, -1 if it lacks it
+    fills: dict[int, Fill]  # by output id: the tokens some model lacks, or forced
+
+    def align(self, models: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors of `models` (a row per token) as rows of the output vocabulary."""
+        dtype = tensors[0].dtype
+        for t in tensors[1:]:
+            dtype = torch.promote_types(dtype, t.dtype)
+        present = torch.stack([self.rows[m] >= 0 for m in models])
+        defaults = {i: self._default(i, f, models, tensors) for i, f in self.fills.items()}
+        out = []
+        for k, (m, t) in enumerate(zip(models, tensors, strict=True)):
+            rows = self.rows[m]
+            new = torch.zeros((self.size, *t.shape[1:]), dtype=dtype)
+            n = len(self.tokens)
+            new[:n] = t[rows.clamp(min=0)].to(dtype)
+            new[:n][rows < 0] = 0  # every such row takes its fill below
+            for i, f in self.fills.items():
+                if f.force or not present[k, i]:
+                    new[i] = defaults[i]
+            if self.size > n:
+                new[n:] = new[:n].float().mean(0).to(dtype)
+            out.append(new)
+        return out
+
+    def _default(self, i: int, fill: Fill, models, tensors) -> torch.Tensor:
+        row = tensors[0].shape[1:]
+        if fill.mean or (fill.model is not None and fill.model not in models):
+            # the mean rule; also where the donor is no input of this tensor (a slice without it)
+            have = [t[self.rows[m][i]].float() for m, t in zip(models, tensors, strict=True)
+                    if self.rows[m][i] >= 0]  # fmt: skip
+            return torch.stack(have).mean(0) if have else torch.zeros(row)
+        if fill.model is None:
+            return torch.zeros(row)
+        own = self.rows[fill.model][i] if fill.row is None else fill.row
+        return tensors[models.index(fill.model)][own].float()
+
+
+def build(cfg, checkpoints: list[Checkpoint], index: dict[str, int], base: int | None,
+          reference: int, embed: str) -> tuple[Vocabulary, Path]:  # fmt: skip
+    """The output vocabulary of a config that sets a tokenizer, and the folder its tokenizer
+    comes from. `embed` names the embedding tensor (its row count bounds each vocabulary)."""
+    block = cfg.tokenizer
+    source = block.source if block else cfg.tokenizer_source
+    first = base if base is not None else reference
+    vocabs = {i: _vocab(c, embed) for i, c in enumerate(checkpoints)}
+    have = [i for i in vocabs if vocabs[i] is not None]
+    if first not in have:
+        raise ConfigError(
+            f"tokenizer_source {source}: {checkpoints[first].path} has no tokenizer files "
+            "(tokenizer.json, tokenizer.model, ...); the output vocabulary starts from them"
+        )
+    for i in vocabs:  # mergekit's rule: a model without a tokenizer has the base's
+        vocabs[i] = vocabs[i] or vocabs[first]
+    if source == "base":
+        folder, tokenizer, rebuilt = checkpoints[first].path, _load(checkpoints[first].path), False
+    elif source == "union":
+        folder, tokenizer, rebuilt = checkpoints[first].path, _union(checkpoints, have, first), True
+    else:  # a model of the merge, or any other model's tokenizer
+        folder = checkpoints[index[source]].path if source in index else references.folder(source)
+        if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+            raise ConfigError(
+                f"tokenizer_source {source}: {folder} has no tokenizer files (tokenizer.json, "
+                "tokenizer.model); choose a model that has them"
+            )
+        tokenizer, rebuilt = _load(folder), False
+    forced = dict(block.tokens or {}) if block else {}
+    missing = [t for t in forced if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing)
+        rebuilt = True
+    out_vocab = tokenizer.get_vocab()
+    tokens = [""] * len(out_vocab)
+    for token, i in out_vocab.items():
+        if i >= len(tokens):
+            raise ConfigError(f"the output tokenizer's ids have gaps (token {token!r} is {i})")
+        tokens[i] = token
+    rows = {i: torch.tensor([v.get(t, -1) for t in tokens]) for i, v in vocabs.items()}
+    size = len(tokens)
+    pad = block.pad_to_multiple_of if block else None
+    if pad:
+        size = -(-size // pad) * pad
+    fills = _fills(tokens, rows, forced, index, base, checkpoints)
+    return Vocabulary(tokenizer, rebuilt, tokens, size, rows, fills), folder
+
+
+def _load(folder: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, use_fast=True)  # no remote code: data only
+
+
+def _vocab(ckpt: Checkpoint, embed: str) -> dict[str, int] | None:
+    """A model's token -> id, checked against its embedding's rows; None without tokenizer."""
+    if not any((ckpt.path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        return None
+    vocab = _load(ckpt.path).get_vocab()
+    rows = ckpt.info(ckpt.resolve(embed)).shape[0]
+    beyond = sorted((i, t) for t, i in vocab.items() if i >= rows)
+    if beyond:
+        raise IncompatibleModelsError(
+            f"the tokenizer of {ckpt.path} has {len(vocab)} tokens but {embed} has {rows} rows "
+            f"(token {beyond[0][1]!r} is id {beyond[0][0]}): its tokenizer is not its model's; "
+            "resize the embeddings to the tokenizer or give the model its own tokenizer"
+        )
+    return vocab
+
+
+def _union(checkpoints: list[Checkpoint], have: list[int], first: int):
+    """The first model's tokenizer with every other model's vocabulary tokens, then its added
+    tokens, appended (mergekit's union)."""
+    out = _load(checkpoints[first].path)
+    known = set(out.get_vocab())
+    added: dict[str, object] = {}
+    plain: list[str] = []
+    for i in [first, *[h for h in have if h != first]]:
+        tok = _load(checkpoints[i].path)
+        special = {info.content: info for info in tok.added_tokens_decoder.values()}
+        for token in tok.get_vocab():
+            if token in special:
+                added.setdefault(token, special[token])
+            elif token not in known and token not in plain:
+                plain.append(token)
+    out.add_tokens(plain)
+    out.add_tokens([info for token, info in added.items() if token not in known])
+    return out
+
+
+def _fills(tokens, rows, forced, index, base, checkpoints) -> dict[int, Fill]:
+    """Per output id that needs one (a model lacks it, or the config sets it), its fill."""
+    fills = {}
+    for i, token in enumerate(tokens):
+        spec = forced.get(token)
+        if spec is not None and spec.source is not None:
+            fills[i] = _configured(token, i, spec, index, rows, checkpoints)
+            continue
+        have = [m for m, r in rows.items() if r[i] >= 0]
+        if len(have) == len(rows) and spec is None:
+            continue
+        if len(have) == 1:
+            fills[i] = Fill(model=have[0])
+        elif not have:
+            log.warning("token %r is in no model's vocabulary: its embedding is zeros", token)
+            fills[i] = Fill()
+        elif base is not None and base in have:
+            fills[i] = Fill(model=base)
+        else:
+            fills[i] = Fill(mean=True)
+        fills[i].force = spec is not None and spec.force
+    return fills
+
+
+def _configured(token: str, i: int, spec, index: dict[str, int], rows, checkpoints) -> Fill:
+    """A `tokens:` entry's fill: {source: MODEL}, {source: {kind: zero}}, or {source: {kind:
+    model_token, model: MODEL, token: T | token_id: N}}."""
+    source = spec.source
+    where = f"tokenizer.tokens[{token!r}]"
+    if isinstance(source, dict) and source.get("kind") == "zero":
+        return Fill(force=spec.force)
+    ref = source.get("model") if isinstance(source, dict) else source
+    if ref not in index:
+        raise ConfigError(
+            f"{where} names model {ref}, which is not in the merge; name one of {', '.join(index)}"
+        )
+    model = index[ref]
+    if not isinstance(source, dict):
+        if rows[model][i] < 0:
+            raise ConfigError(f"{where}: model {ref} has no token {token!r}; name another source")
+        return Fill(model=model, force=spec.force)
+    if source.get("kind") != "model_token" or ("token" in source) == ("token_id" in source):
+        raise ConfigError(
+            f"{where}: a source is a model, {{kind: zero}}, or {{kind: model_token, model, "
+            "token or token_id}}"
+        )
+    if "token_id" in source:
+        row = int(source["token_id"])
+    else:
+        vocab = _load(checkpoints[model].path).get_vocab()
+        if source["token"] not in vocab:
+            raise ConfigError(f"{where}: token {source['token']!r} is not in model {ref}")
+        row = vocab[source["token"]]
+    return Fill(model=model, row=row, force=spec.force)
+
+
+def differences(a: Checkpoint, b: Checkpoint) -> tuple[list[str], list[str]]:
+    """The tokens `b` has and `a` lacks, and those `a` has and `b` lacks."""
+    va, vb = _load(a.path).get_vocab(), _load(b.path).get_vocab()
+    extra = sorted((t for t in vb if t not in va), key=vb.get)
+    lacking = sorted((t for t in va if t not in vb), key=va.get)
+    return extra, lacking
+
+
+def some_tokens(tokens: list[str], n: int = 5) -> str:
+    """The first `n` tokens, quoted, and how many more."""
+    more = f" (+{len(tokens) - n} more)" if len(tokens) > n else ""
+    return ", ".join(map(repr, tokens[:n])) + more

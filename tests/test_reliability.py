@@ -1,0 +1,446 @@
+"""Adversarial inputs, one test per case: no code runs from data, no input is deleted, no stale
+score is served, concurrent writers cannot both win, and every bad input is one line naming
+the culprit."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from conftest import leftovers, state
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+import medmerge
+from medmerge.checkpoint import Checkpoint, locked
+from medmerge.cli import app
+from medmerge.errors import CheckpointError, ConfigError, EvalError, MergeError
+from medmerge.eval.store import ResultStore, model_fingerprint
+from medmerge.eval.suites import load_suite
+from medmerge.records import load_study
+from medmerge.study import run_study
+from medmerge.synthetic import write_suite
+
+runner = CliRunner()
+
+
+def _config(base, a, b, **extra) -> dict:
+    return {
+        "merge_method": "task_arithmetic",
+        "base_model": str(base),
+        "models": [
+            {"model": str(a), "parameters": {"weight": 0.5}},
+            {"model": str(b), "parameters": {"weight": 0.5}},
+        ],
+        "dtype": "float32",
+        **extra,
+    }
+
+
+def _cli(*args) -> tuple[int, str]:
+    result = runner.invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def _one_line_error(code: int, output: str, *fragments: str) -> None:
+    assert code == 2, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]
+
+
+# 1. code from a suite
+
+
+def test_template_syntax_in_a_suite_is_refused_before_anything_renders(tmp_path):
+    folder = write_suite(tmp_path / "suite", n=4, formats=("medqa",))
+    manifest = yaml.safe_load((folder / "suite.yaml").read_text())
+    payload = tmp_path / "pwned"
+    manifest["tasks"][0]["description"] = (
+        f"{{{{ lipsum.__globals__['os'].system('touch {payload}') }}}}Answer: "
+    )
+    (folder / "suite.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ConfigError, match="description.*template syntax"):
+        load_suite(folder)
+    assert not payload.exists()
+
+
+# 2. inputs deleted
+
+
+def test_an_output_folder_holding_the_inputs_is_refused(mistral, tmp_path):
+    config = _config(*mistral)
+    parent = mistral[0].parent
+    with pytest.raises(MergeError, match="contains the input"):
+        medmerge.merge(config, parent, overwrite=True, progress=False)
+    with pytest.raises(MergeError, match="lies inside the input"):
+        medmerge.merge(config, mistral[1] / "merged", progress=False)
+    assert all((m / "config.json").is_file() for m in mistral)
+
+
+@pytest.mark.parametrize("name", ["/some/folder", "../x", ".hidden"])
+def test_study_names_are_file_names(mistral, name):
+    with pytest.raises(ConfigError, match="name"):
+        load_study({"base": str(mistral[0]), "models": [str(mistral[1])],
+                    "merges": [{"method": "linear", "name": name}]})  # fmt: skip
+
+
+# 3. stale evaluations
+
+
+def test_the_fingerprint_covers_tokenizer_and_generation_files(mistral, tmp_path):
+    import shutil
+
+    model = shutil.copytree(mistral[1], tmp_path / "m")
+    seen = {model_fingerprint(model)}
+    (model / "generation_config.json").write_text('{"temperature": 0.1}')
+    seen.add(model_fingerprint(model))
+    data = json.loads((model / "tokenizer.json").read_text())
+    data["added_tokens"][0]["content"] = "<changed>"
+    (model / "tokenizer.json").write_text(json.dumps(data))
+    seen.add(model_fingerprint(model))
+    (model / "tokenizer.json").unlink()
+    seen.add(model_fingerprint(model))
+    assert len(seen) == 4
+
+
+# 4. concurrency
+
+
+def test_two_concurrent_merges_one_wins_and_its_output_is_whole(mistral, tmp_path):
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(_config(*mistral)))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "medmerge.cli", "merge", str(config), str(out), "--quiet"]
+    procs = [subprocess.Popen(command, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(), p.stderr.read()) for p in procs]
+    assert sorted(code for code, _ in results) == [0, 2], results
+    loser = next(err for code, err in results if code)
+    assert "being written by another medmerge process" in loser or "not empty" in loser
+    assert "Traceback" not in loser
+    reference = medmerge.merge(_config(*mistral), tmp_path / "ref", progress=False)
+    assert state(out).keys() == state(reference).keys()
+    assert all(torch.equal(v, state(reference)[k]) for k, v in state(out).items())
+    assert [p.name for p in leftovers(out)] == ["out"]
+
+
+def test_a_locked_output_or_study_folder_is_refused_naming_the_owner(mistral, tmp_path):
+    out = tmp_path / "out"
+    with locked(out), pytest.raises(MergeError, match=f"pid {os.getpid()}"):
+        medmerge.merge(_config(*mistral), out, progress=False)
+    assert not out.exists()
+    study = tmp_path / "study"
+    study.mkdir()
+    config = {"base": str(mistral[0]), "models": [str(mistral[1])], "suite": "paper"}
+    with locked(study), pytest.raises(MergeError, match="being written by another"):
+        run_study(config, study, progress=False)
+    assert medmerge.merge(_config(*mistral), out, progress=False).is_dir()  # released
+
+
+# 5. suite name traversal
+
+
+@pytest.mark.parametrize("where", ["suite", "task"])
+def test_suite_and_task_names_are_plain_names(tmp_path, where):
+    folder = write_suite(tmp_path / "suite", n=4, formats=("medqa",))
+    manifest = yaml.safe_load((folder / "suite.yaml").read_text())
+    if where == "suite":
+        manifest["name"] = "../../escape"
+    else:
+        manifest["tasks"][0]["name"] = "../escape"
+    (folder / "suite.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ConfigError, match="name"):
+        load_suite(folder)
+    manifest = yaml.safe_load((folder / "suite.yaml").read_text())
+
+
+def test_suite_data_outside_its_folder_is_refused(tmp_path):
+    folder = write_suite(tmp_path / "suite", n=4, formats=("medqa",))
+    manifest = yaml.safe_load((folder / "suite.yaml").read_text())
+    manifest["tasks"][0]["test"] = "../../../etc/hostname"
+    (folder / "suite.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ConfigError, match="outside the suite folder"):
+        load_suite(folder)
+
+
+# 6. disk leaks
+
+
+def test_a_killed_merges_temporary_folder_is_removed_by_the_next(mistral, tmp_path):
+    out = tmp_path / "out"
+    stale = tmp_path / ".out.tmp-dead1234"
+    stale.mkdir()
+    (stale / "model-00001-of-00002.safetensors").write_bytes(b"half")
+    medmerge.merge(_config(*mistral), out, progress=False)
+    assert [p.name for p in leftovers(out)] == ["out"]
+
+
+def test_the_current_folder_as_output_leaves_no_temporary_folder(mistral, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(_config(*mistral)))
+    done = subprocess.run([sys.executable, "-m", "medmerge.cli", "merge", str(config), ".",
+                           "--quiet"], cwd=work, capture_output=True, text=True)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert (work / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merge.yaml", "work"]
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
+
+# 8. the same tensor in two shards
+
+
+def test_a_tensor_stored_twice_is_an_error_naming_both_shards(tmp_path):
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"model_type": "llama"}')
+    save_file({"w": torch.ones(2)}, folder / "a.safetensors")
+    save_file({"w": torch.zeros(2)}, folder / "b.safetensors")
+    index = {"weight_map": {"w": "a.safetensors", "v": "b.safetensors"}}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="'w' is stored twice, in a.safetensors and b"):
+        Checkpoint(folder)
+
+
+# 9. late checks, now before any tensor is read
+
+
+@pytest.fixture
+def no_reads(monkeypatch):
+    def refuse(self, name):
+        raise AssertionError(f"read {name} before the check")
+
+    monkeypatch.setattr(Checkpoint, "read", refuse)
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"tokenizer_source": "/no/such/folder"}, "/no/such/folder does not exist"),
+        ({"parameters": {"weight": "heavy"}}, "a finite number"),
+        ({"parameters": {"weight": float("nan")}}, "a finite number"),
+        ({"parameters": {"weight": []}}, "empty list"),
+    ],
+)
+def test_bad_settings_fail_before_any_tensor_is_read(mistral, tmp_path, no_reads, extra, message):
+    config = _config(*mistral)
+    if "parameters" in extra:
+        config["models"][0]["parameters"] = extra["parameters"]
+    else:
+        config.update(extra)
+    with pytest.raises(medmerge.MedmergeError, match=message):
+        medmerge.merge(config, tmp_path / "out", progress=False)
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_a_tokenizer_source_without_tokenizer_files_is_refused(mistral, tmp_path, no_reads):
+    import shutil
+
+    bare = shutil.copytree(mistral[2], tmp_path / "bare")
+    for f in bare.glob("tokenizer*"):
+        f.unlink()
+    with pytest.raises(ConfigError, match="bare has no tokenizer files"):
+        medmerge.merge(_config(*mistral, tokenizer_source=str(bare)), tmp_path / "o",
+                       progress=False)  # fmt: skip
+
+
+def test_a_studys_misspelt_parameter_fails_before_any_evaluation(mistral, tmp_path, monkeypatch):
+    import medmerge.study as st
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("evaluated before the merges were checked")
+
+    monkeypatch.setattr(st, "execute_run", refuse)
+    config = {"base": str(mistral[0]), "models": [str(mistral[1]), str(mistral[2])],
+              "merges": [{"method": "ties", "parameters": {"densty": 0.5}}]}  # fmt: skip
+    with pytest.raises(ConfigError, match="study merge ties.*'densty'.*did you mean 'density'"):
+        run_study(config, tmp_path / "s", progress=False)
+
+
+def test_a_yaml_alias_bomb_is_refused(tmp_path):
+    lines = ['a: &a ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    for k in range(1, 8):
+        lines.append(f"a{k}: &a{k} [{', '.join(['*a' if k == 1 else f'*a{k - 1}'] * 10)}]")
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nbase: x\nmodels: [y]\n")
+    with pytest.raises(ConfigError, match="expands to more than 100000 values"):
+        load_study(bomb)
+    with pytest.raises(ConfigError, match="expands to more than 100000 values"):
+        medmerge.merge(bomb, tmp_path / "out", progress=False)
+
+
+def test_a_grid_too_large_is_refused(mistral):
+    sweep = {"weight": [0.1 * i for i in range(40)], "density": [0.01 * i for i in range(40)]}
+    with pytest.raises(ConfigError, match="grid has 1600 points"):
+        from medmerge.records import expand
+
+        expand(load_study({"base": str(mistral[0]), "models": [str(mistral[1])],
+                           "merges": [{"method": "ties", "parameters": sweep}]}))  # fmt: skip
+
+
+# 10. one line, no traceback
+
+
+def _broken_model(folder, **files):
+    import shutil
+
+    shutil.copytree(files.pop("source"), folder)
+    for name, text in files.items():
+        (folder / name).write_bytes(text if isinstance(text, bytes) else text.encode())
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("files", "fragments"),
+    [
+        ({"model.safetensors.index.json": '{"weight_map": ["a", "b"]}'}, ["'weight_map' must"]),
+        ({"model.safetensors.index.json": '{"weight_map": {"x": 3}}'}, ["'weight_map' must"]),
+        ({"config.json": "[1, 2]"}, ["must be a JSON object"]),
+        ({"config.json": b"\xff\xfe{}"}, ["is not valid JSON"]),
+        ({"config.json": '{"model_type": "mistral", "head_dim": "8"}'}, ["head_dim must be"]),
+        ({"config.json": '{"model_type": "mistral", "num_hidden_layers": "2"}'},
+         ["num_hidden_layers must be a whole number"]),
+    ],
+)  # fmt: skip
+def test_damaged_model_files_are_one_line_errors(mistral, tmp_path, files, fragments):
+    bad = _broken_model(tmp_path / "bad", source=mistral[1], **files)
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(_config(mistral[0], bad, mistral[2])))
+    _one_line_error(*_cli("merge", config, tmp_path / "out", "--quiet"), str(bad), *fragments)
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_an_output_under_a_file_and_a_full_disk_are_one_line_errors(mistral, tmp_path,
+                                                                    monkeypatch):  # fmt: skip
+    import errno
+
+    from medmerge import checkpoint
+
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(_config(*mistral)))
+    (tmp_path / "file").write_text("x")
+    _one_line_error(*_cli("merge", config, tmp_path / "file" / "out", "--quiet"), "not a folder")
+
+    def full(self, name, tensor):
+        raise OSError(errno.ENOSPC, "No space left on device", "shard")
+
+    monkeypatch.setattr(checkpoint.ShardWriter, "write", full)
+    _one_line_error(*_cli("merge", config, tmp_path / "out", "--quiet"), "No space left")
+    assert leftovers(tmp_path / "out") == []
+
+
+def test_an_input_truncated_while_it_is_read_is_an_error_not_a_crash(mistral, tmp_path):
+    import shutil
+
+    model = shutil.copytree(mistral[1], tmp_path / "m")
+    ckpt = Checkpoint(model)
+    name = max(ckpt.names(), key=lambda n: ckpt.info(n).end)
+    os.truncate(ckpt.info(name).file, ckpt.info(name).start + 4)
+    with pytest.raises(CheckpointError, match="was truncated while it was read"):
+        ckpt.read(name)
+
+
+def test_a_corrupt_result_store_and_suite_file_are_one_line_errors(mistral, tmp_path):
+    store = tmp_path / "results.sqlite"
+    store.write_bytes(b"not a database" * 100)
+    with pytest.raises(EvalError, match="result store .*results.sqlite cannot be read"):
+        ResultStore(store)
+    folder = write_suite(tmp_path / "suite", n=4, formats=("medqa",))
+    data = next(folder.glob("*.jsonl"))
+    data.write_bytes(b"\xff\xfe" + data.read_bytes())
+    with pytest.raises(ConfigError, match="is not UTF-8 text"):
+        load_suite(folder)
+
+
+def test_check_errors_are_one_line(mistral, tmp_path):
+    base, a, b = mistral
+    (tmp_path / "file").write_text("x")
+    json_out = tmp_path / "file" / "r.json"
+    _one_line_error(*_cli("check", a, b, "--base", base, "--json", json_out, "--quiet"), "file")
+    _one_line_error(*_cli("check", a, "--base", base, "--topk", 5, "--quiet"), "topk")
+
+
+def test_a_truncated_adapter_or_wrong_base_is_one_line(mistral, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(mistral[0])
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    weights = tmp_path / "adapter" / "adapter_model.safetensors"
+    from medmerge.synthetic import tiny_config, write_model
+
+    other = write_model(tmp_path / "other", tiny_config("mistral", hidden_size=32))
+    code, out = _cli("materialize", tmp_path / "adapter", tmp_path / "o", "--base", other)
+    _one_line_error(code, out, "does not fit", "another base")
+    weights.write_bytes(weights.read_bytes()[:100])
+    code, out = _cli("materialize", tmp_path / "adapter", tmp_path / "o", "--base", mistral[0])
+    _one_line_error(code, out, "adapter_model.safetensors cannot be read")
+
+
+def test_a_damaged_run_record_is_redone(mistral, tmp_path, monkeypatch):
+    import medmerge.study as st
+    from medmerge.records import RunRecord
+
+    calls = []
+
+    def fake(run, study, folder):
+        calls.append(run.name)
+        return RunRecord(run=run, fingerprint="f", eval_seconds=0.0, eval_cached=False,
+                         result={"tasks": {}})  # fmt: skip
+
+    monkeypatch.setattr(st, "execute_run", fake)
+    config = {"base": str(mistral[0]), "models": [str(mistral[1])]}
+    folder = run_study(config, tmp_path / "s", report=False, progress=False)
+    (folder / "runs" / "base.json").write_text("{not json")
+    calls.clear()
+    run_study(config, folder, report=False, progress=False)
+    assert calls == ["base"]
+
+
+# 11. durable before the rename
+
+
+def test_every_output_file_is_synced_before_the_rename(mistral, tmp_path, monkeypatch):
+    synced = []
+    real = os.fsync
+
+    def counting(fd):
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", counting)
+    out = medmerge.merge(_config(*mistral), tmp_path / "out", progress=False)
+    names = {os.path.basename(p) for p in synced}
+    assert {p.name for p in out.iterdir()} <= names
+
+
+# 12. smaller
+
+
+def test_small_range_checks(mistral, tmp_path):
+    base, a, _ = mistral
+    _one_line_error(*_cli("eval", a, "--num-fewshot", -3), "num_fewshot")
+    from medmerge.check import check
+
+    report = check(base, [base], progress=False)  # one model, identical to the base
+    assert not report.lineage[0].plausible_finetune
+    assert any("base's weights exactly" in r.advice for r in report.recommendations)
+
+
+def test_a_legacy_bin_checkpoint_reads_without_mmap(mistral, tmp_path):
+    import shutil
+
+    model = shutil.copytree(mistral[1], tmp_path / "m")
+    tensors = state(model)
+    for f in model.glob("model*.safetensors*"):
+        f.unlink()
+    torch.save(tensors, model / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    ckpt = Checkpoint(model)
+    assert all(torch.equal(ckpt.read(n), t) for n, t in tensors.items())
