@@ -1,6 +1,7 @@
-"""Merge speed and memory against the disk-read floor and mergekit, on a synthetic Mistral family.
+"""Merge speed and memory against the disk-read floor and mergekit, on a synthetic family.
 
-    python benchmarks/merge_bench.py [--size 1b|tiny] [--methods linear,task_arithmetic]
+    python benchmarks/merge_bench.py [--size 1b|tiny] [--arch mistral|qwen2|mixtral]
+                                     [--methods linear,task_arithmetic]
                                      [--device cpu|cuda] [--repeat 2] [--json out.json]
                                      [--mergekit /tmp/mk/bin/python]
 
@@ -31,14 +32,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def generate(cache: Path, size: str) -> list[Path]:
-    from medmerge.synthetic import mistral_1b_config, tiny_config, write_family
+def generate(cache: Path, size: str, arch: str = "mistral") -> list[Path]:
+    from medmerge.synthetic import bench_config, tiny_config, write_family
 
-    folder = cache / f"family-{size}"
+    folder = cache / (f"family-{size}" if arch == "mistral" else f"family-{arch}-{size}")
     names = ["base", "model_1", "model_2"]
     if all((folder / n / "config.json").exists() for n in names):
         return [folder / n for n in names]
-    config = mistral_1b_config() if size == "1b" else tiny_config("mistral")
+    config = bench_config(arch) if size == "1b" else tiny_config(arch)
     t = time.time()
     paths = write_family(folder, config, seed=0, shard_size=10**9, overwrite=True)
     print(f"generated {size} family in {time.time() - t:.0f} s", file=sys.stderr)
@@ -168,6 +169,8 @@ def merge_code(method: str, models: list[Path], out: Path, device: str) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=["1b", "tiny"], default="1b")
+    ap.add_argument("--arch", choices=["mistral", "qwen2", "mixtral"], default="mistral",
+                    help="the family's shapes (see medmerge.synthetic.bench_config)")  # fmt: skip
     ap.add_argument(
         "--methods",
         default="linear,task_arithmetic",
@@ -185,7 +188,7 @@ def main() -> None:
 
     env = {**os.environ, "MEDMERGE_CACHE": str(args.cache / "medmerge-cache")}
     os.environ.update(env)
-    models = generate(args.cache, args.size)
+    models = generate(args.cache, args.size, args.arch)
     files = input_files(models)
     gb = sum(f.stat().st_size for f in files) / 1e9
     read_floor(files)  # warm the page cache the same way for every row
@@ -239,7 +242,7 @@ def main() -> None:
 
     floor_s = rows[0][1]
     print(
-        f"\n{args.size} family: {gb:.2f} GB of input in {len(files)} shards; device "
+        f"\n{args.arch} {args.size} family: {gb:.2f} GB of input in {len(files)} shards; device "
         f"{args.device}; best of {args.repeat}"
     )
     print(

@@ -27,6 +27,7 @@ from pydantic import BaseModel
 from tqdm.auto import tqdm
 
 from medmerge import references
+from medmerge.architectures import tensor_type
 from medmerge.checkpoint import Checkpoint
 from medmerge.errors import CheckpointError, ConfigError
 from medmerge.methods.sparsify import top_k_mask
@@ -49,19 +50,7 @@ CONFIG_KEYS = (
     "vocab_size",
     "tie_word_embeddings",
 )
-TENSOR_TYPES = {
-    "q_proj": "q",
-    "k_proj": "k",
-    "v_proj": "v",
-    "o_proj": "o",
-    "gate_proj": "gate",
-    "up_proj": "up",
-    "down_proj": "down",
-    "embed_tokens": "embeddings",
-    "lm_head": "lm_head",
-    "norm": "norms",
-}
-LAYER = re.compile(r"\.layers\.(\d+)\.")
+LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
 class Finding(BaseModel):
@@ -107,10 +96,6 @@ class CheckReport(BaseModel):
     pairs: list[PairReport]
     recommendations: list[Recommendation]
     topk: float
-
-
-def tensor_type(name: str) -> str:
-    return next((t for key, t in TENSOR_TYPES.items() if key in name), "other")
 
 
 def layer_of(name: str) -> str:

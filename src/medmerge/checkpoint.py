@@ -70,8 +70,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 # Names under which an untied output head would be stored, and the embeddings it is tied to.
-LM_HEAD_NAMES = ("lm_head.weight",)
-EMBEDDING_PATTERN = re.compile(r"(embed_tokens|wte|word_embeddings)\.weight$")
+LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+EMBEDDING_PATTERN = re.compile(r"(embed_tokens|embed_in|wte|word_embeddings)\.weight$")
 
 
 @dataclass(frozen=True)

@@ -326,7 +326,7 @@ def _output_tensor(
     params = _parameters(method, known, sl, name, t, models)
     if method.check:
         try:
-            method.check(params)
+            method.check(params, ref.config)
         except ConfigError as e:
             raise ConfigError(f"{method.name}, tensor {name!r}: {e}") from e
     return OutputTensor(name, tuple(Input(m, s) for m, _, s in ordered), takes_base, params)

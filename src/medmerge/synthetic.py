@@ -17,7 +17,6 @@ import torch
 from transformers import (
     AutoModelForCausalLM,
     GenerationConfig,
-    LlamaConfig,
     MistralConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
@@ -35,19 +34,45 @@ TINY = dict(
     num_attention_heads=8,
     head_dim=8,
     max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
 )
 
 
 def tiny_config(arch: str = "mistral", **overrides) -> PretrainedConfig:
-    """A tiny config: `mistral` uses grouped-query attention (8 query heads, 2 kv heads) and an
-    untied output head; `llama` has one kv head per query head and tied embeddings."""
-    if arch == "mistral":
-        return MistralConfig(**{**TINY, "num_key_value_heads": 2, **overrides})
-    if arch == "llama":
-        return LlamaConfig(
-            **{**TINY, "num_key_value_heads": 8, "tie_word_embeddings": True, **overrides}
-        )
-    raise ValueError(f"unknown architecture {arch!r}; use mistral or llama")
+    """A tiny config of one of `ARCHITECTURES`: `mistral` uses grouped-query attention (8 query
+    heads, 2 kv heads) and an untied output head; `llama` has one kv head per query head and
+    tied embeddings; the others keep their family's traits (Qwen2's q/k/v biases, Qwen3's and
+    OLMo 2's q/k norms, Gemma's tied and scaled embeddings, Phi-3's fused qkv and gate/up,
+    GPT-NeoX's interleaved query_key_value, Mixtral's and Qwen2-MoE's experts and routers)."""
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {arch!r}; use one of {', '.join(ARCHITECTURES)}")
+    cls, settings = ARCHITECTURES[arch]
+    return cls(**{**TINY, **settings, **overrides})
+
+
+def _architectures() -> dict[str, tuple[type, dict]]:
+    import transformers as tf
+
+    gqa = {"num_key_value_heads": 2}
+    moe = {**gqa, "num_experts_per_tok": 2}
+    return {
+        "mistral": (tf.MistralConfig, gqa),
+        "llama": (tf.LlamaConfig, {"num_key_value_heads": 8, "tie_word_embeddings": True}),
+        "qwen2": (tf.Qwen2Config, gqa),
+        "qwen3": (tf.Qwen3Config, gqa),
+        "gemma2": (tf.Gemma2Config, gqa),
+        "gemma3": (tf.Gemma3TextConfig, gqa),
+        "olmo2": (tf.Olmo2Config, gqa),
+        "phi3": (tf.Phi3Config, {**gqa, "pad_token_id": 0}),
+        "gpt_neox": (tf.GPTNeoXConfig, {"head_dim": None}),
+        "mixtral": (tf.MixtralConfig, {**moe, "num_local_experts": 4}),
+        "qwen2_moe": (tf.Qwen2MoeConfig, {**moe, "num_experts": 4, "moe_intermediate_size": 32,
+                                          "shared_expert_intermediate_size": 64}),
+    }  # fmt: skip
+
+
+ARCHITECTURES = _architectures()
 
 
 def mistral_1b_config() -> MistralConfig:
@@ -62,6 +87,26 @@ def mistral_1b_config() -> MistralConfig:
         head_dim=128,
         max_position_embeddings=4096,
     )
+
+
+def bench_config(arch: str) -> PretrainedConfig:
+    """About 1B parameters in the shapes of a family: `mistral` (Mistral-7B scaled down),
+    `qwen2` (Qwen2.5-1.5B's widths, 20 layers, its 151936-token tied embedding), `mixtral` (8
+    experts of 2048 per layer)."""
+    import transformers as tf
+
+    if arch == "mistral":
+        return mistral_1b_config()
+    if arch == "qwen2":
+        return tf.Qwen2Config(vocab_size=151936, hidden_size=1536, intermediate_size=8960,
+                              num_hidden_layers=20, num_attention_heads=12, num_key_value_heads=2,
+                              tie_word_embeddings=True, max_position_embeddings=4096)  # fmt: skip
+    if arch == "mixtral":
+        return tf.MixtralConfig(vocab_size=32000, hidden_size=1024, intermediate_size=2048,
+                                num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=4,
+                                num_local_experts=8, num_experts_per_tok=2,
+                                max_position_embeddings=4096)  # fmt: skip
+    raise ValueError(f"no benchmark family {arch!r}; use mistral, qwen2 or mixtral")
 
 
 def tensor_layout(config: PretrainedConfig) -> list[tuple[str, tuple[int, ...]]]:

@@ -52,7 +52,7 @@ def chunks(t: Tensor, minus: Tensor | None = None) -> Callable[[slice], Tensor]:
     return lambda p: flat[p].float() - other[p].float()
 
 
-def _normalizable(params: dict) -> None:
+def _normalizable(params: dict, config: dict) -> None:
     if params["normalize"] and sum(params["weight"]) == 0:
         raise ConfigError("the weights sum to 0, so they cannot be normalized")
 

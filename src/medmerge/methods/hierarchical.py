@@ -16,7 +16,6 @@ where, for attention projections, B is first permuted head-wise to match A:
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Sequence
 
@@ -25,33 +24,41 @@ from torch import Tensor
 
 from medmerge.align import (
     HeadLayout,
+    count,
     joint_alignment,
     per_tensor_alignment,
-    permute_blocks,
     permute_heads,
-    projection,
+    permute_segment,
 )
+from medmerge.architectures import ATTENTION, attention_of, head_tensor, segments
 from medmerge.errors import ConfigError
 from medmerge.methods import kernels
 from medmerge.methods.registry import register
 from medmerge.methods.streaming import chunkwise, spans
 
-ATTENTION = re.compile(r"^(.*\.)(q_proj|k_proj|v_proj|o_proj)\.(weight|bias)$")
+
+def _attention(config: dict):
+    """The model's attention layout (`architectures.ATTENTION`), None for an unknown one."""
+    return ATTENTION.get(
+        config.get("text_config", config).get("model_type", config.get("model_type"))
+    )
 
 
 def attention_groups(names: Sequence[str], config: dict) -> list[list[str]]:
-    """One group per layer holding its q, k, v and o projections; other tensors alone."""
+    """One group per layer holding the tensors that carry its attention heads (the
+    architecture's, `architectures.ATTENTION`); other tensors alone."""
+    attention = _attention(config)
     groups: list[list[str]] = []
     layers: dict[str, list[str]] = {}
     for name in names:
-        m = ATTENTION.match(name)
-        if not m:
+        found = head_tensor(name, attention) if attention else None
+        if found is None:
             groups.append([name])
-        elif m.group(1) in layers:
-            layers[m.group(1)].append(name)
+        elif found[0] in layers:
+            layers[found[0]].append(name)
         else:
-            layers[m.group(1)] = [name]
-            groups.append(layers[m.group(1)])
+            layers[found[0]] = [name]
+            groups.append(layers[found[0]])
     return groups
 
 
@@ -107,6 +114,12 @@ def summarize(records: list[dict]) -> dict:
     }
 
 
+def _alignable(params: dict, config: dict) -> None:
+    """Head alignment needs the model's attention layout: refused before any tensor is read."""
+    if params["alignment"] != "none":
+        attention_of(config)
+
+
 @register(
     "hierarchical",
     aliases=("cosine_ot_lerp",),
@@ -115,6 +128,7 @@ def summarize(records: list[dict]) -> dict:
     max_models=2,
     group=attention_groups,
     summarize=summarize,
+    check=_alignable,
 )
 def hierarchical(
     base: dict[str, Tensor],
@@ -143,8 +157,10 @@ def hierarchical(
                 f"hierarchical: {key} must be one of {', '.join(allowed)}, got {value!r}"
             )
     a, b = models
-    record: dict = {"group": _group_label(names), "alignment": None}
-    is_attention = projection(names[0]) is not None and alignment != "none"
+    record: dict = {"group": _group_label(names, config), "alignment": None}
+    # an unknown architecture with alignment is refused when the merge is planned (`_alignable`)
+    attention = _attention(config) if alignment != "none" else None
+    is_attention = attention is not None and head_tensor(names[0], attention) is not None
     weights_before_alignment = alignment == "per_tensor"
 
     def w_for(n: str, b_tensor: Tensor) -> float:
@@ -154,14 +170,13 @@ def hierarchical(
     weights = {n: w_for(n, b[n]) for n in names} if weights_before_alignment else {}
     if is_attention:
         layout = HeadLayout.from_config(config)
-        for n in names:
-            layout.check(n, a[n])
+        segs = {n: segments(n, tuple(a[n].shape), attention, layout) for n in names}
         src_a = a if align_on == "weights" else {n: a[n].float() - base[n].float() for n in names}
         src_b = b if align_on == "weights" else {n: b[n].float() - base[n].float() for n in names}
         started = time.perf_counter()
         if alignment == "joint":
-            found = joint_alignment(src_a, src_b, layout)
-            b = permute_heads(b, found.q, found.kv, layout)
+            found = joint_alignment(src_a, src_b, layout, attention)
+            b = permute_heads(b, found.q, found.kv, layout, attention)
             record.update(
                 alignment="joint",
                 q_perm=found.q,
@@ -173,15 +188,16 @@ def hierarchical(
         else:
             aligned, per = {}, {}
             for n in names:
-                count = layout.kv_heads if projection(n) in ("k_proj", "v_proj") else layout.heads
-                found = per_tensor_alignment(n, src_a[n], src_b[n], count, layout.head_dim)
-                aligned[n] = permute_blocks(n, b[n], found.q, count, layout.head_dim)
-                per[n] = {
-                    "perm": found.q,
-                    "heads_moved": found.heads_moved,
-                    "cost_before": found.cost_before,
-                    "cost_after": found.cost_after,
-                }
+                aligned[n] = b[n]
+                for k, seg in enumerate(segs[n]):
+                    found = per_tensor_alignment(src_a[n], src_b[n], seg, layout)
+                    aligned[n] = permute_segment(aligned[n], seg, found.q, count(seg, layout))
+                    per[n if len(segs[n]) == 1 else f"{n}[{k}]"] = {
+                        "perm": found.q,
+                        "heads_moved": found.heads_moved,
+                        "cost_before": found.cost_before,
+                        "cost_after": found.cost_after,
+                    }
             b = aligned
             record.update(alignment="per_tensor", per_tensor=per)
         record["assignment_seconds"] = round(time.perf_counter() - started, 6)
@@ -192,6 +208,7 @@ def hierarchical(
     return {n: lerp(a[n], b[n], weights[n], out_dtype) for n in names}
 
 
-def _group_label(names: list[str]) -> str:
-    m = ATTENTION.match(names[0])
-    return m.group(1).rstrip(".") if m else names[0]
+def _group_label(names: list[str], config: dict) -> str:
+    attention = _attention(config)
+    found = head_tensor(names[0], attention) if attention else None
+    return found[0].rstrip(".") if found else names[0]

@@ -113,8 +113,9 @@ class MergeMethod:
     # (models, whether a base is passed) -> what is wrong with that, or None: for a method whose
     # inputs min_models and max_models cannot describe
     inputs: Callable[[int, bool], str | None] | None = None
-    # raises ConfigError for parameters (one tensor's, resolved) that do not go together
-    check: Callable[[dict], None] | None = None
+    # (one tensor's resolved parameters, the model config) -> raises ConfigError for parameters
+    # that do not go together, or do not suit the model
+    check: Callable[[dict, dict], None] | None = None
 
     def takes_base(self, models: int) -> bool:
         """Whether a config of `models` models that may leave its base out (a study's, an
@@ -152,7 +153,7 @@ def register(
     max_models: int | None = None,
     summarize: Callable[[list[dict]], dict] | None = None,
     inputs: Callable[[int, bool], str | None] | None = None,
-    check: Callable[[dict], None] | None = None,
+    check: Callable[[dict, dict], None] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register the decorated function as method `name`; its parameters, which of them are per
     model and whether it needs a base come from its signature."""

@@ -277,7 +277,7 @@ def _variant_method(variant: Variant) -> MergeMethod:
         params=params,
         engine_args=frozenset({"keys", "out_dtype"} if how.random else {"out_dtype"}),
         min_models=0,
-        check=lambda p: _specs(how, p, None, len(p["weight"])) and None,
+        check=lambda p, config: _specs(how, p, None, len(p["weight"])) and None,
     )
 
 

@@ -1,0 +1,204 @@
+"""Every popular decoder family, on tiny random models built from its transformers config: every
+method merges it into a model that loads and runs; head alignment undoes a planted permutation
+of heads, however the family stores them; `check` sees its layers and tensor types."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import logits, state
+from safetensors.torch import save_file
+
+import medmerge
+from medmerge.check import check
+from medmerge.errors import ConfigError
+from medmerge.methods import REGISTRY
+from medmerge.synthetic import ARCHITECTURES, tiny_config, write_family
+
+FAMILIES = [a for a in ARCHITECTURES if a not in ("mistral", "llama")]  # those: everywhere else
+# the parameters each method needs beyond its defaults (a base is given to all)
+PARAMETERS = {
+    "linear": {"weight": 0.5},
+    "task_arithmetic": {"weight": 0.5},
+    "ties": {"weight": 0.5, "density": 0.5},
+    "dare_ties": {"weight": 0.5, "density": 0.5},
+    "dare_linear": {"weight": 0.5, "density": 0.5},
+    "della": {"weight": 0.5, "density": 0.5, "epsilon": 0.1},
+    "della_linear": {"weight": 0.5, "density": 0.5, "epsilon": 0.1},
+    "breadcrumbs": {"weight": 0.5, "density": 0.8, "gamma": 0.05},
+    "breadcrumbs_ties": {"weight": 0.5, "density": 0.8, "gamma": 0.05},
+    "sce": {},
+    "slerp": {"t": 0.4},
+    "nuslerp": {"weight": 0.5},
+    "multislerp": {"weight": 0.5},
+    "karcher": {},
+    "model_stock": {},
+    "nearswap": {"t": 0.5},
+    "arcee_fusion": {},
+    "hierarchical": {},
+    "passthrough": {},
+    "ram": {},
+    "ramplus_tl": {},
+}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def arch_family(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(request.param)
+    return request.param, write_family(root, tiny_config(request.param), seed=7)
+
+
+METHODS = sorted({m.name for m in REGISTRY.values()})
+
+
+def _config(method: str, base, a, b) -> dict:
+    models = [a, b]
+    if method in ("slerp", "nearswap", "arcee_fusion"):
+        models = [b]  # the base is the other endpoint
+    config = {
+        "merge_method": method,
+        "base_model": str(base),
+        "models": [{"model": str(m)} for m in models],
+        "parameters": PARAMETERS[method],  # top-level values apply to every model
+        "dtype": "float32",
+    }
+    if method == "passthrough":  # one model, as it is
+        del config["base_model"]
+        config["models"] = config["models"][:1]
+    return config
+
+
+def test_every_method_merges_every_family_into_a_model_that_runs(arch_family, tmp_path):
+    arch, (base, a, b) = arch_family
+    tokens = torch.arange(3, 19).unsqueeze(0)
+    for method in METHODS:
+        out = medmerge.merge(_config(method, base, a, b), tmp_path / method, progress=False)
+        assert logits(out, tokens).isfinite().all(), (arch, method)
+        shutil.rmtree(out)
+
+
+def test_a_model_merged_with_itself_gives_back_its_logits(arch_family, tmp_path):
+    arch, (_, a, _) = arch_family
+    twin = shutil.copytree(a, tmp_path / "twin")
+    cfg = {"merge_method": "linear", "dtype": "bfloat16",
+           "models": [{"model": str(a), "parameters": {"weight": 1.0}},
+                      {"model": str(twin), "parameters": {"weight": 1.0}}]}  # fmt: skip
+    out = medmerge.merge(cfg, tmp_path / "out", progress=False)
+    assert torch.equal(logits(out), logits(a))
+
+
+# ---- a planted head permutation, written here independently of medmerge's alignment code ----
+
+
+def _head_rows(heads: list[int], width: int) -> torch.Tensor:
+    """Row indices that put old block heads[i] (of `width` rows) at block i."""
+    return torch.cat([torch.arange(h * width, (h + 1) * width) for h in heads])
+
+
+def _planted(tensors: dict, config: dict, perms: dict) -> dict:
+    """`tensors` with each layer's heads permuted by perms[layer] = (q, kv): every tensor that
+    carries the head index, as each family stores it."""
+    H, K = config["num_attention_heads"], config.get("num_key_value_heads") or 0
+    K = K or H
+    D = config.get("head_dim") or config["hidden_size"] // H
+    out = dict(tensors)
+    for layer, (q, kv) in perms.items():
+        qr, kr = _head_rows(q, D), _head_rows(kv, D)
+        for name, t in tensors.items():
+            if not name.startswith(layer + "."):
+                continue
+            part = name[len(layer) + 1 :]
+            if part.startswith(("self_attn.q_proj.", "self_attn.q_norm.")) and len(t) == H * D:
+                out[name] = t[qr]
+            elif part.startswith(("self_attn.k_proj.", "self_attn.v_proj.", "self_attn.k_norm.")):
+                out[name] = t[kr] if len(t) == K * D else t
+            elif part in ("self_attn.o_proj.weight", "attention.dense.weight"):
+                out[name] = t[:, qr]
+            elif part == "self_attn.qkv_proj.weight":
+                out[name] = t[torch.cat([qr, H * D + kr, H * D + K * D + kr])]
+            elif part.startswith("attention.query_key_value."):
+                out[name] = t[_head_rows(q, 3 * D)]
+    return out
+
+
+def _attention_parts(name: str) -> bool:
+    return any(p in name for p in ("self_attn.", "attention.query_key_value", "attention.dense"))
+
+
+def _write(src, dst, tensors):
+    shutil.copytree(src, dst)
+    for f in dst.glob("model*.safetensors*"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, dst / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    return dst
+
+
+def test_joint_alignment_undoes_a_planted_head_permutation(arch_family, tmp_path):
+    arch, (base, a, _) = arch_family
+    config = json.loads((a / "config.json").read_text())
+    H = config["num_attention_heads"]
+    K = config.get("num_key_value_heads") or H
+    g = torch.Generator().manual_seed(11)
+    # attention made to matter in a tiny random model's logits
+    sharp = {k: v.float() * (6.0 if _attention_parts(k) else 1.0) for k, v in state(a).items()}
+    a = _write(a, tmp_path / "a", sharp)
+    layers = sorted({n.split(".self_attn.")[0].split(".attention.")[0]
+                     for n in sharp if _attention_parts(n)})  # fmt: skip
+    perms = {}
+    for layer in layers:
+        kv = torch.randperm(K, generator=g).tolist()
+        group = H // K
+        q = [kv[k] * group + int(i) for k in range(K) for i in torch.randperm(group, generator=g)]
+        perms[layer] = (q, kv)
+    planted = _planted(sharp, config, perms)
+    b_exact = _write(a, tmp_path / "b_exact", planted)
+    torch.testing.assert_close(logits(b_exact), logits(a), rtol=1e-4, atol=1e-4)  # same function
+    noisy = {k: v + 1e-3 * v.std() * torch.randn(v.shape, generator=g) for k, v in planted.items()}
+    b = _write(a, tmp_path / "b", noisy)
+
+    def merge(alignment, out):
+        cfg = {"merge_method": "hierarchical", "base_model": str(base), "dtype": "float32",
+               "parameters": {"alignment": alignment, "weighting": "fixed", "weight": 0.5},
+               "models": [{"model": str(a)}, {"model": str(b)}]}  # fmt: skip
+        return medmerge.merge(cfg, tmp_path / out, progress=False)
+
+    reference = logits(a)
+    aligned = merge("joint", "aligned")
+    err_aligned = (logits(aligned) - reference).abs().max()
+    err_unaligned = (logits(merge("none", "unaligned")) - reference).abs().max()
+    assert err_aligned < 0.1 * err_unaligned, (arch, err_aligned, err_unaligned)
+    found = {r["group"]: r for r in json.loads((aligned / "merge_diagnostics.json").read_text())[
+        "records"] if r["alignment"] == "joint"}  # fmt: skip
+    for layer, (q, kv) in perms.items():  # B's heads put back: the inverse of the planted ones
+        assert found[layer]["q_perm"] == sorted(range(H), key=q.__getitem__), (arch, layer)
+        assert found[layer]["kv_perm"] == sorted(range(K), key=kv.__getitem__), (arch, layer)
+
+
+def test_an_unknown_architecture_merges_but_alignment_names_the_fix(tmp_path):
+    base, a, b = write_family(tmp_path / "x", tiny_config("mistral"), seed=2)
+    for folder in (base, a, b):
+        config = json.loads((folder / "config.json").read_text())
+        config["model_type"] = "mistral_custom"
+        (folder / "config.json").write_text(json.dumps(config))
+    assert medmerge.merge(_config("ties", base, a, b), tmp_path / "ties", progress=False).is_dir()
+    with pytest.raises(ConfigError, match="model_type 'mistral_custom'.*alignment: none"):
+        medmerge.merge(_config("hierarchical", base, a, b), tmp_path / "h", progress=False)
+    cfg = _config("hierarchical", base, a, b)
+    cfg["parameters"] = {"alignment": "none"}
+    assert medmerge.merge(cfg, tmp_path / "none", progress=False).is_dir()
+
+
+def test_check_sees_every_layer_and_tensor_type(arch_family):
+    arch, (base, a, b) = arch_family
+    report = check(base, [a, b], progress=False)
+    assert report.compatible
+    pair = report.pairs[0]
+    assert {k for k in pair.per_layer if k != "other"} == {"0", "1"}
+    expected = {"qkv"} if arch in ("phi3", "gpt_neox") else {"q", "k", "v"}
+    expected |= {"o", "norms", "embeddings"}
+    if arch in ("mixtral", "qwen2_moe"):
+        expected |= {"experts", "router"}
+    assert expected <= set(pair.per_type), (arch, set(pair.per_type))
+    assert "other" not in pair.per_type, (arch, set(pair.per_type))
