@@ -126,9 +126,18 @@ class Segment:
     stop: int
 
 
+def _model_type(config: dict) -> str | None:
+    return config.get("text_config", config).get("model_type") or config.get("model_type")
+
+
+def attention_layout(config: dict) -> Attention | None:
+    """The attention layout of a model, None for an architecture the table lacks."""
+    return ATTENTION.get(_model_type(config))
+
+
 def attention_of(config: dict) -> Attention:
     """The attention layout of a model; ConfigError naming the fix for an unknown one."""
-    model_type = config.get("text_config", config).get("model_type") or config.get("model_type")
+    model_type = _model_type(config)
     if model_type not in ATTENTION:
         raise ConfigError(
             f"aligning attention heads needs the attention layout of model_type {model_type!r}, "

@@ -93,27 +93,30 @@ def build(cfg, checkpoints: list[Checkpoint], index: dict[str, int], base: int |
     block = cfg.tokenizer
     source = block.source if block else cfg.tokenizer_source
     first = base if base is not None else reference
-    vocabs = {i: _vocab(c, embed) for i, c in enumerate(checkpoints)}
-    have = [i for i in vocabs if vocabs[i] is not None]
-    if first not in have:
+    # each model's tokenizer, loaded once
+    toks = {i: _load(c.path) for i, c in enumerate(checkpoints) if _has_tokenizer(c.path)}
+    vocabs = {i: _vocab(checkpoints[i], tok, embed) for i, tok in toks.items()}
+    if first not in toks:
         raise ConfigError(
             f"tokenizer_source {source}: {checkpoints[first].path} has no tokenizer files "
             "(tokenizer.json, tokenizer.model, ...); the output vocabulary starts from them"
         )
-    for i in vocabs:  # mergekit's rule: a model without a tokenizer has the base's
-        vocabs[i] = vocabs[i] or vocabs[first]
+    for i in range(len(checkpoints)):  # mergekit's rule: a model without a tokenizer has the base's
+        vocabs.setdefault(i, vocabs[first])
+    # the output tokenizer may be one of `toks`: their vocabularies are taken already
     if source == "base":
-        folder, tokenizer, rebuilt = checkpoints[first].path, _load(checkpoints[first].path), False
+        folder, tokenizer, rebuilt = checkpoints[first].path, toks[first], False
     elif source == "union":
-        folder, tokenizer, rebuilt = checkpoints[first].path, _union(checkpoints, have, first), True
+        folder, tokenizer, rebuilt = checkpoints[first].path, _union(toks, first), True
     else:  # a model of the merge, or any other model's tokenizer
         folder = checkpoints[index[source]].path if source in index else references.folder(source)
-        if not any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
+        if not _has_tokenizer(folder):
             raise ConfigError(
                 f"tokenizer_source {source}: {folder} has no tokenizer files (tokenizer.json, "
                 "tokenizer.model); choose a model that has them"
             )
-        tokenizer, rebuilt = _load(folder), False
+        own = index.get(source)
+        tokenizer, rebuilt = toks[own] if own in toks else _load(folder), False
     forced = dict(block.tokens or {}) if block else {}
     missing = [t for t in forced if t not in tokenizer.get_vocab()]
     if missing:
@@ -130,7 +133,7 @@ def build(cfg, checkpoints: list[Checkpoint], index: dict[str, int], base: int |
     pad = block.pad_to_multiple_of if block else None
     if pad:
         size = -(-size // pad) * pad
-    fills = _fills(tokens, rows, forced, index, base, checkpoints)
+    fills = _fills(tokens, rows, forced, index, base, vocabs)
     return Vocabulary(tokenizer, rebuilt, tokens, size, rows, fills), folder
 
 
@@ -140,11 +143,13 @@ def _load(folder: Path):
     return AutoTokenizer.from_pretrained(folder, use_fast=True)  # no remote code: data only
 
 
-def _vocab(ckpt: Checkpoint, embed: str) -> dict[str, int] | None:
-    """A model's token -> id, checked against its embedding's rows; None without tokenizer."""
-    if not any((ckpt.path / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
-        return None
-    vocab = _load(ckpt.path).get_vocab()
+def _has_tokenizer(folder: Path) -> bool:
+    return any((folder / n).is_file() for n in ("tokenizer.json", "tokenizer.model"))
+
+
+def _vocab(ckpt: Checkpoint, tokenizer, embed: str) -> dict[str, int]:
+    """A model's token -> id, checked against its embedding's rows."""
+    vocab = tokenizer.get_vocab()
     rows = ckpt.info(ckpt.resolve(embed)).shape[0]
     beyond = sorted((i, t) for t, i in vocab.items() if i >= rows)
     if beyond:
@@ -156,15 +161,15 @@ def _vocab(ckpt: Checkpoint, embed: str) -> dict[str, int] | None:
     return vocab
 
 
-def _union(checkpoints: list[Checkpoint], have: list[int], first: int):
-    """The first model's tokenizer with every other model's vocabulary tokens, then its added
-    tokens, appended (mergekit's union)."""
-    out = _load(checkpoints[first].path)
+def _union(toks: dict, first: int):
+    """The first model's tokenizer (`toks[first]`, extended in place) with every other model's
+    vocabulary tokens, then its added tokens, appended (mergekit's union)."""
+    out = toks[first]
     known = set(out.get_vocab())
     added: dict[str, object] = {}
     plain: list[str] = []
-    for i in [first, *[h for h in have if h != first]]:
-        tok = _load(checkpoints[i].path)
+    for i in [first, *[h for h in toks if h != first]]:  # every vocabulary read before adding
+        tok = toks[i]
         special = {info.content: info for info in tok.added_tokens_decoder.values()}
         for token in tok.get_vocab():
             if token in special:
@@ -176,13 +181,13 @@ def _union(checkpoints: list[Checkpoint], have: list[int], first: int):
     return out
 
 
-def _fills(tokens, rows, forced, index, base, checkpoints) -> dict[int, Fill]:
+def _fills(tokens, rows, forced, index, base, vocabs) -> dict[int, Fill]:
     """Per output id that needs one (a model lacks it, or the config sets it), its fill."""
     fills = {}
     for i, token in enumerate(tokens):
         spec = forced.get(token)
         if spec is not None and spec.source is not None:
-            fills[i] = _configured(token, i, spec, index, rows, checkpoints)
+            fills[i] = _configured(token, i, spec, index, rows, vocabs)
             continue
         have = [m for m, r in rows.items() if r[i] >= 0]
         if len(have) == len(rows) and spec is None:
@@ -200,7 +205,7 @@ def _fills(tokens, rows, forced, index, base, checkpoints) -> dict[int, Fill]:
     return fills
 
 
-def _configured(token: str, i: int, spec, index: dict[str, int], rows, checkpoints) -> Fill:
+def _configured(token: str, i: int, spec, index: dict[str, int], rows, vocabs) -> Fill:
     """A `tokens:` entry's fill: {source: MODEL}, {source: {kind: zero}}, or {source: {kind:
     model_token, model: MODEL, token: T | token_id: N}}."""
     source = spec.source
@@ -225,7 +230,7 @@ def _configured(token: str, i: int, spec, index: dict[str, int], rows, checkpoin
     if "token_id" in source:
         row = int(source["token_id"])
     else:
-        vocab = _load(checkpoints[model].path).get_vocab()
+        vocab = vocabs[model]
         if source["token"] not in vocab:
             raise ConfigError(f"{where}: token {source['token']!r} is not in model {ref}")
         row = vocab[source["token"]]

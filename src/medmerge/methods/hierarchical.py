@@ -30,24 +30,17 @@ from medmerge.align import (
     permute_heads,
     permute_segment,
 )
-from medmerge.architectures import ATTENTION, attention_of, head_tensor, segments
+from medmerge.architectures import attention_layout, attention_of, head_tensor, segments
 from medmerge.errors import ConfigError
 from medmerge.methods import kernels
 from medmerge.methods.registry import register
 from medmerge.methods.streaming import chunkwise, spans
 
 
-def _attention(config: dict):
-    """The model's attention layout (`architectures.ATTENTION`), None for an unknown one."""
-    return ATTENTION.get(
-        config.get("text_config", config).get("model_type", config.get("model_type"))
-    )
-
-
 def attention_groups(names: Sequence[str], config: dict) -> list[list[str]]:
     """One group per layer holding the tensors that carry its attention heads (the
     architecture's, `architectures.ATTENTION`); other tensors alone."""
-    attention = _attention(config)
+    attention = attention_layout(config)
     groups: list[list[str]] = []
     layers: dict[str, list[str]] = {}
     for name in names:
@@ -159,7 +152,7 @@ def hierarchical(
     a, b = models
     record: dict = {"group": _group_label(names, config), "alignment": None}
     # an unknown architecture with alignment is refused when the merge is planned (`_alignable`)
-    attention = _attention(config) if alignment != "none" else None
+    attention = attention_layout(config) if alignment != "none" else None
     is_attention = attention is not None and head_tensor(names[0], attention) is not None
     weights_before_alignment = alignment == "per_tensor"
 
@@ -209,6 +202,6 @@ def hierarchical(
 
 
 def _group_label(names: list[str], config: dict) -> str:
-    attention = _attention(config)
+    attention = attention_layout(config)
     found = head_tensor(names[0], attention) if attention else None
     return found[0].rstrip(".") if found else names[0]
