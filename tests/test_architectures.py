@@ -3,12 +3,15 @@ method merges it into a model that loads and runs; head alignment undoes a plant
 of heads, however the family stores them; `check` sees its layers and tensor types."""
 
 import json
+import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from conftest import logits, state
 from safetensors.torch import save_file
+from transformers import AutoConfig, AutoModelForCausalLM
 
 import medmerge
 from medmerge.check import check
@@ -202,3 +205,121 @@ def test_check_sees_every_layer_and_tensor_type(arch_family):
         expected |= {"experts", "router"}
     assert expected <= set(pair.per_type), (arch, set(pair.per_type))
     assert "other" not in pair.per_type, (arch, set(pair.per_type))
+
+
+# ---- experts: both layouts, and a planted permutation of experts written here ----
+
+MOE = ["mixtral", "qwen2_moe"]
+EXPERT = re.compile(r"^(.*\.layers\.\d+\.)(mlp|block_sparse_moe)\.(gate\.|experts\.)(.*)$")
+
+
+def _published(src: Path, dst: Path) -> Path:
+    """`src` as transformers saves it: one tensor per expert, as checkpoints on the Hub store
+    experts (transformers holds them fused in memory)."""
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(src), dtype=torch.float32)
+    model.load_state_dict(state(src), strict=False)  # a tied head is absent
+    model.save_pretrained(dst)  # a model loaded from the fused layout would save it fused
+    for f in src.glob("tokenizer*"):
+        shutil.copy(f, dst / f.name)
+    return dst
+
+
+def _planted_experts(tensors: dict, perm: list[int]) -> dict:
+    """Every layer's experts reordered, new expert e being old expert perm[e]: the router's
+    rows, fused expert tensors along their first axis, per-expert tensors by name."""
+    out = dict(tensors)
+    for name, t in tensors.items():
+        m = EXPERT.match(name)
+        if not m:
+            continue
+        layer, block, kind, rest = m.groups()
+        number, _, tail = rest.partition(".")
+        if kind == "experts." and number.isdigit():
+            out[name] = tensors[f"{layer}{block}.experts.{perm[int(number)]}.{tail}"]
+        else:  # the router, or experts fused along axis 0
+            out[name] = t[perm]
+    return out
+
+
+@pytest.fixture(scope="module", params=[(a, layout) for a in MOE for layout in ("fused", "each")],
+                ids=lambda p: "-".join(p))  # fmt: skip
+def moe_family(request, tmp_path_factory):
+    arch, layout = request.param
+    root = tmp_path_factory.mktemp(f"{arch}-{layout}")
+    folders = write_family(root / "fused", tiny_config(arch), seed=5)
+    if layout == "each":
+        fused, folders = folders, [_published(f, root / f.name) for f in folders]
+        assert any(".experts.0." in n for n in state(folders[0])), "not the per-expert layout"
+        torch.testing.assert_close(logits(folders[1]), logits(fused[1]))  # the same model
+    return arch, layout, folders
+
+
+def test_moe_layouts_merge_with_every_method_into_models_that_run(moe_family, tmp_path):
+    arch, layout, (base, a, b) = moe_family
+    for method in ("linear", "ties", "della", "slerp", "hierarchical"):
+        cfg = _config(method, base, a, b)
+        if method == "hierarchical":
+            cfg["parameters"] = {"align_experts": True}
+        out = medmerge.merge(cfg, tmp_path / method, progress=False)
+        assert sorted(state(out)) == sorted(state(a)), (arch, layout, method)
+        assert logits(out).isfinite().all(), (arch, layout, method)
+    per_type = check(base, [a, b], progress=False).pairs[0].per_type
+    assert {"experts", "router"} <= set(per_type), (arch, layout, sorted(per_type))
+
+
+def test_expert_alignment_undoes_a_planted_permutation_of_experts(moe_family, tmp_path):
+    arch, layout, (base, a, _) = moe_family
+    config = json.loads((a / "config.json").read_text())
+    n = config.get("num_local_experts") or config["num_experts"]
+    # the experts (and the router, which picks them) made to matter in the tiny model's logits
+    sharp = {k: v.float() * (4.0 if EXPERT.match(k) else 1.0) for k, v in state(a).items()}
+    a = _write(a, tmp_path / "a", sharp)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(3)).tolist()
+    assert all(i != p for i, p in enumerate(perm)), "every expert moves"
+    planted = _planted_experts(sharp, perm)
+    b_exact = _write(a, tmp_path / "b_exact", planted)
+    torch.testing.assert_close(logits(b_exact), logits(a), rtol=1e-4, atol=1e-4)  # same function
+    assert not torch.allclose(
+        logits(
+            _write(
+                a,
+                tmp_path / "half",
+                {**sharp, **{k: v for k, v in planted.items() if "gate." in k}},
+            )
+        ),
+        logits(a),
+    )  # the router matters
+    g = torch.Generator().manual_seed(4)
+    noisy = {k: v + 1e-3 * v.std() * torch.randn(v.shape, generator=g) for k, v in planted.items()}
+    b = _write(a, tmp_path / "b", noisy)
+
+    def merge(align_experts, out):
+        cfg = {"merge_method": "hierarchical", "base_model": str(base), "dtype": "float32",
+               "parameters": {"align_experts": align_experts, "weighting": "fixed",
+                              "weight": 0.5},
+               "models": [{"model": str(a)}, {"model": str(b)}]}  # fmt: skip
+        return medmerge.merge(cfg, tmp_path / out, progress=False)
+
+    reference = logits(a)
+    aligned = merge(True, "aligned")
+    err_aligned = (logits(aligned) - reference).abs().max()
+    err_unaligned = (logits(merge(False, "unaligned")) - reference).abs().max()
+    assert err_aligned < 0.1 * err_unaligned, (arch, layout, err_aligned, err_unaligned)
+    diagnostics = json.loads((aligned / "merge_diagnostics.json").read_text())
+    found = [r for r in diagnostics["records"] if r["alignment"] == "experts"]
+    assert len(found) == config["num_hidden_layers"]
+    inverse = sorted(range(n), key=perm.__getitem__)  # B's experts put back
+    assert all(r["expert_perm"] == inverse and r["experts_moved"] == n for r in found)
+    assert len(diagnostics["summary"]["layers_with_moved_experts"]) == len(found)
+
+
+def test_expert_alignment_on_a_model_without_experts_names_the_fix(arch_family, tmp_path):
+    arch, (base, a, b) = arch_family
+    cfg = _config("hierarchical", base, a, b)
+    cfg["parameters"] = {"align_experts": True}
+    if arch in MOE:
+        assert medmerge.merge(cfg, tmp_path / "out", progress=False).is_dir()
+    else:
+        model_type = json.loads((a / "config.json").read_text())["model_type"]
+        with pytest.raises(ConfigError, match=f"model_type '{model_type}'.*align_experts"):
+            medmerge.merge(cfg, tmp_path / "out", progress=False)

@@ -1,4 +1,4 @@
-"""Attention-head permutations: find them (linear sum assignment) and apply them (GQA-aware).
+"""Attention-head and expert permutations: find them (linear sum assignment) and apply them.
 
 A permutation of attention heads leaves a model's function unchanged only if the same permutation
 reorders every tensor that carries the head index (`architectures.segments`: the q, k and v rows
@@ -9,6 +9,9 @@ Rotary embeddings act within a head, so whole-head moves are safe.
 
 A permutation is stored as `kv` (length K: new group g takes old group kv[g]) and `q` (length H:
 new query head h takes old head q[h]); `q` keeps every head inside the group `kv` sent it to.
+
+Experts of a mixture-of-experts layer are permuted as a whole (`architectures.expert_tensor`):
+new expert e takes old expert perm[e], in every expert tensor and in the router's rows.
 """
 
 from __future__ import annotations
@@ -21,9 +24,25 @@ from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
 from medmerge import buffers
-from medmerge.architectures import SEPARATE, Attention, HeadLayout, Segment, segments
+from medmerge.architectures import (
+    SEPARATE,
+    Attention,
+    Experts,
+    HeadLayout,
+    Segment,
+    expert_tensor,
+    segments,
+)
+from medmerge.methods.streaming import spans
 
-__all__ = ["HeadLayout", "joint_alignment", "permute_heads", "per_tensor_alignment"]
+__all__ = [
+    "HeadLayout",
+    "expert_alignment",
+    "joint_alignment",
+    "per_tensor_alignment",
+    "permute_experts",
+    "permute_heads",
+]
 
 
 def count(seg: Segment, layout: HeadLayout) -> int:
@@ -179,3 +198,82 @@ def random_valid_permutation(layout: HeadLayout, generator: torch.Generator):
         for i in torch.randperm(G, generator=generator)
     ]
     return q, kv
+
+
+@dataclass
+class ExpertAlignment:
+    perm: list[int]  # new expert e takes old expert perm[e]
+    cost_before: float
+    cost_after: float
+
+    @property
+    def experts_moved(self) -> int:
+        return sum(int(i != p) for i, p in enumerate(self.perm))
+
+
+def _expert_rows(tensors: dict[str, Tensor], layouts: tuple[Experts, ...], n: int) -> dict:
+    """Per tensor key, the n experts' flat vectors (views: no copy)."""
+    rows: dict[str, list] = {}
+    for name, t in tensors.items():
+        found = expert_tensor(name, layouts)
+        if found.expert is None:
+            rows[found.key] = [t[e].reshape(-1) for e in range(n)]
+        else:
+            rows.setdefault(found.key, [None] * n)[found.expert] = t.reshape(-1)
+    return rows
+
+
+def expert_alignment(
+    a: dict[str, Tensor],
+    b: dict[str, Tensor],
+    layouts: tuple[Experts, ...],
+    n: int,
+    base: dict[str, Tensor] | None = None,
+) -> ExpertAlignment:
+    """The permutation of B's n experts that best matches A's, on the cosine between each
+    expert's weights (task vectors, where `base` is given): all its tensors and its router row,
+    as one vector. The products are summed over cache-sized chunks in float64, so no float32
+    copy of a layer's experts is made."""
+    rows_a, rows_b = _expert_rows(a, layouts, n), _expert_rows(b, layouts, n)
+    rows_0 = _expert_rows(base, layouts, n) if base is not None else None
+    dot = torch.zeros(n, n, dtype=torch.float64)
+    sq_a = torch.zeros(n, dtype=torch.float64)
+    sq_b = torch.zeros(n, dtype=torch.float64)
+    for key, ra in rows_a.items():
+        rb = rows_b[key]
+        for part in spans(ra[0].numel(), ra[0].device):
+            xa = torch.stack([r[part] for r in ra]).float()
+            xb = torch.stack([r[part] for r in rb]).float()
+            if rows_0 is not None:
+                x0 = torch.stack([r[part] for r in rows_0[key]]).float()
+                xa, xb = xa - x0, xb - x0
+            dot += (xa @ xb.T).double().cpu()
+            sq_a += (xa * xa).sum(dim=1).double().cpu()
+            sq_b += (xb * xb).sum(dim=1).double().cpu()
+    norms = torch.outer(sq_a.sqrt().clamp_min(1e-12), sq_b.sqrt().clamp_min(1e-12))
+    cost = (1.0 - dot / norms).numpy()
+    perm = _assign(cost)
+    idx = np.arange(n)
+    return ExpertAlignment(
+        perm=[int(x) for x in perm],
+        cost_before=float(cost[idx, idx].sum()),
+        cost_after=float(cost[idx, perm].sum()),
+    )
+
+
+def permute_experts(
+    tensors: dict[str, Tensor], perm: list[int], layouts: tuple[Experts, ...]
+) -> dict[str, Tensor]:
+    """A layer's expert tensors with expert e taking old expert perm[e]'s place (the tensors
+    themselves for the identity)."""
+    if perm == list(range(len(perm))):
+        return tensors
+    index = torch.as_tensor(perm)
+    out = {}
+    for name, t in tensors.items():
+        found = expert_tensor(name, layouts)
+        if found.expert is None:
+            out[name] = t[index.to(t.device)]
+        else:
+            out[name] = tensors[found.name(perm[found.expert])]
+    return out

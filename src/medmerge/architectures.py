@@ -7,6 +7,12 @@ the output projection's input columns. `ATTENTION` says, per `model_type`, which
 are and how their heads are laid out; `segments` turns one tensor into the head-indexed ranges
 it holds. Everything else (MLPs, experts, routers, norms of the hidden size) carries no head
 index. To support another architecture, add its `model_type` with its layout.
+
+A permutation of a mixture-of-experts layer's experts preserves its function too, if it moves
+the router's rows (one per expert) with the experts. `EXPERTS` says, per `model_type`, where a
+layer's router and experts are, for both layouts in use: transformers' fused tensors (axis 0 by
+expert, `mlp.experts.gate_up_proj`) and one module per expert, as published checkpoints store
+them (`block_sparse_moe.experts.3.w1.weight`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ TENSOR_TYPES = {
     "shared_expert_gate": "router",
     "shared_expert.": "shared expert",
     "mlp.gate.": "router",
+    "block_sparse_moe.gate.": "router",
     "qkv_proj": "qkv",
     "query_key_value": "qkv",
     "q_proj": "q",
@@ -197,3 +204,74 @@ def segments(
             f"heads) of {D} dimensions need {need} along axis {axis}"
         )
     return out
+
+
+@dataclass(frozen=True)
+class Experts:
+    """Names, relative to a layer, of a mixture-of-experts block: the router (`.weight`, and
+    `.bias` where there is one, with a row per expert) and the experts, fused
+    (`<experts>.<tensor>`, axis 0 by expert) or one module each (`<experts>.<N>.<tensor>`)."""
+
+    router: str
+    experts: str
+
+
+FUSED_MOE = Experts("mlp.gate", "mlp.experts")  # transformers' own layout; Qwen-MoE's published one
+
+EXPERTS: dict[str, tuple[Experts, ...]] = {
+    "mixtral": (FUSED_MOE, Experts("block_sparse_moe.gate", "block_sparse_moe.experts")),
+    "qwen2_moe": (FUSED_MOE,),  # its shared expert and shared_expert_gate are no expert's
+    "qwen3_moe": (FUSED_MOE,),
+}
+
+
+@dataclass(frozen=True)
+class ExpertTensor:
+    """Where a tensor sits in its layer's experts: `expert` for one expert's own tensor, None
+    for a tensor with a row per expert (the router, fused experts). `key` names the tensor with
+    the expert number as `*`, the same for that tensor of every expert."""
+
+    layer: str
+    expert: int | None
+    key: str
+
+    def name(self, expert: int) -> str:
+        """The tensor's name for another expert (itself where it holds every expert)."""
+        return self.key.replace(".*.", f".{expert}.") if self.expert is not None else self.key
+
+
+def experts_layout(config: dict) -> tuple[Experts, ...] | None:
+    """The expert layouts of a model, None for a model without known experts."""
+    return EXPERTS.get(_model_type(config))
+
+
+def experts_of(config: dict) -> tuple[tuple[Experts, ...], int]:
+    """The expert layouts and the expert count of a model; ConfigError naming the fix for a
+    model whose experts medmerge does not know."""
+    model_type = _model_type(config)
+    cfg = config.get("text_config", config)
+    count = cfg.get("num_local_experts") or cfg.get("num_experts")
+    if model_type not in EXPERTS or not count:
+        raise ConfigError(
+            f"aligning experts needs a mixture-of-experts layout, and medmerge knows none for "
+            f"model_type {model_type!r}; leave `align_experts` off, or add the layout to "
+            "medmerge.architectures.EXPERTS"
+        )
+    return EXPERTS[model_type], int(count)
+
+
+def expert_tensor(name: str, layouts: tuple[Experts, ...]) -> ExpertTensor | None:
+    """Where tensor `name` sits among its layer's experts, None for a tensor of no expert."""
+    m = LAYER.match(name)
+    if not m:
+        return None
+    layer, part = m.group(1), m.group(2)
+    for layout in layouts:
+        if part in (f"{layout.router}.weight", f"{layout.router}.bias"):
+            return ExpertTensor(layer, None, name)
+        if part.startswith(layout.experts + "."):
+            first, _, rest = part[len(layout.experts) + 1 :].partition(".")
+            if first.isdigit() and rest:
+                return ExpertTensor(layer, int(first), f"{layer}{layout.experts}.*.{rest}")
+            return ExpertTensor(layer, None, name)
+    return None

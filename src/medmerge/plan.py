@@ -190,7 +190,10 @@ def _plan(cfg, method, slices, checkpoints, index, dtype, strict) -> MergePlan:
         n for n in tensors if _info(checkpoints, tensors[n].inputs[0]).dtype.is_floating_point
     ]
     others = [[n] for n in tensors if n not in set(floats)]
-    grouped = method.group(floats, ref.config) if method.group else [[n] for n in floats]
+    if method.group:
+        grouped = method.group(floats, ref.config, {n: tensors[n].params for n in floats})
+    else:
+        grouped = [[n] for n in floats]
     out_config = dict(ref.config)
     if not all(sl.whole for sl in slices):
         out_config["num_hidden_layers"] = sum(

@@ -12,6 +12,8 @@ where, for attention projections, B is first permuted head-wise to match A:
   This does not preserve B's function; it is kept to reproduce the paper;
 - `none`: no alignment (cosine-weighted LERP only).
 `weighting: fixed` uses `weight` instead of the cosine, to separate alignment from weighting.
+`align_experts: true` (mixture-of-experts models) also permutes each layer's experts in B, with
+the router's rows, to best match A's: one layer's experts are then read and held together.
 """
 
 from __future__ import annotations
@@ -25,34 +27,54 @@ from torch import Tensor
 from medmerge.align import (
     HeadLayout,
     count,
+    expert_alignment,
     joint_alignment,
     per_tensor_alignment,
+    permute_experts,
     permute_heads,
     permute_segment,
 )
-from medmerge.architectures import attention_layout, attention_of, head_tensor, segments
+from medmerge.architectures import (
+    attention_layout,
+    attention_of,
+    expert_tensor,
+    experts_layout,
+    experts_of,
+    head_tensor,
+    segments,
+)
 from medmerge.errors import ConfigError
 from medmerge.methods import kernels
 from medmerge.methods.registry import register
 from medmerge.methods.streaming import chunkwise, spans
 
 
-def attention_groups(names: Sequence[str], config: dict) -> list[list[str]]:
+def layer_groups(names: Sequence[str], config: dict, params: dict[str, dict]) -> list[list[str]]:
     """One group per layer holding the tensors that carry its attention heads (the
-    architecture's, `architectures.ATTENTION`); other tensors alone."""
-    attention = attention_layout(config)
+    architecture's, `architectures.ATTENTION`), one per layer holding its router and experts
+    where `align_experts` is set (`architectures.EXPERTS`); other tensors alone."""
+    attention, experts = attention_layout(config), experts_layout(config)
     groups: list[list[str]] = []
     layers: dict[str, list[str]] = {}
     for name in names:
-        found = head_tensor(name, attention) if attention else None
-        if found is None:
+        key = _group_key(name, attention, experts if params[name]["align_experts"] else None)
+        if key is None:
             groups.append([name])
-        elif found[0] in layers:
-            layers[found[0]].append(name)
+        elif key in layers:
+            layers[key].append(name)
         else:
-            layers[found[0]] = [name]
-            groups.append(layers[found[0]])
+            layers[key] = [name]
+            groups.append(layers[key])
     return groups
+
+
+def _group_key(name: str, attention, experts) -> str | None:
+    """The group of tensor `name`: its layer's attention, its layer's experts, or none."""
+    if attention and (found := head_tensor(name, attention)):
+        return found[0].rstrip(".")
+    if experts and (where := expert_tensor(name, experts)):
+        return where.layer + "experts"
+    return None
 
 
 def delta_cosine(a: Tensor, b: Tensor, base: Tensor) -> float:
@@ -84,9 +106,12 @@ def lerp(a: Tensor, b: Tensor, w: float, out_dtype: torch.dtype) -> Tensor:
 
 
 def summarize(records: list[dict]) -> dict:
-    """What a reader of the diagnostics wants first: did any heads move, and where."""
+    """What a reader of the diagnostics wants first: did any heads (or experts) move, and
+    where."""
     aligned = [r for r in records if r.get("alignment") == "joint"]
     moved = [r["group"] for r in aligned if r["heads_moved"]]
+    expert_layers = [r for r in records if r.get("alignment") == "experts"]
+    experts_moved = [r["group"] for r in expert_layers if r["experts_moved"]]
     weights = [w for r in records for w in r["weights"].values()]
     if not aligned:
         verdict = "no joint alignment in this merge"
@@ -97,7 +122,13 @@ def summarize(records: list[dict]) -> dict:
             f"identity permutation in all {len(aligned)} layers, as expected for parents "
             "fine-tuned from one base"
         )
+    if expert_layers:
+        verdict += f"; experts moved in {len(experts_moved)} of {len(expert_layers)} layers" + (
+            f": {', '.join(experts_moved)}" if experts_moved else ""
+        )
+    experts = {"layers_with_moved_experts": experts_moved} if expert_layers else {}
     return {
+        **experts,
         "assignment_seconds": round(sum(r.get("assignment_seconds", 0.0) for r in records), 4),
         "layers_aligned": len(aligned),
         "layers_with_moved_heads": moved,
@@ -108,9 +139,12 @@ def summarize(records: list[dict]) -> dict:
 
 
 def _alignable(params: dict, config: dict) -> None:
-    """Head alignment needs the model's attention layout: refused before any tensor is read."""
+    """Head alignment needs the model's attention layout, expert alignment its experts' layout:
+    refused before any tensor is read."""
     if params["alignment"] != "none":
         attention_of(config)
+    if params["align_experts"]:
+        experts_of(config)
 
 
 @register(
@@ -119,7 +153,7 @@ def _alignable(params: dict, config: dict) -> None:
     raw_inputs=True,
     min_models=2,
     max_models=2,
-    group=attention_groups,
+    group=layer_groups,
     summarize=summarize,
     check=_alignable,
 )
@@ -133,13 +167,14 @@ def hierarchical(
     weight: float = 0.5,
     min_weight: float = 0.0,
     max_weight: float = 1.0,
+    align_experts: bool = False,
     names: list[str],
     config: dict,
     diagnostics: list,
     out_dtype: torch.dtype = torch.float32,
 ) -> dict[str, Tensor]:
     """Cosine-weighted LERP of two parents with optimal-transport alignment of attention heads
-    (Timilsina et al. 2025)."""
+    (Timilsina et al. 2025), and optionally of experts."""
     for key, value, allowed in (
         ("alignment", alignment, ("joint", "per_tensor", "none")),
         ("weighting", weighting, ("cosine", "fixed")),
@@ -150,10 +185,25 @@ def hierarchical(
                 f"hierarchical: {key} must be one of {', '.join(allowed)}, got {value!r}"
             )
     a, b = models
-    record: dict = {"group": _group_label(names, config), "alignment": None}
+    attention = attention_layout(config)
+    experts = experts_layout(config) if align_experts else None
+    record: dict = {"group": _group_key(names[0], attention, experts) or names[0]}
+    record["alignment"] = None
     # an unknown architecture with alignment is refused when the merge is planned (`_alignable`)
-    attention = attention_layout(config) if alignment != "none" else None
-    is_attention = attention is not None and head_tensor(names[0], attention) is not None
+    is_attention = alignment != "none" and attention and head_tensor(names[0], attention)
+    if experts and expert_tensor(names[0], experts):
+        started = time.perf_counter()
+        _, count_ = experts_of(config)
+        found = expert_alignment(a, b, experts, count_, base if align_on == "deltas" else None)
+        b = permute_experts(b, found.perm, experts)
+        record.update(
+            alignment="experts",
+            expert_perm=found.perm,
+            experts_moved=found.experts_moved,
+            cost_before=found.cost_before,
+            cost_after=found.cost_after,
+            assignment_seconds=round(time.perf_counter() - started, 6),
+        )
     weights_before_alignment = alignment == "per_tensor"
 
     def w_for(n: str, b_tensor: Tensor) -> float:
@@ -164,8 +214,8 @@ def hierarchical(
     if is_attention:
         layout = HeadLayout.from_config(config)
         segs = {n: segments(n, tuple(a[n].shape), attention, layout) for n in names}
-        src_a = a if align_on == "weights" else {n: a[n].float() - base[n].float() for n in names}
-        src_b = b if align_on == "weights" else {n: b[n].float() - base[n].float() for n in names}
+        src_a = a if align_on == "weights" else _deltas(a, base, names)
+        src_b = b if align_on == "weights" else _deltas(b, base, names)
         started = time.perf_counter()
         if alignment == "joint":
             found = joint_alignment(src_a, src_b, layout, attention)
@@ -201,7 +251,5 @@ def hierarchical(
     return {n: lerp(a[n], b[n], weights[n], out_dtype) for n in names}
 
 
-def _group_label(names: list[str], config: dict) -> str:
-    attention = attention_layout(config)
-    found = head_tensor(names[0], attention) if attention else None
-    return found[0].rstrip(".") if found else names[0]
+def _deltas(x: dict[str, Tensor], base: dict[str, Tensor], names: list[str]) -> dict:
+    return {n: x[n].float() - base[n].float() for n in names}

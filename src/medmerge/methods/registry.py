@@ -17,8 +17,9 @@ instead (`add`, with explicit `Param` specs: see `sparse.VARIANTS`).
 
 Tensors arrive in float32 on the merge device (or, registered `raw_inputs=True`, in their
 stored dtype: the method converts chunk by chunk or runs a CPU kernel on them). Group methods
-(`group=` a function that splits the tensor names into groups, e.g. one layer's q, k, v and o)
-take and return dicts name -> Tensor.
+(`group=` a function of the tensor names, the model config and each tensor's parameters that
+splits the names into groups, e.g. one layer's q, k, v and o) take and return dicts
+name -> Tensor, with the parameters of the group's first tensor.
 
 The engine also passes, when the function names them, these keyword arguments:
 - `keys`: one 63-bit random key per model, derived from (seed, tensor name, model index), for
@@ -43,7 +44,7 @@ from medmerge.errors import ConfigError
 
 ENGINE_ARGS = frozenset({"keys", "name", "names", "config", "diagnostics", "out_dtype"})
 REQUIRED = inspect.Parameter.empty
-Group = Callable[[Sequence[str], dict], list[list[str]]]
+Group = Callable[[Sequence[str], dict, dict[str, dict]], list[list[str]]]
 
 
 @dataclass(frozen=True)
