@@ -478,3 +478,39 @@ def test_models_in_mixed_dtypes_use_torch(method, params, monkeypatch):
         monkeypatch.setenv("MEDMERGE_KERNELS", "1" if use_kernels else "0")
         out[use_kernels] = get_method(method).fn(base, models, out_dtype=torch.bfloat16, **params)
     assert torch.equal(bits(out[True]), bits(out[False]))
+
+
+def _widened(case: str, n: int) -> str:
+    """CASES[case] for n models: per-model lists cycled to length n."""
+    params = {k: ([v[i % len(v)] for i in range(n)] if isinstance(v, list) else v)
+              for k, v in CASES[case].items()}  # fmt: skip
+    CASES[f"{case}_{n}"] = {"method": case.split("_")[0] if case != "dare_ties" else case,
+                            **params}  # fmt: skip
+    return f"{case}_{n}"
+
+
+@pytest.mark.parametrize("case", ["ties", "dare_ties", "della", "sce"])
+def test_one_compiled_sparse_pass_serves_every_number_of_models(case, monkeypatch):
+    """The sparse pass takes the models padded to ARITY: one compiled version for 1 to ARITY
+    models (each count bit for bit the torch result), the torch path beyond."""
+    from medmerge.methods.kernels import sparse
+
+    def compiled():
+        return {s for s in sparse._sparse_pass.signatures if s[0].dtype == s[4].dtype}
+
+    for n in (1, 3, kernels.ARITY):
+        base, models = family((37, 450), torch.bfloat16, models=n, seed=n)
+        name = _widened(case, n)
+        fast = run(name, base, models, torch.bfloat16, monkeypatch, use_kernels=True)
+        reference = run(name, base, models, torch.bfloat16, monkeypatch, use_kernels=False)
+        assert torch.equal(bits(fast), bits(reference)), (case, n)
+    assert len({s for s in compiled() if str(s[0].dtype) == "uint16"}) == 1
+    base, models = family((37, 450), torch.bfloat16, models=kernels.ARITY + 1, seed=9)
+    name = _widened(case, kernels.ARITY + 1)
+    params = dict(CASES[name])
+    method = get_method(params.pop("method"))
+    monkeypatch.setenv("MEDMERGE_KERNELS", "1")
+    beyond = method.fn(base, models, out_dtype=torch.bfloat16, **params)
+    monkeypatch.setenv("MEDMERGE_KERNELS", "0")
+    assert torch.equal(bits(beyond), bits(method.fn(base, models, out_dtype=torch.bfloat16,
+                                                    **params)))  # fmt: skip

@@ -107,7 +107,7 @@ def sparse_merge(
         # task arithmetic: one streamed combination, base + sum_i c_i d_i
         total = sum(w) if divisor == Divisor.WEIGHTS and abs(sum(w)) >= 1e-8 else 1.0
         return combination([x * lambda_ / total for x in w], models, base, out_dtype)
-    if kernels.usable(base, *models, out_dtype=out_dtype):
+    if len(models) <= kernels.ARITY and kernels.usable(base, *models, out_dtype=out_dtype):
         plan = kernels.SparsePlan.keep_all(
             w, consensus=consensus, divisor=divisor, lam=np.float32(lambda_), row=row
         )
@@ -350,7 +350,7 @@ def sce(
         # bit patterns of non-negative floats cannot hold (it changes no other value)
         return (sum((d - mean).square_() for d in ds) / len(ds)).abs_()
 
-    fast = kernels.usable(base, *models, out_dtype=out_dtype)
+    fast = len(models) <= kernels.ARITY and kernels.usable(base, *models, out_dtype=out_dtype)
     if select_topk >= 1:
         k = n
     elif select_topk <= 0:

@@ -28,11 +28,12 @@ folder here.
 """
 
 from medmerge.methods.kernels.combine import combine, delta_products, gram, lerp
-from medmerge.methods.kernels.core import BLOCK, DTYPES, array, largest_magnitude, usable
+from medmerge.methods.kernels.core import ARITY, BLOCK, DTYPES, array, largest_magnitude, usable
 from medmerge.methods.kernels.sparse import Divisor, Rule, SparsePlan, kept_sums, merge
 from medmerge.methods.kernels.topk import Statistic, count_positive, selection_energy, top_ks
 
 __all__ = [
+    "ARITY",
     "BLOCK",
     "DTYPES",
     "Divisor",

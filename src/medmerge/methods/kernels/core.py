@@ -20,6 +20,10 @@ from torch import Tensor
 
 BLOCK = 1 << 14  # entries per unit of parallel work (and per partial sum): stays in cache
 DTYPES = (torch.bfloat16, torch.float32)
+# the sparse pass (the largest kernel: about a minute to compile) takes the models as a tuple
+# of ARITY arrays, padded with empty ones: one compiled version serves any number of models
+# (more run the torch implementation); the other kernels, quick to compile, take them as they are
+ARITY = 8
 
 
 def usable(*tensors: Tensor, out_dtype: torch.dtype | None = None) -> bool:
@@ -49,6 +53,22 @@ def array(t: Tensor) -> np.ndarray:
 def arrays(base: Tensor, models: list[Tensor]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """The base and the models as kernel arguments (the models as one typed tuple)."""
     return array(base), tuple(array(m) for m in models)
+
+
+def padded(base: Tensor, models: list[Tensor]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """The base and the models as arguments of a kernel that takes ARITY models: the models'
+    arrays, then empty ones."""
+    found = [array(m) for m in models]
+    return array(base), tuple(found + [np.empty(0, found[0].dtype)] * (ARITY - len(found)))
+
+
+@njit(inline="always")
+def count(base, models):
+    """The models of a `padded` tuple: those as long as the base (the padding is empty)."""
+    n = 0
+    for m in range(len(models)):
+        n += models[m].size == base.size
+    return n
 
 
 def load(a, j):  # noqa: ARG001 - the numba overload below is the implementation

@@ -20,9 +20,18 @@ import numpy as np
 from numba import njit, prange
 from torch import Tensor
 
-from medmerge.methods.kernels.core import BLOCK, array, arrays, draw, fma, load, store, sum64
+from medmerge.methods.kernels.core import (
+    BLOCK,
+    array,
+    count,
+    draw,
+    fma,
+    load,
+    padded,
+    store,
+    sum64,
+)
 from medmerge.methods.kernels.ranks import magprune, workspace
-from medmerge.methods.kernels.topk import Statistic, value
 
 
 class Rule(IntEnum):
@@ -116,7 +125,7 @@ def merge(
 ) -> None:
     """Write into `out` the merge `plan` describes; models whose rule is MARKED keep what
     `marks` (from `kept_sums`) says. Torch twin: `sparse.sparse_merge`'s chunk loop."""
-    base_, models_ = arrays(base, models)
+    base_, models_ = padded(base, models)
     sums = np.zeros((0, len(models), 2))
     if marks is None:  # no model MARKED: read by none
         marks = new_marks(base_.size, plan, len(models))
@@ -129,7 +138,7 @@ def kept_sums(
     """Per model, the float64 sums of |d| (of d * d with `square`) over all entries and over
     those the plan keeps; and the marks of the kept entries, a bit each, for `merge`. Torch
     twins: `sparsify.rescaled`'s L1 pass, `sparse.sce`'s energies."""
-    base_, models_ = arrays(base, models)
+    base_, models_ = padded(base, models)
     block = _block_size(plan.row)
     sums = np.zeros(((base_.size + block - 1) // block, len(models), 2))
     marks = new_marks(base_.size, plan, len(models))
@@ -143,6 +152,30 @@ def new_marks(n: int, plan: SparsePlan, models: int) -> np.ndarray:
     per block (so that no two blocks write one byte); zeroed pages only when touched."""
     block = _block_size(plan.row)
     return np.zeros((models, (n + block - 1) // block, (block + 7) // 8), np.uint8)
+
+
+@njit(inline="always")
+def _variances(base, models, start, out):
+    """SCE's statistic (`topk.value`'s variance across the models) at start..start+len(out)
+    into `out`, model by model over the block (each model picked from the padded tuple once,
+    not per entry): per entry the same float32 operations in the same order."""
+    n = count(base, models)
+    size = len(out)
+    mean = np.zeros(size, np.float32)
+    for m in range(n):
+        model = models[m]
+        for s in range(size):
+            mean[s] = mean[s] + (load(model, start + s) - load(base, start + s))
+    for s in range(size):
+        mean[s] = mean[s] / np.float32(n)
+        out[s] = np.float32(0.0)
+    for m in range(n):
+        model = models[m]
+        for s in range(size):
+            dev = (load(model, start + s) - load(base, start + s)) - mean[s]
+            out[s] = out[s] + dev * dev
+    for s in range(size):
+        out[s] = out[s] / np.float32(n)
 
 
 @njit(inline="always")
@@ -348,20 +381,20 @@ def _sparse_pass(base, models, plan, job, out, found):
     n = base.size
     block = _block_size(plan.row)
     ranked = False
-    for i in range(len(models)):
+    count = len(plan.rule)  # the models before the padding
+    for i in range(count):
         ranked = ranked or plan.rule[i] == Rule.RANKED
     for blk in prange((n + block - 1) // block):
         start = blk * block
         size = min(n, start + block) - start
-        kept = np.empty((len(models), size), np.float32)
+        kept = np.empty((count, size), np.float32)
         acc = np.zeros(size, np.float32)
         statistic = np.empty(size, np.float32)
         prob = np.empty(size, np.float32)
         ranks = workspace(plan.row if ranked else 0)
         if plan.variance:
-            for t in range(size):
-                statistic[t] = value(Statistic.VARIANCE, base, models, 0, start + t)
-        for i in range(len(models)):
+            _variances(base, models, start, statistic)
+        for i in range(count):
             work = (statistic, prob, kept[i], acc, marks[i, blk])
             total, kept_total = _model_pass(base, models, plan, i, start, job, work, ranks)
             if job != Job.MERGE:
