@@ -255,3 +255,13 @@ def test_demo_pipeline_at_toy_size_then_rerun_from_cache(tmp_path, monkeypatch):
     again = run_demo(tmp_path / "other", settings=toy, cache=tmp_path / "cache", progress=False)
     assert again["accuracy"] == summary["accuracy"]
     assert all(r.eval_cached for r in load_records(tmp_path / "other" / "study"))
+    # the search instead of the study, on the same cached specialists (no training)
+    tuned = run_demo(tmp_path / "tuned", tune=True, settings=replace(toy, trials=3),
+                     cache=tmp_path / "cache", progress=False)  # fmt: skip
+    names = list(tuned["accuracy"])
+    assert names[:3] == ["base", "parent_a", "parent_b"]
+    assert names[-3:] == ["baseline-dare_ties", "baseline-linear", "baseline-hierarchical"]
+    assert 1 <= sum(n.startswith("trial-") for n in names) <= 3
+    assert "held-out test part" in tuned["verdict"] and Path(tuned["best_config"]).is_file()
+    saved = json.loads((tmp_path / "tuned" / "summary-tune.json").read_text())
+    assert saved["accuracy"] == tuned["accuracy"] and saved["verdict"] == tuned["verdict"]

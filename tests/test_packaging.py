@@ -11,7 +11,11 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 # the modules each extra's feature loads: the lm-eval backend medmerge evaluates with, peft
-FEATURES = {"eval": ["lm_eval", "lm_eval.models.huggingface"], "adapters": ["peft"]}
+FEATURES = {
+    "eval": ["lm_eval", "lm_eval.models.huggingface"],
+    "adapters": ["peft"],
+    "tune": ["optuna", "lm_eval", "lm_eval.models.huggingface", "matplotlib.pyplot"],
+}
 
 
 def _requirements(dist: str, extra: str | None = None) -> set[str]:

@@ -231,6 +231,25 @@ def study(
 
 
 @app.command()
+def tune(
+    config: Annotated[Path, typer.Argument(help="tune YAML (base, models, suite, spaces)")],
+    out: Annotated[Path | None, typer.Option(help="search folder (default tunes/NAME)")] = None,
+    trials: Annotated[int | None, typer.Option(help="trials to finish (default: the YAML's)")] = (
+        None
+    ),
+    executor: Annotated[Executor, typer.Option(help="local, or ray for a cluster")] = (
+        Executor.local
+    ),
+) -> None:
+    """Search merge hyperparameters on a dev part of the suite, judge the best on its held-out
+    test part; rerunning resumes."""
+    from medmerge.tune import run_tune
+
+    folder = _run(run_tune, config, out, trials=trials, executor=executor.value)
+    typer.echo(f"search in {folder}; report {folder / 'report.md'}, best {folder / 'best.yaml'}")
+
+
+@app.command()
 def report(folder: Annotated[Path, typer.Argument(help="a study folder")]) -> None:
     """Re-render a study's report from its stored results."""
     from medmerge.report import write_report
@@ -309,17 +328,25 @@ def demo(
         "runs/demo"
     ),
     quick: Annotated[bool, typer.Option(help="2 epochs, 24 questions per task (~10 min)")] = False,
+    tune: Annotated[
+        bool,
+        typer.Option(
+            help="a search of merge settings instead of the study, judged on held-out questions"
+        ),
+    ] = False,  # fmt: skip
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """The offline demo study: SmolLM2-135M, two ICD-10-CM specialists fine-tuned from it on
     CPU, merged by every method, evaluated and reported (docs/demo.md)."""
     from medmerge.demo.run import run_demo
 
-    summary = _run(run_demo, out, quick=quick, progress=not quiet)
+    summary = _run(run_demo, out, quick=quick, tune=tune, progress=not quiet)
     tasks = [t for t in next(iter(summary["accuracy"].values())) if t not in ("kind", "mean")]
     typer.echo(f"\n{'model':<28}" + "".join(f"{t:>22}" for t in [*tasks, "mean"]))
     for name, row in summary["accuracy"].items():
         typer.echo(f"{name:<28}" + "".join(f"{_pct(row[t]):>22}" for t in [*tasks, "mean"]))
+    if "verdict" in summary:
+        typer.echo(f"\n(held-out test part) {summary['verdict']}")
     best = summary.get("best_merge")
     if best:
         typer.echo(f"\nbest merge by mean accuracy: {best['name']} ({_pct(best['mean'])})")

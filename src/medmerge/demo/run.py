@@ -3,7 +3,8 @@
 1. SmolLM2-135M-Instruct from its GGUF file to a safetensors checkpoint (the base);
 2. the evaluation suite: one ICD-10-CM question set per specialty and the general control;
 3. two specialists, each fully fine-tuned from the base on its own ICD-10-CM chapter;
-4. a study: the base, both specialists and a merge by every method, evaluated and reported.
+4. a study: the base, both specialists and a merge by every method, evaluated and reported;
+   or, with `tune`, a search of merge hyperparameters judged on held-out questions.
 
 The base and the specialists are cached under `$MEDMERGE_CACHE/demo`, keyed by everything that
 makes them (the GGUF file's hash; the base, the training texts and settings), so a rerun trains
@@ -44,10 +45,27 @@ class DemoSettings:
     control_size: int = 200
     max_items: int | None = None  # first items of each chapter only (toy runs)
     merges: tuple[dict, ...] = tuple(PAPER_MERGES)
+    trials: int = 16  # `tune`: trials of the search
 
 
 FULL = DemoSettings()
-QUICK = replace(FULL, epochs=2, limit=24)
+QUICK = replace(FULL, epochs=2, limit=24, trials=4)
+
+# `tune`: DARE-TIES and TIES densities and the linear and task-arithmetic weights, with the
+# general control kept within 5 points of the base; judged against the paper's recommendation
+# (DARE-TIES at density 0.9), a plain average and the hierarchical method
+TUNE_SPACES = [
+    {"method": "dare_ties", "parameters": {"weight": 0.5, "density": {"low": 0.5, "high": 1.0}}},
+    {"method": "ties", "parameters": {"weight": 0.5, "density": {"low": 0.3, "high": 1.0}}},
+    {"method": "linear", "per_model": [{"weight": {"low": 0.2, "high": 1.0}},
+                                       {"weight": {"low": 0.2, "high": 1.0}}]},
+    {"method": "task_arithmetic", "parameters": {"weight": {"low": 0.3, "high": 1.2}}},
+]  # fmt: skip
+TUNE_BASELINES = [
+    {"method": "dare_ties", "parameters": {"weight": 0.5, "density": 0.9}},
+    {"method": "linear", "parameters": {"weight": 0.5}},
+    {"method": "hierarchical"},
+]
 
 
 def _key(*parts) -> str:
@@ -118,15 +136,40 @@ def study_config(
     }
 
 
+def tune_config(base: Path, specialists: list[Path], suite: Path, settings: DemoSettings) -> dict:
+    return {
+        "name": "icd10_tune",
+        "base": str(base),
+        "models": [str(s) for s in specialists],
+        "suite": str(suite),
+        "split": {"dev": 0.5, "seed": settings.seed},
+        "protocol": {
+            "num_fewshot": settings.num_fewshot,
+            "dtype": "bfloat16",
+            "limit": settings.limit,
+            "seed": settings.seed,
+        },
+        "merge": {"dtype": "bfloat16", "seed": settings.seed},
+        "constraints": [{"task": CONTROL_TASK, "max_drop": 5.0}],
+        "search": {"trials": settings.trials, "seed": settings.seed},
+        "spaces": TUNE_SPACES,
+        "baselines": TUNE_BASELINES,
+        "final_top": 3,
+    }
+
+
 def run_demo(
     out: str | Path = "runs/demo",
     *,
     quick: bool = False,
+    tune: bool = False,
     settings: DemoSettings | None = None,
     cache: str | Path | None = None,
     progress: bool = True,
 ) -> dict:
-    """Run (or resume) the demo into `out`; returns the summary (also in `out/summary.json`)."""
+    """Run (or resume) the demo into `out`; returns the summary (also in `out/summary.json`).
+    With `tune`, a search (`out/tune`) instead of the study, summarised with its held-out
+    verdict in `out/summary-tune.json`."""
     from medmerge.records import load_records
     from medmerge.study import run_study
 
@@ -161,11 +204,18 @@ def run_demo(
         seconds[f"fine-tune {chapter}"] = time.time() - started
 
     started = time.time()
-    config = study_config(base, specialists, out / "suite", settings, cache / "results.sqlite")
-    folder = run_study(config, out / "study", progress=progress)
-    seconds["study"] = time.time() - started
+    if tune:
+        from medmerge.tune import run_tune
 
-    summary = summarize(load_records(folder), settings.chapters)
+        config = tune_config(base, specialists, out / "suite", settings)
+        folder = run_tune(config, out / "tune", progress=progress)
+        seconds["tune"] = time.time() - started
+        summary = summarize_tune(folder)
+    else:
+        config = study_config(base, specialists, out / "suite", settings, cache / "results.sqlite")
+        folder = run_study(config, out / "study", progress=progress)
+        seconds["study"] = time.time() - started
+        summary = summarize(load_records(folder), settings.chapters)
     summary.update(
         report=str(folder / "report.md"),
         questions=counts if settings.limit is None else {t: settings.limit for t in counts},
@@ -173,8 +223,35 @@ def run_demo(
         settings=asdict(settings),
         specialists=[str(s) for s in specialists],
     )
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / ("summary-tune.json" if tune else "summary.json")).write_text(
+        json.dumps(summary, indent=2) + "\n"
+    )
     return summary
+
+
+def summarize_tune(folder: Path) -> dict:
+    """A search's headline: held-out accuracies, the verdict and the best configuration."""
+    from medmerge.records import RunRecord
+    from medmerge.report import acc, accuracy_tasks, mean_acc
+    from medmerge.tune_report import verdict
+
+    stored = json.loads((folder / "heldout.json").read_text())
+    records = [RunRecord.model_validate(r) for r in stored]
+    tasks = accuracy_tasks(records)
+    text, tests = verdict(records, tasks)
+    return {
+        "accuracy": {
+            r.run.name: {
+                "kind": r.run.kind,
+                **{t: round(acc(r, t)[0], 4) for t in tasks},
+                "mean": round(mean_acc(r, tasks)[0], 4),
+            }
+            for r in records
+        },
+        "verdict": text,
+        "paired_tests": tests,
+        "best_config": str(folder / "best.yaml"),
+    }
 
 
 def summarize(records: list, chapters: tuple[str, str]) -> dict:

@@ -1,0 +1,617 @@
+"""Merge-hyperparameter search: Optuna proposes merge configs, each is merged and scored on the
+dev part of a local suite, and the best few are judged once, at the end, on its test part.
+
+```yaml
+name: cardio-tune
+base: path/to/base
+models: [path/to/parent_a, path/to/parent_b]
+suite: path/to/local/suite      # split by seed: the search sees only the dev part
+split: {dev: 0.5, seed: 0}
+protocol: {num_fewshot: 0, dtype: float32}
+objective: {kind: mean}         # mean | weighted (with weights: {task: w}) | worst
+constraints:                    # optional: on the dev part, against the base
+  - {task: general_control, max_drop: 3.0}   # points
+search: {trials: 16, sampler: tpe, seed: 0, prune_limit: 8}
+spaces:
+  - method: dare_ties
+    parameters:
+      density: {low: 0.5, high: 1.0}
+      lambda: {low: 0.5, high: 2.0, log: true}
+      weight: {low: 0.0, high: 1.0, gradient: 3}   # a mergekit gradient of 3 values
+    per_model: [{weight: {low: 0.2, high: 1.0}}, {}]
+  - method: linear
+    parameters: {weight: 0.5}                      # a constant
+baselines:                      # merges to compare on the test part, e.g. a grid study's best
+  - {method: dare_ties, parameters: {weight: 0.5, density: 0.9}}
+final_top: 3
+```
+
+A parameter is a constant, a float range (`low`, `high`, `log`), an integer range
+(`type: int`), `choices`, or a float range with `gradient: N` (N values over the layers, as
+mergekit interpolates a list). With several spaces the method is itself a choice.
+
+The folder holds `tune.yaml`, `optuna.sqlite3` (the search: a rerun resumes it), `suites/`
+(the dev and test parts), `results.sqlite` (the evaluation store: merged weights that hash the
+same as an earlier trial's reuse its evaluation), `heldout.json`, `best.yaml` and `report.md`
+with its figures. Each trial's sampler is seeded by the seed and the number of trials finished
+before it, so a search that was stopped and resumed proposes what an uninterrupted one does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from medmerge.checkpoint import locked
+from medmerge.config import Reference, read_yaml
+from medmerge.errors import ConfigError
+from medmerge.eval.suites import SuiteManifest, load_suite
+from medmerge.methods import config_name, get_method
+from medmerge.records import (
+    MergeOptions,
+    MergeSpec,
+    Name,
+    Protocol,
+    Run,
+    RunRecord,
+    StudyConfig,
+    expand,
+)
+
+log = logging.getLogger("medmerge")
+
+
+class Space(BaseModel):
+    """The values one parameter may take."""
+
+    model_config = ConfigDict(extra="forbid")
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    type: Literal["float", "int"] = "float"
+    choices: list[Any] | None = None
+    gradient: int | None = Field(None, ge=2, le=16)
+
+    @model_validator(mode="after")
+    def _valid(self):
+        if self.choices is not None:
+            if not self.choices or self.low is not None or self.high is not None:
+                raise ValueError("give either a non-empty `choices` or `low` and `high`")
+            return self
+        if self.low is None or self.high is None:
+            raise ValueError("a range needs `low` and `high` (or give `choices`)")
+        if not self.low < self.high:
+            raise ValueError(f"empty or inverted range: low {self.low} >= high {self.high}")
+        if self.log and self.low <= 0:
+            raise ValueError("a log range needs low > 0")
+        if self.gradient and self.type == "int":
+            raise ValueError("a gradient is a list of floats: leave out `type: int`")
+        return self
+
+
+class MethodSpace(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: str
+    parameters: dict[str, Any] = {}
+    per_model: list[dict[str, Any]] | None = None
+
+
+class Objective(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["mean", "weighted", "worst"] = "mean"
+    weights: dict[str, float] | None = None
+
+
+class Constraint(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    task: str
+    max_drop: float = Field(ge=0)  # accuracy points below the base, on the dev part
+
+
+class Split(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dev: float = Field(0.5, gt=0, lt=1)
+    seed: int = 0
+
+
+class Search(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    trials: int = Field(16, ge=1, le=10000)
+    sampler: Literal["tpe", "cmaes"] = "tpe"
+    seed: int = 0
+    prune_limit: int | None = Field(None, ge=1)  # questions per task of the early evaluation
+    concurrent: int = Field(1, ge=1)  # trials at once (the ray executor)
+
+
+class TuneConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: Name = "tune"
+    base: Reference
+    models: list[Reference]
+    suite: str
+    tasks: list[str] | None = None
+    split: Split = Split()
+    protocol: Protocol = Protocol()
+    merge: MergeOptions = MergeOptions()
+    objective: Objective = Objective()
+    constraints: list[Constraint] = []
+    search: Search = Search()
+    spaces: list[MethodSpace] = Field(min_length=1)
+    baselines: list[MergeSpec] = []
+    final_top: int = Field(3, ge=1)
+    keep_models: bool = False
+
+
+def load_tune(config: str | Path | dict | TuneConfig) -> TuneConfig:
+    """A validated tune config: every method, parameter, range and task checked, before any
+    merge or evaluation."""
+    if isinstance(config, TuneConfig):
+        cfg = config
+    else:
+        if not isinstance(config, dict):
+            path = Path(config)
+            if not path.is_file():
+                raise ConfigError(f"tune config {path} does not exist")
+            documents = read_yaml(path, "tune config")
+            if len(documents) != 1 or not isinstance(documents[0], dict):
+                raise ConfigError(f"tune config {path} must be one YAML mapping")
+            config = documents[0]
+        try:
+            cfg = TuneConfig.model_validate(config)
+        except ValidationError as e:
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
+                for err in e.errors()
+            )
+            raise ConfigError(f"invalid tune config: {problems}") from e
+    for space in cfg.spaces:
+        _check_space(space, len(cfg.models))
+    tasks = _suite_tasks(cfg)
+    named = [(c.task, "constraint") for c in cfg.constraints]
+    named += [(t, "objective weight") for t in (cfg.objective.weights or {})]
+    for task, what in named:
+        if task not in tasks:
+            raise ConfigError(
+                f"tune config: the {what} names task {task!r}, which the suite does not have "
+                f"(its tasks: {', '.join(tasks)})"
+            )
+    if cfg.objective.kind == "weighted" and not cfg.objective.weights:
+        raise ConfigError("tune config: objective kind weighted needs `weights: {task: w}`")
+    return cfg
+
+
+def _check_space(space: MethodSpace, models: int) -> None:
+    method = get_method(space.method)
+    known = {config_name(p.name): p for p in method.params}
+    per_model = space.per_model or []
+    if len(per_model) not in (0, models):
+        raise ConfigError(
+            f"tune space {space.method}: per_model has {len(per_model)} entries for {models} models"
+        )
+    for where, params in [("parameters", space.parameters)] + [
+        (f"per_model[{i}]", p) for i, p in enumerate(per_model)
+    ]:
+        for key, value in params.items():
+            if key not in known:
+                raise ConfigError(
+                    f"tune space {space.method}: {where} names unknown parameter {key!r}; "
+                    f"{space.method} takes {', '.join(known) or 'none'}"
+                )
+            if isinstance(value, dict):
+                try:
+                    Space.model_validate(value)
+                except ValidationError as e:
+                    problem = e.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ConfigError(f"tune space {space.method}: {where}.{key}: {problem}") from e
+
+
+def _suite_tasks(cfg: TuneConfig) -> list[str]:
+    if cfg.suite == "paper":
+        raise ConfigError(
+            "tune needs a local suite (a folder with suite.yaml) to split into dev and test "
+            "parts; the paper suite's Hub datasets cannot be split offline"
+        )
+    return load_suite(cfg.suite, cfg.tasks).tasks
+
+
+# ---- the dev and test parts ----
+
+
+def split_suite(suite: str | Path, out: Path, dev: float, seed: int) -> dict[str, Path]:
+    """The suite's test records split in two local suites, `out/dev` and `out/test`: a record
+    goes to dev when a hash of (seed, task, record) falls below `dev`, so the parts are
+    disjoint and the same on every run. Few-shot files are copied to both."""
+    folder = Path(suite)
+    load_suite(folder)  # validated: manifest, data inside the folder, records
+    manifest = SuiteManifest.model_validate(read_yaml(folder / "suite.yaml", "suite manifest")[0])
+    parts = {"dev": [], "test": []}
+    rows: dict[str, dict[str, list[str]]] = {"dev": {}, "test": {}}
+    for spec in manifest.tasks:
+        for part in parts:
+            rows[part][spec.name] = []
+        for line in (folder / spec.test).read_text(encoding="utf-8").splitlines():
+            if line.strip():
+                digest = hashlib.sha256(f"{seed}\0{spec.name}\0{line}".encode()).digest()
+                u = int.from_bytes(digest[:8], "big") / 2**64
+                rows["dev" if u < dev else "test"][spec.name].append(line)
+        for part in parts:
+            if not rows[part][spec.name]:
+                raise ConfigError(
+                    f"suite task {spec.name}: its {part} part is empty with split dev={dev}; "
+                    "add questions or move the split towards 0.5"
+                )
+    found = {}
+    for part in parts:
+        target = out / part
+        target.mkdir(parents=True, exist_ok=True)
+        tasks = []
+        for spec in manifest.tasks:
+            data = f"{spec.name}.jsonl"
+            (target / data).write_text("\n".join(rows[part][spec.name]) + "\n", encoding="utf-8")
+            entry = spec.model_dump(exclude_none=True) | {"test": data}
+            if spec.fewshot:
+                shutil.copyfile(folder / spec.fewshot, target / f"{spec.name}.fewshot.jsonl")
+                entry["fewshot"] = f"{spec.name}.fewshot.jsonl"
+            tasks.append(entry)
+        text = yaml.safe_dump({"name": f"{manifest.name}-{part}", "tasks": tasks}, sort_keys=False)
+        (target / "suite.yaml").write_text(text)
+        found[part] = target
+    return found
+
+
+# ---- trials ----
+
+
+def suggest(trial, cfg: TuneConfig) -> tuple[str, dict, list[dict]]:
+    """The method, top-level and per-model parameters of one trial, drawn by `trial` (an Optuna
+    trial, or a FixedTrial of stored params)."""
+    methods = [s.method for s in cfg.spaces]
+    index = 0
+    if len(cfg.spaces) > 1:
+        labels = [f"{i}:{m}" for i, m in enumerate(methods)]
+        index = labels.index(trial.suggest_categorical("method", labels))
+    space = cfg.spaces[index]
+    prefix = f"{index}:{space.method}." if len(cfg.spaces) > 1 else ""
+    params = {k: _draw(trial, prefix + k, v) for k, v in space.parameters.items()}
+    per_model = [
+        {k: _draw(trial, f"{prefix}model{i}.{k}", v) for k, v in p.items()}
+        for i, p in enumerate(space.per_model or [{} for _ in cfg.models])
+    ]
+    return space.method, params, per_model
+
+
+def _draw(trial, name: str, value: Any) -> Any:
+    if not isinstance(value, dict):
+        return value
+    s = Space.model_validate(value)
+    if s.choices is not None:
+        return trial.suggest_categorical(name, s.choices)
+    if s.type == "int":
+        return trial.suggest_int(name, int(s.low), int(s.high), log=s.log)
+    if s.gradient:
+        return [trial.suggest_float(f"{name}[{i}]", s.low, s.high, log=s.log)
+                for i in range(s.gradient)]  # fmt: skip
+    return trial.suggest_float(name, s.low, s.high, log=s.log)
+
+
+def merge_run(cfg: TuneConfig, name: str, method: str, params: dict, per_model: list[dict]) -> Run:
+    """The study runner's merge run for these parameters (its merge config as a study makes
+    it; a list value is a gradient, not a grid axis)."""
+    wrapped = {k: {"value": v} if isinstance(v, list) else v for k, v in params.items()}
+    spec = MergeSpec(method=method, name=name, parameters=wrapped, per_model=per_model)
+    return expand(_as_study(cfg, [spec]))[-1]
+
+
+def _as_study(cfg: TuneConfig, merges: list[MergeSpec], suite: Path | None = None) -> StudyConfig:
+    return StudyConfig(
+        name=cfg.name,
+        base=cfg.base,
+        models=cfg.models,
+        suite=str(suite or cfg.suite),
+        tasks=cfg.tasks,
+        protocol=cfg.protocol,
+        merge=cfg.merge,
+        keep_models=True,
+        merges=merges,
+    )
+
+
+def objective_value(scores: dict[str, float], objective: Objective) -> float:
+    """The search's objective from per-task accuracies."""
+    if objective.kind == "worst":
+        return min(scores.values())
+    if objective.kind == "weighted":
+        weights = objective.weights
+        return sum(weights[t] * scores[t] for t in weights) / sum(weights.values())
+    return sum(scores.values()) / len(scores)
+
+
+def accuracies(result: dict) -> dict[str, float]:
+    """Per task, `acc` (tasks without one, such as perplexity, do not enter the objective)."""
+    return {t: s["metrics"]["acc"] for t, s in result["tasks"].items() if "acc" in s["metrics"]}
+
+
+def evaluate_run(run: Run, cfg: TuneConfig, folder: str, suite: str, limit: int | None,
+                 keep: bool) -> RunRecord:  # fmt: skip
+    """Merge (for a merge run) and evaluate on `suite` (at most `limit` questions per task, if
+    given, and the protocol's limit), through the tune folder's result store; the merged model
+    is deleted afterwards unless `keep`. Runs in a Ray worker too."""
+    from medmerge.study import execute_run
+
+    study = _as_study(cfg, [], Path(suite))
+    limits = [x for x in (limit, cfg.protocol.limit) if x is not None]
+    study.protocol = cfg.protocol.model_copy(update={"limit": min(limits, default=None)})
+    study.result_store = str(Path(folder) / "results.sqlite")
+    study.keep_models = keep
+    return execute_run(run, study, folder)
+
+
+class _Search:
+    """One tune folder's search: the Optuna study in SQLite, the dev part, the base's scores."""
+
+    def __init__(self, cfg: TuneConfig, folder: Path, suites: dict[str, Path]):
+        import optuna
+
+        self.optuna = optuna
+        self.cfg, self.folder, self.suites = cfg, folder, suites
+        storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.sqlite3'}")
+        self.study = optuna.create_study(
+            study_name=cfg.name,
+            storage=storage,
+            direction="maximize",
+            load_if_exists=True,
+            pruner=(
+                optuna.pruners.MedianPruner(n_startup_trials=3)
+                if cfg.search.prune_limit
+                else optuna.pruners.NopPruner()
+            ),
+        )
+        # a trial left running by a killed process is failed; the next trial, drawn with the
+        # same history and seed, proposes what it would have
+        for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        base = Run(name="base", kind="base", model=cfg.base)
+        record = self.evaluate(base, "dev", None)
+        self.base_dev = accuracies(record.result)
+
+    def evaluate(self, run: Run, part: str, limit: int | None, keep: bool = False) -> RunRecord:
+        return evaluate_run(run, self.cfg, str(self.folder), str(self.suites[part]), limit,
+                            keep)  # fmt: skip
+
+    def finished(self) -> int:
+        states = (self.optuna.trial.TrialState.COMPLETE, self.optuna.trial.TrialState.PRUNED)
+        return len(self.study.get_trials(deepcopy=False, states=states))
+
+    def drawn(self) -> int:
+        """Trials drawn and ended, an interrupted one (left running by a killed process)
+        aside: what seeds the next trial's sampler."""
+        done = [t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()]
+        return sum(1 for t in done if not t.user_attrs.get("interrupted"))
+
+    def failed(self) -> int:
+        """Trials whose merge was refused (a config error)."""
+        return sum(1 for t in self.study.get_trials(deepcopy=False) if "error" in t.user_attrs)
+
+    def sampler(self, offset: int = 0):
+        # hashed: consecutive integer seeds draw alike first values
+        key = f"{self.cfg.search.seed}:{self.drawn() + offset}".encode()
+        seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
+        if self.cfg.search.sampler == "cmaes":
+            return self.optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+        return self.optuna.samplers.TPESampler(
+            seed=seed,
+            n_startup_trials=max(2, min(10, self.cfg.search.trials // 4)),
+        )
+
+    def ask(self, offset: int = 0):
+        self.study.sampler = self.sampler(offset)
+        trial = self.study.ask()
+        method, params, per_model = suggest(trial, self.cfg)
+        run = merge_run(self.cfg, f"trial-{trial.number}", method, params, per_model)
+        trial.set_user_attr("merge_config", run.merge_config)
+        return trial, run
+
+    def tell(self, trial, record: RunRecord, pruned: bool = False) -> float:
+        """Record a trial's dev scores and constraints; tell Optuna its value (or that it was
+        pruned on these early scores)."""
+        scores = accuracies(record.result)
+        value = objective_value(scores, self.cfg.objective)
+        trial.set_user_attr("dev", scores)
+        trial.set_user_attr("fingerprint", record.fingerprint)
+        violations = [(self.base_dev[c.task] - scores[c.task]) * 100 - c.max_drop
+                      for c in self.cfg.constraints]  # fmt: skip
+        trial.set_user_attr("constraints", violations)
+        for c, v in zip(self.cfg.constraints, violations, strict=True):
+            trial.set_constraint(f"{c.task} drop", v)  # <= 0: feasible (the sampler reads it)
+        if pruned:
+            self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
+        else:
+            self.study.tell(trial, value)
+        return value
+
+    def run_local(self, trials: int, progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        with tqdm(total=trials, initial=self.finished(), desc=self.cfg.name, unit="trial",
+                  disable=not progress) as bar:  # fmt: skip
+            while self.finished() < trials:
+                trial, run = self.ask()
+                try:
+                    record, pruned = self._dev_scores(trial, run)
+                except ConfigError as e:
+                    self.refuse(trial, e, trials)
+                    continue
+                value = self.tell(trial, record, pruned)
+                log.info("trial %d: %.4f %s", trial.number, value, trial.params)
+                bar.update()
+
+    def _dev_scores(self, trial, run: Run) -> tuple[RunRecord, bool]:
+        """The trial's merge scored on the dev part, and whether the pruner stopped it after
+        its first look at `prune_limit` questions per task."""
+        limit = self.cfg.search.prune_limit
+        if not limit:
+            return self.evaluate(run, "dev", None), False
+        early = self.evaluate(run, "dev", limit, keep=True)
+        merged = self.folder / "models" / run.name
+        try:
+            trial.report(objective_value(accuracies(early.result), self.cfg.objective), 0)
+            if trial.should_prune():
+                return early, True
+            merged_run = Run(name=run.name, kind="parent", model=str(merged))  # merged once
+            return self.evaluate(merged_run, "dev", None), False
+        finally:
+            shutil.rmtree(merged, ignore_errors=True)
+
+    def refuse(self, trial, error: ConfigError, trials: int) -> None:
+        """A trial whose merge the method refuses (weights summing to 0, say) fails with its
+        reason recorded; the search goes on, unless failures outnumber the trials asked."""
+        trial.set_user_attr("error", str(error))
+        self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
+        log.warning("trial %d refused: %s", trial.number, error)
+        if self.failed() > trials:
+            raise ConfigError(
+                f"tune {self.cfg.name}: {self.failed()} trials were refused, the last with: "
+                f"{error}; narrow the search space"
+            )
+
+    def run_ray(self, trials: int) -> None:
+        import os
+
+        try:
+            import ray
+        except ImportError as e:
+            raise ConfigError("--executor ray needs Ray: pip install 'medmerge[ray]'") from e
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        gpus = 1 if "cuda" in (self.cfg.protocol.device, self.cfg.merge.device) else 0
+        task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_run)
+        pending: dict = {}
+        while self.finished() < trials or pending:
+            while len(pending) < self.cfg.search.concurrent and (
+                self.finished() + len(pending) < trials
+            ):
+                trial, run = self.ask(offset=len(pending))
+                ref = task.remote(run, self.cfg, str(self.folder.resolve()),
+                                  str(self.suites["dev"].resolve()), None, False)  # fmt: skip
+                pending[ref] = trial
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            trial = pending.pop(ready[0])
+            try:
+                record = ray.get(ready[0])
+            except ray.exceptions.RayTaskError as e:
+                if not isinstance(e.cause, ConfigError):
+                    raise
+                self.refuse(trial, e.cause, trials)
+                continue
+            value = self.tell(trial, record)
+            log.info("trial %d on ray: %.4f", trial.number, value)
+
+    def best(self, n: int) -> list:
+        """The n best finished trials that meet the constraints, distinct merge configs."""
+        complete = self.study.get_trials(states=(self.optuna.trial.TrialState.COMPLETE,))
+        feasible = [t for t in complete if all(c <= 0 for c in t.user_attrs["constraints"])]
+        found, seen = [], set()
+        for t in sorted(feasible, key=lambda t: (-t.value, t.number)):
+            key = json.dumps(t.user_attrs["merge_config"], sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                found.append(t)
+        return found[:n]
+
+
+def run_tune(
+    config: str | Path | dict | TuneConfig,
+    out: str | Path | None = None,
+    *,
+    trials: int | None = None,
+    executor: Literal["local", "ray"] = "local",
+    progress: bool = True,
+) -> Path:
+    """Run (or resume) a search into `out`, then judge its best configs on the test part and
+    write the report; returns the folder."""
+    cfg = load_tune(config)
+    if trials is not None:
+        cfg.search.trials = trials
+    folder = Path(out or f"tunes/{cfg.name}")
+    folder.mkdir(parents=True, exist_ok=True)
+    with locked(folder):
+        _check_merges(cfg)
+        (folder / "models").mkdir(exist_ok=True)
+        (folder / "tune.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"),
+                                                         sort_keys=False))  # fmt: skip
+        suites = split_suite(cfg.suite, folder / "suites", cfg.split.dev, cfg.split.seed)
+        search = _Search(cfg, folder, suites)
+        if executor == "ray":
+            search.run_ray(cfg.search.trials)
+        else:
+            search.run_local(cfg.search.trials, progress)
+        heldout = _held_out(search)
+        from medmerge.tune_report import write_tune_report
+
+        write_tune_report(folder, search.study, heldout, cfg)
+    return folder
+
+
+def _check_merges(cfg: TuneConfig) -> None:
+    """Every space and baseline planned strictly (at its ranges' middles) before anything
+    runs: incompatible models or a parameter the method refuses fail now."""
+    from medmerge.plan import plan_merge
+
+    runs = []
+    for i, space in enumerate(cfg.spaces):
+        single = cfg.model_copy(update={"spaces": [space]})
+        method, top, per_model = suggest(_Middle(), single)
+        runs.append(merge_run(cfg, f"space-{i}", method, top, per_model))
+    runs += [r for r in expand(_as_study(cfg, cfg.baselines)) if r.kind == "merge"]
+    for run in runs:
+        try:
+            plan = plan_merge(run.merge_config, strict=True)
+        except ConfigError as e:
+            raise ConfigError(f"tune {run.name}: {e}") from e
+        for ckpt in plan.checkpoints:
+            ckpt.close()
+
+
+class _Middle:
+    """A stand-in trial that draws each range's middle and each first choice."""
+
+    def suggest_float(self, name, low, high, log=False):  # noqa: ARG002
+        return math.sqrt(low * high) if log else (low + high) / 2
+
+    def suggest_int(self, name, low, high, log=False):  # noqa: ARG002
+        return round(self.suggest_float(name, low, high, log))
+
+    def suggest_categorical(self, name, choices):  # noqa: ARG002
+        return choices[0]
+
+
+def _held_out(search: _Search) -> list[RunRecord]:
+    """The final step, the only one that reads the test part: the best trials (merged again),
+    the baselines, the parents and the base."""
+    cfg = search.cfg
+    runs = [Run(name="base", kind="base", model=cfg.base)]
+    runs += [Run(name=f"parent_{chr(ord('a') + i)}", kind="parent", model=m)
+             for i, m in enumerate(cfg.models)]  # fmt: skip
+    for t in search.best(cfg.final_top):
+        mc = t.user_attrs["merge_config"]
+        runs.append(Run(name=f"trial-{t.number}", kind="merge", method=mc["merge_method"],
+                        parameters=mc["parameters"], merge_config=mc))  # fmt: skip
+    for run in expand(_as_study(cfg, cfg.baselines)):
+        if run.kind == "merge":
+            runs.append(run.model_copy(update={"name": f"baseline-{run.name}"}))
+    test = str(search.suites["test"])
+    records = [evaluate_run(run, cfg, str(search.folder), test, None, keep=cfg.keep_models)
+               for run in runs]  # fmt: skip
+    (search.folder / "heldout.json").write_text(
+        json.dumps([r.model_dump() for r in records], indent=1)
+    )
+    return records

@@ -1,0 +1,204 @@
+"""`medmerge tune` on tiny models and local suites: the search finds a known optimum, resumes
+after a kill as if never stopped, keeps its test part for the final step, runs on Ray, and
+refuses bad input before any merge."""
+
+import json
+
+import pytest
+import yaml
+
+import medmerge.tune as tune
+from medmerge.errors import ConfigError
+from medmerge.eval import evaluate
+from medmerge.synthetic import tiny_config, write_family, write_suite
+
+pytest.importorskip("optuna")
+
+# per model a weight in [0, 1] (linear normalises them): 1 and 0 give parent A back
+SPACE = {"method": "linear", "per_model": [{"weight": {"low": 0.0, "high": 1.0}},
+                                           {"weight": {"low": 0.0, "high": 1.0}}]}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tune-inputs")
+    base, a, b = write_family(root / "models", tiny_config("mistral"), seed=4, delta=0.6)
+    suite = write_suite(root / "suite", n=40, seed=1, formats=("medqa", "mmlu"))
+    return root, base, a, b, suite
+
+
+def _config(inputs, suite=None, **overrides) -> dict:
+    _, base, a, b, default_suite = inputs
+    return {
+        "name": "t",
+        "base": str(base),
+        "models": [str(a), str(b)],
+        "suite": str(suite or default_suite),
+        "protocol": {"num_fewshot": 0, "dtype": "float32"},
+        "search": {"trials": 4, "seed": 3},
+        "spaces": [SPACE],
+        "final_top": 1,
+        **overrides,
+    }
+
+
+@pytest.fixture(scope="module")
+def relabelled(inputs, tmp_path_factory):
+    """The suite with every answer set to parent A's prediction: A scores 100%."""
+    root, _, a, _, suite = inputs
+    out = tmp_path_factory.mktemp("relabelled")
+    result = evaluate(a, suite=suite, num_fewshot=0, dtype="float32", store=out / "r.sqlite")
+    field = {"tiny_medqa": ("medqa.jsonl", "label"), "tiny_mmlu": ("mmlu.jsonl", "answer")}
+    for task, (name, key) in field.items():
+        preds = {s["doc_id"]: s["pred"] for s in result.samples[task]}
+        lines = (suite / name).read_text().splitlines()
+        records = [json.loads(line) | {key: preds[i]} for i, line in enumerate(lines)]
+        (out / name).write_text("".join(json.dumps(r) + "\n" for r in records))
+    (out / "suite.yaml").write_text((suite / "suite.yaml").read_text())
+    return out
+
+
+def test_the_search_moves_the_weight_to_the_parent_whose_answers_are_right(
+    inputs, relabelled, tmp_path
+):
+    cfg = _config(inputs, relabelled, search={"trials": 10, "seed": 0})
+    folder = tune.run_tune(cfg, tmp_path / "t", progress=False)
+    best = yaml.safe_load((folder / "best.yaml").read_text())
+    wa, wb = (m["parameters"]["weight"] for m in best["models"])
+    assert wa / (wa + wb) > 0.75, (wa, wb)  # mostly parent A (seeds 1-4 give 0.91-1.0)
+    heldout = {r["run"]["name"]: r for r in json.loads((folder / "heldout.json").read_text())}
+    tuned = next(r for n, r in heldout.items() if n.startswith("trial-"))
+
+    def mean(r):
+        return sum(t["metrics"]["acc"] for t in r["result"]["tasks"].values()) / 2
+
+    assert mean(heldout["parent_a"]) == 1.0
+    assert mean(tuned) > mean(heldout["parent_b"])  # on questions the search never saw
+    report = (folder / "report.md").read_text()
+    assert "Held-out verdict" in report and (folder / "history.png").is_file()
+
+
+def test_dev_and_test_parts_are_disjoint_stable_and_complete(inputs, tmp_path):
+    suite = inputs[4]
+    first = tune.split_suite(suite, tmp_path / "one", dev=0.5, seed=7)
+    again = tune.split_suite(suite, tmp_path / "two", dev=0.5, seed=7)
+    other = tune.split_suite(suite, tmp_path / "three", dev=0.5, seed=8)
+    for name in ("medqa", "mmlu"):
+        original = (suite / f"{name}.jsonl").read_text().splitlines()
+
+        def lines(parts, part, name=name):
+            return (parts[part] / f"tiny_{name}.jsonl").read_text().splitlines()
+
+        dev, test = lines(first, "dev"), lines(first, "test")
+        assert not set(dev) & set(test) and sorted(dev + test) == sorted(original)
+        assert dev == lines(again, "dev") and test == lines(again, "test")
+        assert dev != lines(other, "dev")  # the seed decides
+
+
+def test_the_test_part_is_read_only_in_the_final_step(inputs, tmp_path, monkeypatch):
+    calls = []
+    real = tune.evaluate_run
+
+    def counting(run, cfg, folder, suite, limit, keep):
+        calls.append((run.name, "test" if suite.endswith("test") else "dev"))
+        return real(run, cfg, folder, suite, limit, keep)
+
+    monkeypatch.setattr(tune, "evaluate_run", counting)
+    real_held_out = tune._held_out
+    final = {}
+
+    def held_out(search):
+        final["from"] = len(calls)
+        return real_held_out(search)
+
+    monkeypatch.setattr(tune, "_held_out", held_out)
+    cfg = _config(inputs, baselines=[{"method": "linear", "parameters": {"weight": 0.5}}],
+                  protocol={"num_fewshot": 0, "dtype": "float32", "limit": 5})  # fmt: skip
+    folder = tune.run_tune(cfg, tmp_path / "t", progress=False)
+    for record in json.loads((folder / "heldout.json").read_text()):  # the protocol's limit
+        assert all(len(s) == 5 for s in record["result"]["samples"].values())
+    before, after = calls[: final["from"]], calls[final["from"] :]
+    assert before and all(part == "dev" for _, part in before)
+    assert [name for name, _ in after] == ["base", "parent_a", "parent_b", after[3][0],
+                                           "baseline-linear"]  # fmt: skip
+    assert all(part == "test" for _, part in after)
+
+
+def _trials(folder) -> list[tuple]:
+    import optuna
+
+    study = optuna.load_study(study_name="t", storage=f"sqlite:///{folder / 'optuna.sqlite3'}")
+    done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    return [(t.params, t.value) for t in done]
+
+
+def test_a_killed_search_resumes_without_redoing_trials(inputs, tmp_path, monkeypatch):
+    cfg = _config(inputs, search={"trials": 5, "seed": 3})
+    whole = tune.run_tune(cfg, tmp_path / "whole", progress=False)
+    real = tune._Search.tell
+    told = []
+
+    def killed_after_three(self, trial, record, pruned=False):
+        if len(told) == 3:
+            raise KeyboardInterrupt("simulated kill")  # the fourth trial dies mid-way
+        told.append(trial.number)
+        return real(self, trial, record, pruned)
+
+    monkeypatch.setattr(tune._Search, "tell", killed_after_three)
+    with pytest.raises(KeyboardInterrupt):
+        tune.run_tune(cfg, tmp_path / "resumed", progress=False)
+    assert len(_trials(tmp_path / "resumed")) == 3
+    monkeypatch.setattr(tune._Search, "tell", real)
+    asked = []
+    real_ask = tune._Search.ask
+
+    def counting_ask(self, offset=0):
+        asked.append(1)
+        return real_ask(self, offset)
+
+    monkeypatch.setattr(tune._Search, "ask", counting_ask)
+    resumed = tune.run_tune(cfg, tmp_path / "resumed", progress=False)
+    assert len(asked) == 2  # only the trials that had not finished
+    assert _trials(resumed) == _trials(whole)
+    assert (resumed / "best.yaml").read_text() == (whole / "best.yaml").read_text()
+
+
+def test_ray_gives_the_local_trials_with_one_at_a_time(inputs, tmp_path):
+    ray = pytest.importorskip("ray")
+    cfg = _config(inputs, search={"trials": 3, "seed": 5})
+    local = tune.run_tune(cfg, tmp_path / "local", progress=False)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        distributed = tune.run_tune(cfg, tmp_path / "ray", executor="ray")
+        two = _config(inputs, search={"trials": 4, "seed": 5, "concurrent": 2})
+        both = tune.run_tune(two, tmp_path / "two", executor="ray")
+    finally:
+        ray.shutdown()
+    assert _trials(distributed) == _trials(local)
+    found = _trials(both)
+    assert len(found) == 4 and all(value is not None for _, value in found)
+    assert (both / "report.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"spaces": [{"method": "linear", "parameters": {"weight": {"low": 1.0, "high": 0.5}}}]},
+         "inverted range"),
+        ({"spaces": [{"method": "linear", "parameters": {"weight": {"low": 0.5, "high": 0.5}}}]},
+         "empty or inverted range"),
+        ({"spaces": [{"method": "ties", "parameters": {"densty": {"low": 0.1, "high": 0.9}}}]},
+         "unknown parameter 'densty'"),
+        ({"constraints": [{"task": "general", "max_drop": 3}]}, "task 'general'"),
+        ({"objective": {"kind": "weighted", "weights": {"nope": 1.0}}}, "task 'nope'"),
+        ({"spaces": []}, "spaces"),
+        ({"suite": "paper"}, "local suite"),
+        ({"spaces": [{"method": "linear", "parameters": {"weight": {"low": 0, "high": 1,
+                                                                    "log": True}}}]}, "log"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_refused_before_any_merge(inputs, tmp_path, monkeypatch, change, message):
+    monkeypatch.setattr(tune, "evaluate_run", lambda *a: pytest.fail("evaluated"))
+    with pytest.raises(ConfigError, match=message):
+        tune.run_tune(_config(inputs, **change), tmp_path / "t", progress=False)
+    assert not (tmp_path / "t" / "models").exists()
