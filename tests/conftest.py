@@ -19,6 +19,23 @@ from medmerge.synthetic import tiny_config, write_family
 SHARD = 40_000  # bytes: several shards per tiny model, to exercise the index
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--device",
+        default="cpu",
+        help="the merge device of the tests that take the `device` fixture (cuda: run by "
+        "benchmarks/gpu_check.sh on a machine with a GPU)",
+    )
+
+
+@pytest.fixture(scope="session")
+def device(request) -> str:
+    found = request.config.getoption("--device")
+    if found.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("--device cuda needs a CUDA device")
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_cache(tmp_path_factory):
     os.environ["MEDMERGE_CACHE"] = str(tmp_path_factory.mktemp("cache"))

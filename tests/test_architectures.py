@@ -72,11 +72,12 @@ def _config(method: str, base, a, b) -> dict:
     return config
 
 
-def test_every_method_merges_every_family_into_a_model_that_runs(arch_family, tmp_path):
+def test_every_method_merges_every_family_into_a_model_that_runs(arch_family, device, tmp_path):
     arch, (base, a, b) = arch_family
     tokens = torch.arange(3, 19).unsqueeze(0)
     for method in METHODS:
-        out = medmerge.merge(_config(method, base, a, b), tmp_path / method, progress=False)
+        cfg = _config(method, base, a, b)
+        out = medmerge.merge(cfg, tmp_path / method, device=device, progress=False)
         assert logits(out, tokens).isfinite().all(), (arch, method)
         shutil.rmtree(out)
 
@@ -254,13 +255,13 @@ def moe_family(request, tmp_path_factory):
     return arch, layout, folders
 
 
-def test_moe_layouts_merge_with_every_method_into_models_that_run(moe_family, tmp_path):
+def test_moe_layouts_merge_with_every_method_into_models_that_run(moe_family, device, tmp_path):
     arch, layout, (base, a, b) = moe_family
     for method in ("linear", "ties", "della", "slerp", "hierarchical"):
         cfg = _config(method, base, a, b)
         if method == "hierarchical":
             cfg["parameters"] = {"align_experts": True}
-        out = medmerge.merge(cfg, tmp_path / method, progress=False)
+        out = medmerge.merge(cfg, tmp_path / method, device=device, progress=False)
         assert sorted(state(out)) == sorted(state(a)), (arch, layout, method)
         assert logits(out).isfinite().all(), (arch, layout, method)
     per_type = check(base, [a, b], progress=False).pairs[0].per_type

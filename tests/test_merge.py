@@ -118,9 +118,10 @@ def test_gradient_and_filtered_parameters(mistral, tmp_path):
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
-def test_output_loads_in_transformers_and_runs(family, tmp_path, method):
+def test_output_loads_in_transformers_and_runs(family, device, tmp_path, method):
     base, a, b = family
-    out = medmerge.merge(config(method, base, [a, b], [0.5, 0.5]), tmp_path / "m", progress=False)
+    cfg = config(method, base, [a, b], [0.5, 0.5])
+    out = medmerge.merge(cfg, tmp_path / "m", device=device, progress=False)
     result = logits(out)
     assert result.shape == (1, 16, 384) and torch.isfinite(result).all()
     cfg = json.loads((out / "config.json").read_text())
