@@ -112,15 +112,26 @@ def test_the_test_part_is_read_only_in_the_final_step(inputs, tmp_path, monkeypa
         return real_held_out(search)
 
     monkeypatch.setattr(tune, "_held_out", held_out)
+    from medmerge.study import run_study
+
+    grid = {
+        **_config(inputs),
+        "merges": [{"method": "ties", "parameters": {"density": 0.5, "weight": 0.5}}],
+    }
+    for key in ("search", "spaces", "final_top"):
+        del grid[key]
+    study = run_study(grid, tmp_path / "study", progress=False, report=False)
+    calls.clear()  # the study's own evaluations
     cfg = _config(inputs, baselines=[{"method": "linear", "parameters": {"weight": 0.5}}],
-                  protocol={"num_fewshot": 0, "dtype": "float32", "limit": 5})  # fmt: skip
+                  protocol={"num_fewshot": 0, "dtype": "float32", "limit": 5},
+                  study=str(study))  # fmt: skip
     folder = tune.run_tune(cfg, tmp_path / "t", progress=False)
     for record in json.loads((folder / "heldout.json").read_text()):  # the protocol's limit
         assert all(len(s) == 5 for s in record["result"]["samples"].values())
     before, after = calls[: final["from"]], calls[final["from"] :]
     assert before and all(part == "dev" for _, part in before)
     assert [name for name, _ in after] == ["base", "parent_a", "parent_b", after[3][0],
-                                           "baseline-linear"]  # fmt: skip
+                                           "baseline-linear", "study-ties"]  # fmt: skip
     assert all(part == "test" for _, part in after)
 
 

@@ -21,8 +21,9 @@ spaces:
     per_model: [{weight: {low: 0.2, high: 1.0}}, {}]
   - method: linear
     parameters: {weight: 0.5}                      # a constant
-baselines:                      # merges to compare on the test part, e.g. a grid study's best
+baselines:                      # merges to compare on the test part
   - {method: dare_ties, parameters: {weight: 0.5, density: 0.9}}
+study: studies/cardio           # optional: a grid study whose best merge joins the baselines
 final_top: 3
 ```
 
@@ -146,6 +147,7 @@ class TuneConfig(BaseModel):
     search: Search = Search()
     spaces: list[MethodSpace] = Field(min_length=1)
     baselines: list[MergeSpec] = []
+    study: str | None = None  # a study folder: its best merge by mean accuracy is a baseline
     final_top: int = Field(3, ge=1)
     keep_models: bool = False
 
@@ -571,7 +573,7 @@ def _check_merges(cfg: TuneConfig) -> None:
         single = cfg.model_copy(update={"spaces": [space]})
         method, top, per_model = suggest(_Middle(), single)
         runs.append(merge_run(cfg, f"space-{i}", method, top, per_model))
-    runs += [r for r in expand(_as_study(cfg, cfg.baselines)) if r.kind == "merge"]
+    runs += _baselines(cfg)
     for run in runs:
         try:
             plan = plan_merge(run.merge_config, strict=True)
@@ -579,6 +581,26 @@ def _check_merges(cfg: TuneConfig) -> None:
             raise ConfigError(f"tune {run.name}: {e}") from e
         for ckpt in plan.checkpoints:
             ckpt.close()
+
+
+def _baselines(cfg: TuneConfig) -> list[Run]:
+    """The merge runs the tuned merge is judged against: the config's baselines and the best
+    merge (by mean accuracy) of `cfg.study`, a study folder."""
+    runs = [r.model_copy(update={"name": f"baseline-{r.name}"})
+            for r in expand(_as_study(cfg, cfg.baselines)) if r.kind == "merge"]  # fmt: skip
+    if cfg.study:
+        from medmerge.records import load_records
+        from medmerge.report import accuracy_tasks, mean_acc
+
+        if not (Path(cfg.study) / "study.yaml").is_file():
+            raise ConfigError(f"tune config: study {cfg.study} is not a study folder")
+        merges = [r for r in load_records(cfg.study) if r.run.kind == "merge"]
+        if not merges:
+            raise ConfigError(f"tune config: study {cfg.study} has no finished merge")
+        tasks = accuracy_tasks(merges)
+        best = max(merges, key=lambda r: mean_acc(r, tasks)[0])
+        runs.append(best.run.model_copy(update={"name": f"study-{best.run.name}"}))
+    return runs
 
 
 class _Middle:
@@ -605,9 +627,7 @@ def _held_out(search: _Search) -> list[RunRecord]:
         mc = t.user_attrs["merge_config"]
         runs.append(Run(name=f"trial-{t.number}", kind="merge", method=mc["merge_method"],
                         parameters=mc["parameters"], merge_config=mc))  # fmt: skip
-    for run in expand(_as_study(cfg, cfg.baselines)):
-        if run.kind == "merge":
-            runs.append(run.model_copy(update={"name": f"baseline-{run.name}"}))
+    runs += _baselines(cfg)
     test = str(search.suites["test"])
     records = [evaluate_run(run, cfg, str(search.folder), test, None, keep=cfg.keep_models)
                for run in runs]  # fmt: skip

@@ -208,6 +208,9 @@ def run_demo(
         from medmerge.tune import run_tune
 
         config = tune_config(base, specialists, out / "suite", settings)
+        runs = (out / "study" / "runs").glob("*.json")
+        if any(not r.stem.startswith(("base", "parent_")) for r in runs):
+            config["study"] = str(out / "study")  # the demo study's best merge is judged too
         folder = run_tune(config, out / "tune", progress=progress)
         seconds["tune"] = time.time() - started
         summary = summarize_tune(folder)
