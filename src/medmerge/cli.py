@@ -346,7 +346,7 @@ def demo(
     for name, row in summary["accuracy"].items():
         typer.echo(f"{name:<28}" + "".join(f"{_pct(row[t]):>22}" for t in [*tasks, "mean"]))
     if "verdict" in summary:
-        typer.echo(f"\n(held-out test part) {summary['verdict']}")
+        typer.echo(f"\n{summary['verdict']}")
     best = summary.get("best_merge")
     if best:
         typer.echo(f"\nbest merge by mean accuracy: {best['name']} ({_pct(best['mean'])})")
