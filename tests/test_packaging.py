@@ -15,6 +15,7 @@ FEATURES = {
     "eval": ["lm_eval", "lm_eval.models.huggingface"],
     "adapters": ["peft"],
     "tune": ["optuna", "lm_eval", "lm_eval.models.huggingface", "matplotlib.pyplot"],
+    "ray": ["ray.tune"],
 }
 
 

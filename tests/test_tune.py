@@ -163,9 +163,9 @@ def test_a_killed_search_resumes_without_redoing_trials(inputs, tmp_path, monkey
     asked = []
     real_ask = tune._Search.ask
 
-    def counting_ask(self, offset=0):
+    def counting_ask(self):
         asked.append(1)
-        return real_ask(self, offset)
+        return real_ask(self)
 
     monkeypatch.setattr(tune._Search, "ask", counting_ask)
     resumed = tune.run_tune(cfg, tmp_path / "resumed", progress=False)

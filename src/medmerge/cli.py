@@ -243,7 +243,12 @@ def tune(
 ) -> None:
     """Search merge hyperparameters on a dev part of the suite, judge the best on its held-out
     test part; rerunning resumes."""
-    from medmerge.tune import run_tune
+    try:
+        from medmerge.tune import run_tune
+    except ImportError as e:
+        typer.secho(f"error: medmerge tune needs the tune extra ({e}): pip install "
+                    "'medmerge[tune]'", fg="red", err=True)  # fmt: skip
+        raise typer.Exit(2) from e
 
     folder = _run(run_tune, config, out, trials=trials, executor=executor.value)
     typer.echo(f"search in {folder}; report {folder / 'report.md'}, best {folder / 'best.yaml'}")

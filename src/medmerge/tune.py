@@ -48,6 +48,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Literal
 
+import optuna
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -356,6 +357,51 @@ def evaluate_run(run: Run, cfg: TuneConfig, folder: str, suite: str, limit: int 
     return execute_run(run, study, folder)
 
 
+class Reseeded(optuna.samplers.BaseSampler):
+    """TPE or CMA-ES, each trial drawn by a fresh sampler seeded by the search seed and the
+    number of trials before it (a trial a killed process left running aside): a trial's values
+    depend only on the history before it, so a resumed search, or one run by Ray Tune, draws
+    what an uninterrupted sequential one does."""
+
+    def __init__(self, kind: str, seed: int, startup: int):
+        self.kind, self.seed, self.startup = kind, seed, startup
+        self._inner: dict[int, optuna.samplers.BaseSampler] = {}
+
+    def _for(self, study, trial) -> optuna.samplers.BaseSampler:
+        if trial.number not in self._inner:
+            earlier = sum(
+                1
+                for t in study.get_trials(deepcopy=False)
+                if t.number < trial.number and not t.user_attrs.get("interrupted")
+            )
+            # hashed: consecutive integer seeds draw alike first values
+            key = f"{self.seed}:{earlier}".encode()
+            seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
+            self._inner[trial.number] = (
+                optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
+                if self.kind == "cmaes"
+                else optuna.samplers.TPESampler(seed=seed, n_startup_trials=self.startup)
+            )  # fmt: skip
+        return self._inner[trial.number]
+
+    def infer_relative_search_space(self, study, trial):
+        return self._for(study, trial).infer_relative_search_space(study, trial)
+
+    def sample_relative(self, study, trial, search_space):
+        return self._for(study, trial).sample_relative(study, trial, search_space)
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        inner = self._for(study, trial)
+        return inner.sample_independent(study, trial, param_name, param_distribution)
+
+    def before_trial(self, study, trial):
+        self._for(study, trial).before_trial(study, trial)
+
+    def after_trial(self, study, trial, state, values):
+        self._for(study, trial).after_trial(study, trial, state, values)
+        self._inner.pop(trial.number, None)
+
+
 class _Search:
     """One tune folder's search: the Optuna study in SQLite, the dev part, the base's scores."""
 
@@ -370,6 +416,7 @@ class _Search:
             storage=storage,
             direction="maximize",
             load_if_exists=True,
+            sampler=self.sampler(),
             pruner=(
                 optuna.pruners.MedianPruner(n_startup_trials=3)
                 if cfg.search.prune_limit
@@ -393,29 +440,15 @@ class _Search:
         states = (self.optuna.trial.TrialState.COMPLETE, self.optuna.trial.TrialState.PRUNED)
         return len(self.study.get_trials(deepcopy=False, states=states))
 
-    def drawn(self) -> int:
-        """Trials drawn and ended, an interrupted one (left running by a killed process)
-        aside: what seeds the next trial's sampler."""
-        done = [t for t in self.study.get_trials(deepcopy=False) if t.state.is_finished()]
-        return sum(1 for t in done if not t.user_attrs.get("interrupted"))
-
     def failed(self) -> int:
         """Trials whose merge was refused (a config error)."""
         return sum(1 for t in self.study.get_trials(deepcopy=False) if "error" in t.user_attrs)
 
-    def sampler(self, offset: int = 0):
-        # hashed: consecutive integer seeds draw alike first values
-        key = f"{self.cfg.search.seed}:{self.drawn() + offset}".encode()
-        seed = int.from_bytes(hashlib.sha256(key).digest()[:4], "big")
-        if self.cfg.search.sampler == "cmaes":
-            return self.optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
-        return self.optuna.samplers.TPESampler(
-            seed=seed,
-            n_startup_trials=max(2, min(10, self.cfg.search.trials // 4)),
-        )
+    def sampler(self) -> Reseeded:
+        search = self.cfg.search
+        return Reseeded(search.sampler, search.seed, max(2, min(10, search.trials // 4)))
 
-    def ask(self, offset: int = 0):
-        self.study.sampler = self.sampler(offset)
+    def ask(self):
         trial = self.study.ask()
         method, params, per_model = suggest(trial, self.cfg)
         run = merge_run(self.cfg, f"trial-{trial.number}", method, params, per_model)
@@ -429,8 +462,7 @@ class _Search:
         value = objective_value(scores, self.cfg.objective)
         trial.set_user_attr("dev", scores)
         trial.set_user_attr("fingerprint", record.fingerprint)
-        violations = [(self.base_dev[c.task] - scores[c.task]) * 100 - c.max_drop
-                      for c in self.cfg.constraints]  # fmt: skip
+        violations = self._violations(scores)
         trial.set_user_attr("constraints", violations)
         for c, v in zip(self.cfg.constraints, violations, strict=True):
             trial.set_constraint(f"{c.task} drop", v)  # <= 0: feasible (the sampler reads it)
@@ -439,6 +471,11 @@ class _Search:
         else:
             self.study.tell(trial, value)
         return value
+
+    def _violations(self, scores: dict[str, float]) -> list[float]:
+        """Per constraint, points below the base beyond the allowed drop (<= 0: met)."""
+        return [(self.base_dev[c.task] - scores[c.task]) * 100 - c.max_drop
+                for c in self.cfg.constraints]  # fmt: skip
 
     def run_local(self, trials: int, progress: bool) -> None:
         from tqdm.auto import tqdm
@@ -486,41 +523,22 @@ class _Search:
             )
 
     def run_ray(self, trials: int) -> None:
-        import os
-
+        """Ray Tune trials drawn by its Optuna searcher from this folder's study (the storage
+        and sampler of the local executor), each trial's merge and dev evaluation in a Ray
+        worker (`medmerge.tune_ray`)."""
         try:
-            import ray
+            from medmerge.tune_ray import run_trials
         except ImportError as e:
-            raise ConfigError("--executor ray needs Ray: pip install 'medmerge[ray]'") from e
-        if not ray.is_initialized():
-            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
-        gpus = 1 if "cuda" in (self.cfg.protocol.device, self.cfg.merge.device) else 0
-        task = ray.remote(num_cpus=1, num_gpus=gpus)(evaluate_run)
-        pending: dict = {}
-        while self.finished() < trials or pending:
-            while len(pending) < self.cfg.search.concurrent and (
-                self.finished() + len(pending) < trials
-            ):
-                trial, run = self.ask(offset=len(pending))
-                ref = task.remote(run, self.cfg, str(self.folder.resolve()),
-                                  str(self.suites["dev"].resolve()), None, False)  # fmt: skip
-                pending[ref] = trial
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            trial = pending.pop(ready[0])
-            try:
-                record = ray.get(ready[0])
-            except ray.exceptions.RayTaskError as e:
-                if not isinstance(e.cause, ConfigError):
-                    raise
-                self.refuse(trial, e.cause, trials)
-                continue
-            value = self.tell(trial, record)
-            log.info("trial %d on ray: %.4f", trial.number, value)
+            raise ConfigError("--executor ray needs Ray Tune: pip install 'medmerge[ray]'") from e
+        remaining = trials - self.finished()
+        if remaining > 0:
+            run_trials(self, remaining)
 
     def best(self, n: int) -> list:
         """The n best finished trials that meet the constraints, distinct merge configs."""
         complete = self.study.get_trials(states=(self.optuna.trial.TrialState.COMPLETE,))
-        feasible = [t for t in complete if all(c <= 0 for c in t.user_attrs["constraints"])]
+        feasible = [t for t in complete if "dev" in t.user_attrs
+                    and all(c <= 0 for c in t.user_attrs["constraints"])]  # fmt: skip
         found, seen = [], set()
         for t in sorted(feasible, key=lambda t: (-t.value, t.number)):
             key = json.dumps(t.user_attrs["merge_config"], sort_keys=True)
@@ -543,6 +561,12 @@ def run_tune(
     cfg = load_tune(config)
     if trials is not None:
         cfg.search.trials = trials
+    # local paths made absolute: Ray Tune runs each trial in a folder of its own
+    local = {k: str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v
+             for k, v in (("base", cfg.base), ("suite", cfg.suite))}  # fmt: skip
+    models = [str(Path(m).resolve()) if isinstance(m, str) and Path(m).exists() else m
+              for m in cfg.models]  # fmt: skip
+    cfg = cfg.model_copy(update={**local, "models": models})
     folder = Path(out or f"tunes/{cfg.name}")
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder):
