@@ -14,7 +14,7 @@ from packaging.utils import canonicalize_name
 FEATURES = {
     "eval": ["lm_eval", "lm_eval.models.huggingface"],
     "adapters": ["peft"],
-    "tune": ["optuna", "lm_eval", "lm_eval.models.huggingface", "matplotlib.pyplot"],
+    "tune": ["optuna", "cmaes", "lm_eval", "lm_eval.models.huggingface", "matplotlib.pyplot"],
     "ray": ["ray.tune"],
 }
 

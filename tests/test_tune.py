@@ -174,6 +174,15 @@ def test_a_killed_search_resumes_without_redoing_trials(inputs, tmp_path, monkey
     assert (resumed / "best.yaml").read_text() == (whole / "best.yaml").read_text()
 
 
+def test_cma_es_draws_the_same_trials_for_the_same_seed(inputs, tmp_path):
+    cfg = _config(inputs, search={"trials": 4, "seed": 2, "sampler": "cmaes"})
+    first = _trials(tune.run_tune(cfg, tmp_path / "one", progress=False))
+    again = _trials(tune.run_tune(cfg, tmp_path / "two", progress=False))
+    assert len(first) == 4 and first == again
+    weights = [w for params, _ in first for w in params.values()]
+    assert all(0.0 <= w <= 1.0 for w in weights) and len(set(weights)) == len(weights)
+
+
 def test_ray_gives_the_local_trials_with_one_at_a_time(inputs, tmp_path):
     ray = pytest.importorskip("ray")
     cfg = _config(inputs, search={"trials": 3, "seed": 5})

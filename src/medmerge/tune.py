@@ -406,9 +406,6 @@ class _Search:
     """One tune folder's search: the Optuna study in SQLite, the dev part, the base's scores."""
 
     def __init__(self, cfg: TuneConfig, folder: Path, suites: dict[str, Path]):
-        import optuna
-
-        self.optuna = optuna
         self.cfg, self.folder, self.suites = cfg, folder, suites
         storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.sqlite3'}")
         self.study = optuna.create_study(
@@ -437,7 +434,7 @@ class _Search:
                             keep)  # fmt: skip
 
     def finished(self) -> int:
-        states = (self.optuna.trial.TrialState.COMPLETE, self.optuna.trial.TrialState.PRUNED)
+        states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
         return len(self.study.get_trials(deepcopy=False, states=states))
 
     def failed(self) -> int:
@@ -467,7 +464,7 @@ class _Search:
         for c, v in zip(self.cfg.constraints, violations, strict=True):
             trial.set_constraint(f"{c.task} drop", v)  # <= 0: feasible (the sampler reads it)
         if pruned:
-            self.study.tell(trial, state=self.optuna.trial.TrialState.PRUNED)
+            self.study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         else:
             self.study.tell(trial, value)
         return value
@@ -514,7 +511,7 @@ class _Search:
         """A trial whose merge the method refuses (weights summing to 0, say) fails with its
         reason recorded; the search goes on, unless failures outnumber the trials asked."""
         trial.set_user_attr("error", str(error))
-        self.study.tell(trial, state=self.optuna.trial.TrialState.FAIL)
+        self.study.tell(trial, state=optuna.trial.TrialState.FAIL)
         log.warning("trial %d refused: %s", trial.number, error)
         if self.failed() > trials:
             raise ConfigError(
@@ -536,7 +533,7 @@ class _Search:
 
     def best(self, n: int) -> list:
         """The n best finished trials that meet the constraints, distinct merge configs."""
-        complete = self.study.get_trials(states=(self.optuna.trial.TrialState.COMPLETE,))
+        complete = self.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
         feasible = [t for t in complete if "dev" in t.user_attrs
                     and all(c <= 0 for c in t.user_attrs["constraints"])]  # fmt: skip
         found, seen = [], set()
