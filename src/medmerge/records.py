@@ -106,17 +106,23 @@ class RunRecord(BaseModel):
     result: dict  # medmerge.eval.EvalResult as a dict
 
 
+def read_mapping(config: str | Path | dict, what: str) -> dict:
+    """A config given as a dict, or as the path of a YAML file holding one mapping."""
+    if isinstance(config, dict):
+        return config
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    documents = read_yaml(path, what)
+    if len(documents) != 1 or not isinstance(documents[0], dict):
+        raise ConfigError(f"{what} {path} must be one YAML mapping")
+    return documents[0]
+
+
 def load_study(config: str | Path | dict | StudyConfig) -> StudyConfig:
     if isinstance(config, StudyConfig):
         return config
-    if not isinstance(config, dict):
-        path = Path(config)
-        if not path.is_file():
-            raise ConfigError(f"study config {path} does not exist")
-        documents = read_yaml(path, "study config")
-        if len(documents) != 1 or not isinstance(documents[0], dict):
-            raise ConfigError(f"study config {path} must be one YAML mapping")
-        config = documents[0]
+    config = read_mapping(config, "study config")
     try:
         return StudyConfig.model_validate(config)
     except ValidationError as e:

@@ -179,7 +179,7 @@ def _run_locked(study: StudyConfig, folder: Path, executor: str, report: bool, p
         for run in runs:
             if not _done(folder / "runs" / f"{run.name}.json", _run_hash(run, study)):
                 todo.append(run)
-        _check_merges(todo)
+        check_merges(todo)
         log.info("study %s: %d runs, %d to do", study.name, len(runs), len(todo))
         if executor == "ray":
             _run_ray(todo, study, folder)
@@ -214,9 +214,10 @@ def _run_locked(study: StudyConfig, folder: Path, executor: str, report: bool, p
         handler.close()
 
 
-def _check_merges(runs: list[Run]) -> None:
+def check_merges(runs: list[Run], what: str = "study merge") -> None:
     """Plan every merge before anything runs, unknown parameters as errors: a misspelt method
-    or parameter fails now, not after the base and parents were evaluated."""
+    or parameter fails now, not after the base and parents were evaluated. Errors name the
+    run as `what` and its name."""
     from medmerge.plan import plan_merge
 
     for run in runs:
@@ -224,7 +225,7 @@ def _check_merges(runs: list[Run]) -> None:
             try:
                 plan = plan_merge(run.merge_config, strict=True)
             except ConfigError as e:
-                raise ConfigError(f"study merge {run.name}: {e}") from e
+                raise ConfigError(f"{what} {run.name}: {e}") from e
             for ckpt in plan.checkpoints:
                 ckpt.close()
 

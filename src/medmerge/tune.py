@@ -66,6 +66,7 @@ from medmerge.records import (
     RunRecord,
     StudyConfig,
     expand,
+    read_mapping,
 )
 
 log = logging.getLogger("medmerge")
@@ -159,16 +160,8 @@ def load_tune(config: str | Path | dict | TuneConfig) -> TuneConfig:
     if isinstance(config, TuneConfig):
         cfg = config
     else:
-        if not isinstance(config, dict):
-            path = Path(config)
-            if not path.is_file():
-                raise ConfigError(f"tune config {path} does not exist")
-            documents = read_yaml(path, "tune config")
-            if len(documents) != 1 or not isinstance(documents[0], dict):
-                raise ConfigError(f"tune config {path} must be one YAML mapping")
-            config = documents[0]
         try:
-            cfg = TuneConfig.model_validate(config)
+            cfg = TuneConfig.model_validate(read_mapping(config, "tune config"))
         except ValidationError as e:
             problems = "; ".join(
                 f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
@@ -587,21 +580,14 @@ def run_tune(
 def _check_merges(cfg: TuneConfig) -> None:
     """Every space and baseline planned strictly (at its ranges' middles) before anything
     runs: incompatible models or a parameter the method refuses fail now."""
-    from medmerge.plan import plan_merge
+    from medmerge.study import check_merges
 
     runs = []
     for i, space in enumerate(cfg.spaces):
         single = cfg.model_copy(update={"spaces": [space]})
         method, top, per_model = suggest(_Middle(), single)
         runs.append(merge_run(cfg, f"space-{i}", method, top, per_model))
-    runs += _baselines(cfg)
-    for run in runs:
-        try:
-            plan = plan_merge(run.merge_config, strict=True)
-        except ConfigError as e:
-            raise ConfigError(f"tune {run.name}: {e}") from e
-        for ckpt in plan.checkpoints:
-            ckpt.close()
+    check_merges(runs + _baselines(cfg), "tune")
 
 
 def _baselines(cfg: TuneConfig) -> list[Run]:

@@ -116,11 +116,9 @@ def cached_specialist(
     return folder
 
 
-def study_config(
-    base: Path, specialists: list[Path], suite: Path, settings: DemoSettings, store: Path
-) -> dict:
+def _inputs(base: Path, specialists: list[Path], suite: Path, settings: DemoSettings) -> dict:
+    """What the demo's study and search share: the models, the suite, the protocol."""
     return {
-        "name": "icd10_demo",
         "base": str(base),
         "models": [str(s) for s in specialists],
         "suite": str(suite),
@@ -131,6 +129,15 @@ def study_config(
             "seed": settings.seed,
         },
         "merge": {"dtype": "bfloat16", "seed": settings.seed},
+    }
+
+
+def study_config(
+    base: Path, specialists: list[Path], suite: Path, settings: DemoSettings, store: Path
+) -> dict:
+    return {
+        "name": "icd10_demo",
+        **_inputs(base, specialists, suite, settings),
         "result_store": str(store),
         "merges": list(settings.merges),
     }
@@ -139,17 +146,8 @@ def study_config(
 def tune_config(base: Path, specialists: list[Path], suite: Path, settings: DemoSettings) -> dict:
     return {
         "name": "icd10_tune",
-        "base": str(base),
-        "models": [str(s) for s in specialists],
-        "suite": str(suite),
+        **_inputs(base, specialists, suite, settings),
         "split": {"dev": 0.5, "seed": settings.seed},
-        "protocol": {
-            "num_fewshot": settings.num_fewshot,
-            "dtype": "bfloat16",
-            "limit": settings.limit,
-            "seed": settings.seed,
-        },
-        "merge": {"dtype": "bfloat16", "seed": settings.seed},
         "constraints": [{"task": CONTROL_TASK, "max_drop": 5.0}],
         "search": {"trials": settings.trials, "seed": settings.seed},
         "spaces": TUNE_SPACES,
