@@ -1,7 +1,7 @@
 """Peak memory and time of merges with the largest tensors of today's models, beside mergekit.
 
     python benchmarks/memory_bench.py [--shape 70b|405b] [--methods linear,ties]
-                                      [--mergekit /tmp/mk/bin/python]
+                                      [--max-memory 2GB] [--mergekit /tmp/mk/bin/python]
 
 A family (base + two fine-tunes, bf16) with one decoder layer of the shape's widths and its full
 128256-token embedding and output head, generated tensor by tensor into `--cache` (ignored by
@@ -10,7 +10,8 @@ git) the first time:
 - `405b`: Llama-3-405B's hidden size 16384 with a narrow MLP (1024): its 4.2 GB embedding and
   head, 8.6 GB a model.
 Each merge runs in a fresh process; its peak RSS (VmHWM) counts the input pages it maps as well
-as its own buffers. A constant-memory merge keeps it flat whatever the shape.
+as its own buffers. `--max-memory` is medmerge's budget (default: medmerge's, a quarter of RAM);
+tensors over an eighth of it are merged in row blocks.
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def main() -> None:
                     help=f"comma-separated, or 'all': {', '.join(PARAMETERS)}")  # fmt: skip
     ap.add_argument("--cache", type=Path, default=ROOT / "bench-cache")
     ap.add_argument("--mergekit", help="python of a virtual environment with mergekit==0.1.5")
+    ap.add_argument("--max-memory", help="medmerge's memory budget, e.g. 2GB")
     args = ap.parse_args()
     env = {**os.environ, "MEDMERGE_CACHE": str(args.cache / "medmerge-cache"),
            "PYTHONPATH": str(ROOT)}  # fmt: skip
@@ -80,7 +82,8 @@ def main() -> None:
     rows = []
     for method in methods:
         shutil.rmtree(out, ignore_errors=True)
-        rows.append((method, *child(merge_code(method, models, out, "cpu"), env)))
+        code = merge_code(method, models, out, "cpu", args.max_memory)
+        rows.append((method, *child(code, env)))
         if args.mergekit and method in MERGEKIT_METHODS:
             shutil.rmtree(out, ignore_errors=True)
             code = mergekit_code(method, models, out)

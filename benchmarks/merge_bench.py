@@ -152,10 +152,13 @@ def mergekit_code(method: str, models: list[Path], out: Path) -> str:
     )
 
 
-def merge_code(method: str, models: list[Path], out: Path, device: str) -> str:
+def merge_code(
+    method: str, models: list[Path], out: Path, device: str, max_memory: str | None = None
+) -> str:
     cfg = config(method, models)
     return (
-        f"medmerge.merge({cfg!r}, {str(out)!r}, device={device!r}, progress=False)\n"
+        f"medmerge.merge({cfg!r}, {str(out)!r}, device={device!r}, progress=False, "
+        f"max_memory={max_memory!r})\n"
         "import json\n"
         f"diag = Path({str(out)!r}) / 'merge_diagnostics.json'\n"
         "if diag.exists():\n"

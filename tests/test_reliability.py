@@ -327,7 +327,7 @@ def test_an_output_under_a_file_and_a_full_disk_are_one_line_errors(mistral, tmp
     (tmp_path / "file").write_text("x")
     _one_line_error(*_cli("merge", config, tmp_path / "file" / "out", "--quiet"), "not a folder")
 
-    def full(self, name, tensor):
+    def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "shard")
 
     monkeypatch.setattr(checkpoint.ShardWriter, "write", full)

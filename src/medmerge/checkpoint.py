@@ -158,12 +158,16 @@ class Checkpoint:
             raise CheckpointError(f"tensor {name!r} is not in {self.path}")
         return self.tensors[stored]
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor: a CPU tensor in its stored dtype that nothing else shares. From a
-        safetensors shard it is a private (copy-on-write) memory map of the tensor's bytes."""
+    def read(self, name: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Read one tensor, or its rows `rows` = (start, stop): a CPU tensor in its stored dtype
+        that nothing else shares. From a safetensors shard it is a private (copy-on-write)
+        memory map of just those bytes (rows are contiguous), unmapped when it is freed."""
         info = self.info(name)
+        start, stop = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
+        shape = (stop - start, *info.shape[1:]) if rows is not None else info.shape
         if info.start < 0:
-            return self._bin_shards[info.file][self.resolve(name)].clone()
+            whole = self._bin_shards[info.file][self.resolve(name)]
+            return (whole if rows is None else whole[start:stop]).clone()
         fd = self._fds.get(info.file)
         if fd is None:
             fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
@@ -172,11 +176,14 @@ class Checkpoint:
                 f"{info.file} was truncated while it was read (tensor {name!r} ends at byte "
                 f"{info.end}); do not change a model's files during a merge"
             )
-        if info.nbytes and info.start % info.dtype.itemsize == 0:
-            data = _mapped(fd, info.start, info.nbytes)
+        row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
+        first = info.start + start * row_bytes
+        nbytes = math.prod(shape) * info.dtype.itemsize
+        if nbytes and first % info.dtype.itemsize == 0:
+            data = _mapped(fd, first, nbytes)
         else:  # an empty tensor, or one a typed view of a map cannot start at
-            data = _copied(fd, info.start, info.nbytes, f"{info.file} tensor {name!r}")
-        return data.view(info.dtype).reshape(info.shape)
+            data = _copied(fd, first, nbytes, f"{info.file} tensor {name!r}")
+        return data.view(info.dtype).reshape(shape)
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -418,21 +425,30 @@ class ShardWriter:
         self._file: SequentialFile | None = None
         self._stage: np.ndarray | None = None
         self._left_in_shard = 0
+        self._rows = 0  # rows written of a tensor written in row blocks
         self.total_size = sum(math.prod(s) * d.itemsize for _, s, d in plan)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor, rows: bool = False) -> None:
+        """Write tensor `name` (the next planned one), or with `rows` its next rows: a tensor
+        written in row blocks is done when all its rows are."""
         if self._next >= len(self.order) or self.order[self._next] != name:
             raise MergeError(f"internal error: tensor {name!r} written out of planned order")
         if self._left_in_shard == 0:
             self._open_next_shard()
         _, entries = self.shards[self._shard]
         _, shape, dtype = entries[len(entries) - self._left_in_shard]
-        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+        given = tuple(tensor.shape)
+        done = self._rows + (given[0] if rows else 0)
+        whole = done == shape[0] if rows else given == shape
+        fits = given[1:] == shape[1:] and done <= shape[0] if rows else whole
+        if not fits or tensor.dtype != dtype:
             raise MergeError(
-                f"tensor {name!r}: method returned {tuple(tensor.shape)} {tensor.dtype}, "
-                f"expected {shape} {dtype}"
+                f"tensor {name!r}: method returned {given} {tensor.dtype}, expected {shape} {dtype}"
             )
         self._file.write(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+        self._rows = 0 if whole else done
+        if not whole:
+            return
         self._next += 1
         self._left_in_shard -= 1
         if self._left_in_shard == 0:

@@ -57,6 +57,13 @@ def merge(
         Path | None,
         typer.Option(help="a multi-document config's named merges go here (default: removed)"),
     ] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="memory for tensor data, e.g. 2GB: larger tensors are merged in row blocks "
+            "(default: a quarter of RAM)"
+        ),
+    ] = None,
 ) -> None:
     """Merge the models a config names, streaming tensor by tensor, into OUT_DIR (a config of
     several YAML documents, mergekit-multi's, runs them in the order they need)."""
@@ -74,6 +81,7 @@ def merge(
         progress=not quiet,
         strict=strict,
         intermediate_dir=intermediate_dir,
+        max_memory=max_memory,
     )
     typer.echo(f"merged model written to {out}")
 

@@ -5,6 +5,10 @@ output tensor to its inputs, resolve every parameter) -> `merge` (read a group o
 inputs, call the method in float32 on the device, check and cast the result, stream it into the
 shard writer) -> metadata and provenance -> atomic rename into OUT_DIR. A file of several
 configs (mergekit-multi's) runs them in the order their references need.
+
+Memory: a tensor whose inputs and output take more than an eighth of the memory budget
+(`max_memory`) is merged in row blocks where its method can (`MergeMethod.rows`, `.streams`):
+read from the shards block by block and written block by block, with the same result as whole.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -36,10 +41,9 @@ from medmerge.checkpoint import (
 from medmerge.config import MergeConfig, load_configs
 from medmerge.errors import ConfigError, MergeError
 from medmerge.hashing import sha256_file
-from medmerge.methods import (
-    largest_magnitude,
-)
+from medmerge.methods import largest_magnitude
 from medmerge.methods.rng import tensor_keys
+from medmerge.methods.streaming import Blocked, chunk_rows
 from medmerge.plan import MergePlan, plan_merge
 from medmerge.version import __version__
 from medmerge.vocab import is_vocabulary_tensor
@@ -51,6 +55,15 @@ DIAGNOSTICS = "merge_diagnostics.json"
 
 
 PREFETCH = 2  # groups read ahead of, and written behind, the arithmetic
+# a tensor whose inputs and output exceed budget / SHARE is merged in row blocks of about that
+# size: PREFETCH groups read ahead, PREFETCH written behind and one merged, plus float32 work
+SHARE = 8
+Blocks = tuple[tuple[int, int], ...]
+
+
+def default_max_memory() -> int:
+    """The memory budget when none is given: a quarter of the machine's memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
 
 
 @dataclass
@@ -59,11 +72,60 @@ class GroupInput:
     order (the base first where the method takes one)."""
 
     names: list[str]
-    inputs: dict[str, list[torch.Tensor]]
+    inputs: dict[str, list[torch.Tensor | Blocked]]
     nbytes: int
 
 
-def _read_group(plan: MergePlan, names: list[str]) -> GroupInput:
+@dataclass(frozen=True)
+class RowBlocks:
+    """How a tensor over the memory budget is merged: `mode` "rows" (the method called on each
+    block) or "streams" (the method given `Blocked` inputs), in these row blocks."""
+
+    mode: str
+    blocks: Blocks
+
+
+def _row_blocks(plan: MergePlan, name: str, device: torch.device, budget: int) -> RowBlocks | None:
+    """How tensor `name` is merged in row blocks of about `budget` bytes of inputs, output and
+    float32 work, where it exceeds that and the method can; None: whole."""
+    method, tensor = plan.method, plan.tensors[name]
+    if plan.vocabulary is not None and is_vocabulary_tensor(name):
+        return None
+    infos = [plan.checkpoints[i.model].info(i.name) for i in tensor.inputs]
+    shape = infos[0].shape
+    if len(shape) == 0 or shape[0] < 2 or not tensor.models or not infos[0].dtype.is_floating_point:
+        return None
+    row = math.prod(shape[1:])
+    stored = sum(i.dtype.itemsize for i in infos) + plan.out_dtype.itemsize
+    if row * shape[0] * stored <= budget:
+        return None
+    chunk_row = method.streams(tensor.params, shape) if method.streams else None
+    if chunk_row and device.type == "cpu":
+        # blocks of whole chunks, as the method works through the whole tensor
+        mode, step = "streams", chunk_rows(shape, chunk_row)
+    elif method.rows and not method.group and method.rows(tensor.params, shape):
+        mode, step = "rows", 1
+    else:
+        return None
+    per_row = row * (stored + 4 * (len(infos) + 2))  # float32 copies and results, at most
+    rows = max(step, budget // per_row // step * step)
+    return RowBlocks(mode, tuple((r, min(r + rows, shape[0])) for r in range(0, shape[0], rows)))
+
+
+def _blocked_input(plan: MergePlan, item, blocks: Blocks, check: bool) -> Blocked:
+    ckpt = plan.checkpoints[item.model]
+    info = ckpt.info(item.name)
+
+    def get(k: int) -> torch.Tensor:
+        t = ckpt.read(item.name, blocks[k])
+        if check:
+            _refuse_nonfinite(ckpt, item.name, t)
+        return t
+
+    return Blocked(info.shape, info.dtype, blocks, get)
+
+
+def _read_group(plan: MergePlan, names: list[str], blocked: dict[str, RowBlocks]) -> GroupInput:
     # where a NaN would surely reach the output, the output's check stands in for a pass over
     # the inputs
     check = not plan.method.spreads_nonfinite
@@ -72,7 +134,10 @@ def _read_group(plan: MergePlan, names: list[str]) -> GroupInput:
         read = []
         for item in plan.tensors[n].inputs:
             ckpt = plan.checkpoints[item.model]
-            read.append(_read_finite(ckpt, item.name) if check else ckpt.read(item.name))
+            if n in blocked:  # read block by block as it is merged
+                read.append(_blocked_input(plan, item, blocked[n].blocks, check))
+            else:
+                read.append(_read_finite(ckpt, item.name) if check else ckpt.read(item.name))
             nbytes += ckpt.info(item.name).nbytes
         if plan.vocabulary is not None and is_vocabulary_tensor(n):
             read = plan.vocabulary.align([i.model for i in plan.tensors[n].inputs], read)
@@ -111,52 +176,101 @@ def _engine_kwargs(plan: MergePlan, key: str, seed: int, diagnostics: list) -> d
 
 
 def _merge_group(
-    plan: MergePlan, group: GroupInput, device: torch.device, seed: int, diagnostics: list
-) -> dict[str, torch.Tensor]:
-    """Merged tensors of one group, in the output dtype, on the CPU, checked finite."""
+    plan: MergePlan,
+    group: GroupInput,
+    device: torch.device,
+    seed: int,
+    diagnostics: list,
+    blocked: dict[str, RowBlocks],
+) -> dict[str, torch.Tensor | Blocked]:
+    """Merged tensors of one group, in the output dtype, on the CPU, checked finite; those
+    merged in row blocks as `Blocked`, whose blocks are computed, checked and cast as they are
+    written."""
     names, method = group.names, plan.method
     if not group.inputs[names[0]][0].dtype.is_floating_point:
         # integer and bool buffers (none in Llama/Mistral) are not merged: the first input's
         # (the base's, where the method takes one) is kept
         return {names[0]: group.inputs[names[0]][0]}
-
-    def f32(t: torch.Tensor) -> torch.Tensor:
-        if method.raw_inputs:  # the method converts chunk by chunk, sparing full-size copies
-            return t.to(device=device)
-        return t.to(device=device, dtype=torch.float32)
-
-    inputs = {n: [f32(t) for t in group.inputs[n]] for n in names}
-    has_base = plan.tensors[names[0]].has_base
-    base = {n: inputs[n][0] for n in names} if has_base else None
-    models = [{n: inputs[n][i] for n in names} for i in range(int(has_base), len(inputs[names[0]]))]
     if method.group:
+        inputs = {n: [_to_device(plan, t, device) for t in group.inputs[n]] for n in names}
+        has_base = plan.tensors[names[0]].has_base
+        base = {n: inputs[n][0] for n in names} if has_base else None
+        models = [
+            {n: inputs[n][i] for n in names} for i in range(int(has_base), len(inputs[names[0]]))
+        ]
         extra = _engine_kwargs(plan, names[0], seed, diagnostics)
         extra.pop("name", None)
         out = method.fn(base, models, names=names, **plan.tensors[names[0]].params, **extra)
     else:
         out = {
-            n: method.fn(
-                base[n] if base else None,
-                [m[n] for m in models],
-                **plan.tensors[n].params,
-                **_engine_kwargs(plan, n, seed, diagnostics),
-            )
+            n: _merge_tensor(plan, n, group.inputs[n], device, seed, diagnostics, blocked.get(n))
             for n in names
         }
     result = {}
     for n in names:
-        _check_finite(plan, group, n, out[n])
+        if isinstance(out[n], Blocked):
+            result[n] = out[n]
+            continue
+        _check_finite(plan, n, out[n], lambda n=n: group.inputs[n])
         result[n] = out[n].to(plan.out_dtype).cpu()
     return result
 
 
-def _check_finite(plan: MergePlan, group: GroupInput, name: str, merged: torch.Tensor) -> None:
+def _to_device(plan: MergePlan, t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """An input as the method takes it: on the device, in float32 unless it converts chunk by
+    chunk itself (`raw_inputs`)."""
+    if isinstance(t, Blocked):
+        return t
+    if plan.method.raw_inputs:
+        return t.to(device=device)
+    return t.to(device=device, dtype=torch.float32)
+
+
+def _merge_tensor(plan, name, inputs, device, seed, diagnostics, how: RowBlocks | None):
+    """The method's result for one tensor: a tensor, or `Blocked` where it is merged in row
+    blocks (the method's own, given `Blocked` inputs; or the method called block by block)."""
+    if how is not None and how.mode == "rows":
+
+        def block(k: int) -> torch.Tensor:
+            return _merge_tensor(plan, name, [t.get(k) for t in inputs], device, seed,
+                                 diagnostics, None)  # fmt: skip
+
+        return Blocked(inputs[0].shape, plan.out_dtype, how.blocks, block)
+    if how is None:
+        inputs = [_to_device(plan, t, device) for t in inputs]
+    has_base = plan.tensors[name].has_base
+    return plan.method.fn(
+        inputs[0] if has_base else None,
+        inputs[int(has_base) :],
+        **plan.tensors[name].params,
+        **_engine_kwargs(plan, name, seed, diagnostics),
+    )
+
+
+def _parts(plan: MergePlan, group: GroupInput, merged: dict):
+    """(name, tensor, whether it is a row block, share of the group's input bytes) to write:
+    the merged tensors, and those merged in row blocks block by block (computed, checked and
+    cast here, one at a time)."""
+    for n in group.names:
+        out = merged[n]
+        if not isinstance(out, Blocked):
+            yield n, out, False, 1 / len(group.names)
+            continue
+        for k, (start, stop) in enumerate(out.blocks):
+            block = out.get(k)
+            inputs = group.inputs[n]
+            _check_finite(plan, n, block, lambda k=k, inputs=inputs: [t.get(k) for t in inputs])
+            share = (stop - start) / out.shape[0] / len(group.names)
+            yield n, block.to(plan.out_dtype).cpu(), True, share
+
+
+def _check_finite(plan: MergePlan, name: str, merged: torch.Tensor, inputs) -> None:
     """Raise if the float32 result has NaN/inf or does not fit the output dtype: naming the
     input that has NaN/inf, if one has (only methods that spread them skip the inputs' check
-    when reading)."""
+    when reading; `inputs()` gives those the result came from)."""
     if largest_magnitude(merged) <= torch.finfo(plan.out_dtype).max:  # False for NaN
         return
-    for item, tensor in zip(plan.tensors[name].inputs, group.inputs[name], strict=True):
+    for item, tensor in zip(plan.tensors[name].inputs, inputs(), strict=True):
         _refuse_nonfinite(plan.checkpoints[item.model], item.name, tensor)
     raise MergeError(
         f"merged tensor {name!r} has non-finite values: the result overflows {plan.out_dtype} "
@@ -176,16 +290,23 @@ def merge(
     progress: bool = True,
     strict: bool = False,
     intermediate_dir: str | Path | None = None,
+    max_memory: str | int | None = None,
 ) -> Path:
     """Merge the models a config names into a new checkpoint folder `out_dir`; returns it.
 
+    `max_memory` ('2GB', bytes; default `default_max_memory()`) bounds the tensor data held at
+    once: tensors over an eighth of it are merged in row blocks where the method can.
     A file of several configs (mergekit-multi's) merges each named one into
     `intermediate_dir/NAME` (by default a temporary folder beside `out_dir`, removed at the
     end), where later configs find it by its name, and the final one into `out_dir`."""
+    try:
+        budget = default_max_memory() if max_memory is None else parse_size(max_memory)
+        opts = Options(device, dtype, parse_size(shard_size), seed, progress, strict, budget)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     configs = load_configs(config, strict=strict)
     if len(configs) == 1:
-        return _merge_one(configs[0], out_dir, device, dtype, shard_size, seed, overwrite,
-                          progress, strict)  # fmt: skip
+        return _merge_one(configs[0], out_dir, overwrite, opts)
     out = Path(out_dir)
     order, final = _stages(configs)
     keep = intermediate_dir is not None
@@ -202,7 +323,7 @@ def merge(
             target = out if cfg is final or cfg.name == final.name else parts / cfg.name
             log.info("merge stage %s -> %s", cfg.name or "(final)", target)
             replace = overwrite or (target != out and not keep)  # a temporary folder's own
-            _merge_one(cfg, target, device, dtype, shard_size, seed, replace, progress, strict)
+            _merge_one(cfg, target, replace, opts)
             if cfg.name:
                 folders[cfg.name] = str(target)
     finally:
@@ -272,27 +393,39 @@ def _with_models(cfg: MergeConfig, folders: dict[str, str]) -> MergeConfig:
     return MergeConfig.model_validate(swap(cfg.model_dump(exclude_defaults=True)))
 
 
-def _merge_one(cfg, out_dir, device, dtype, shard_size, seed, overwrite, progress, strict):
+@dataclass(frozen=True)
+class Options:
+    """How to merge (the same for every stage of a multi-document config)."""
+
+    device: str
+    dtype: str | None  # output dtype, over the config's
+    shard_size: int  # bytes
+    seed: int
+    progress: bool
+    strict: bool
+    max_memory: int  # bytes
+
+
+def _merge_one(cfg: MergeConfig, out_dir, overwrite: bool, opts: Options) -> Path:
     started = time.time()
-    plan = plan_merge(cfg, dtype, strict=strict)
+    plan = plan_merge(cfg, opts.dtype, strict=opts.strict)
     try:
-        return _merge(plan, out_dir, device, shard_size, seed, overwrite, progress, started)
+        return _merge(plan, out_dir, overwrite, opts, started)
     finally:
         buffers.release()
         for ckpt in plan.checkpoints:
             ckpt.close()
 
 
-def _merge(plan: MergePlan, out_dir, device, shard_size, seed, overwrite, progress, started):
+def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: float) -> Path:
     out = Path(out_dir)
     _refuse_output_near_inputs(out, plan)
-    dev = torch.device(device)
+    dev, seed = torch.device(opts.device), opts.seed
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    try:
-        max_shard = parse_size(shard_size)
-    except ValueError as e:
-        raise ConfigError(str(e)) from e
+    # tensors merged alone (a group method's groups of one) that are over the budget
+    alone = [g[0] for g in plan.groups if len(g) == 1]
+    blocked = {n: b for n in alone if (b := _row_blocks(plan, n, dev, opts.max_memory // SHARE))}
     layout = []
     total_in = 0
     for n in plan.order:
@@ -314,32 +447,39 @@ def _merge(plan: MergePlan, out_dir, device, shard_size, seed, overwrite, progre
         # Three things overlap with the arithmetic: hashing the inputs for provenance, reading the
         # next group, writing the previous one (file I/O and hashlib release the GIL).
         hashes = hasher.submit(_hash_inputs, plan)
-        writer = ShardWriter(tmp, layout, max_shard)
+        writer = ShardWriter(tmp, layout, opts.shard_size)
         groups = plan.groups
         with tqdm(
             total=total_in,
             unit="B",
             unit_scale=True,
             desc=f"merge {plan.method.name}",
-            disable=not progress,
+            disable=not opts.progress,
         ) as bar:
-            # bounded queues: at most PREFETCH groups read ahead and PREFETCH waiting to be written
-            reads = deque(reader.submit(_read_group, plan, g) for g in groups[:PREFETCH])
+            # bounded queues: at most PREFETCH groups read ahead and PREFETCH tensors (or row
+            # blocks) waiting to be written
+            reads = deque(reader.submit(_read_group, plan, g, blocked) for g in groups[:PREFETCH])
             writes: deque = deque()
             for k in range(len(groups)):
                 group = reads.popleft().result()
                 if k + PREFETCH < len(groups):
-                    reads.append(reader.submit(_read_group, plan, groups[k + PREFETCH]))
-                merged = _merge_group(plan, group, dev, seed, diagnostics)
-                if len(writes) == PREFETCH:
-                    writes.popleft().result()
-                writes.append(writer_thread.submit(_write_group, writer, group.names, merged))
-                bar.update(group.nbytes)
+                    reads.append(reader.submit(_read_group, plan, groups[k + PREFETCH], blocked))
+                merged = _merge_group(plan, group, dev, seed, diagnostics, blocked)
+                for name, tensor, rows, share in _parts(plan, group, merged):
+                    if len(writes) == PREFETCH:
+                        writes.popleft().result()
+                    writes.append(writer_thread.submit(writer.write, name, tensor, rows))
+                    bar.update(round(group.nbytes * share))
                 bar.set_postfix_str(f"{k + 1}/{len(groups)} groups", refresh=False)
             for w in writes:
                 w.result()
         shards = writer.finish()
-        run = {"seed": seed, "device": device, "seconds": time.time() - started, "name": out.name}
+        run = {
+            "seed": seed,
+            "device": opts.device,
+            "seconds": time.time() - started,
+            "name": out.name,
+        }
         _write_metadata(plan, tmp, shards, hashes.result(), diagnostics, run)
     log.info("merged %s into %s in %.1f s", plan.method.name, out, time.time() - started)
     return out
@@ -373,11 +513,6 @@ def set_chat_template(folder: Path, template: str) -> None:
     data = json.loads(config.read_text()) if config.is_file() else {}
     data["chat_template"] = template
     config.write_text(json.dumps(data, indent=2) + "\n")
-
-
-def _write_group(writer: ShardWriter, names: list[str], tensors: dict[str, torch.Tensor]) -> None:
-    for n in names:
-        writer.write(n, tensors[n])
 
 
 def _hash_inputs(plan: MergePlan) -> list[dict]:

@@ -17,15 +17,23 @@ from torch import Tensor
 from medmerge import buffers
 from medmerge.errors import ConfigError
 from medmerge.methods import kernels
-from medmerge.methods.registry import register
-from medmerge.methods.streaming import spans
+from medmerge.methods.registry import always, register
+from medmerge.methods.streaming import Blocked, flat, spans
 
 
 def combination(
     coef: list[float], models: list[Tensor], base: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
     """sum_j coef_j models_j, or base + sum_j coef_j (models_j - base) when a base is given,
-    accumulated in float32 chunk by chunk, in the output dtype."""
+    accumulated in float32 chunk by chunk, in the output dtype; of `Blocked` inputs, a
+    `Blocked` result computed block by block."""
+    if isinstance(models[0], Blocked):
+
+        def block(k: int) -> Tensor:
+            at = [m.get(k) for m in models]
+            return combination(coef, at, None if base is None else base.get(k), out_dtype)
+
+        return Blocked(models[0].shape, out_dtype, models[0].blocks, block)
     inputs = [*models, *([base] if base is not None else [])]
     if kernels.usable(*inputs, out_dtype=out_dtype):
         return kernels.combine(base, models, coef, out_dtype)
@@ -43,13 +51,13 @@ def combination(
     return out.view(shape)
 
 
-def chunks(t: Tensor, minus: Tensor | None = None) -> Callable[[slice], Tensor]:
+def chunks(t: Tensor | Blocked, minus: Tensor | Blocked | None = None) -> Callable[[slice], Tensor]:
     """Flat chunks of t (of t - minus) in float32, by flat positions."""
-    flat = t.reshape(-1)
+    values = flat(t)
     if minus is None:
-        return lambda p: flat[p].float()
-    other = minus.reshape(-1)
-    return lambda p: flat[p].float() - other[p].float()
+        return lambda p: values[p].float()
+    other = flat(minus)
+    return lambda p: values[p].float() - other[p].float()
 
 
 def _normalizable(params: dict, config: dict) -> None:
@@ -57,7 +65,7 @@ def _normalizable(params: dict, config: dict) -> None:
         raise ConfigError("the weights sum to 0, so they cannot be normalized")
 
 
-@register("linear", raw_inputs=True, spreads_nonfinite=True, check=_normalizable)
+@register("linear", raw_inputs=True, spreads_nonfinite=True, check=_normalizable, rows=always)
 def linear(
     base: Tensor | None,
     models: list[Tensor],
@@ -72,7 +80,7 @@ def linear(
     return combination([w / total for w in weight], models, None, out_dtype)
 
 
-@register("passthrough", max_models=1)
+@register("passthrough", max_models=1, rows=always)
 def passthrough(base: Tensor | None, models: list[Tensor], *, scale: list[float] = None) -> Tensor:
     """One model's tensor as it is, or times `scale`: with `slices`, layers stacked from
     several models (a "frankenmerge"; mergekit's passthrough)."""

@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from medmerge.methods.registry import register
+from medmerge.methods.registry import always, register
 from medmerge.methods.rng import uniform
 from medmerge.methods.streaming import chunkwise, spans
 
 
-@register("nearswap", min_models=1, max_models=1)
+@register("nearswap", min_models=1, max_models=1, rows=always)
 def nearswap(base: Tensor, models: list[Tensor], *, t: float) -> Tensor:
     """Take the other model's value where it lies within t of the base's, interpolating by
     t / |a - b| beyond  (mergekit's nearswap)."""
@@ -81,7 +81,7 @@ def _ram(base: Tensor, models: list[Tensor], epsilon: float, scale: list[float])
     return out.view(base.shape)
 
 
-@register("ram", min_models=0)
+@register("ram", min_models=0, rows=always)
 def ram(base: Tensor, models: list[Tensor], *, epsilon: float = 1e-5) -> Tensor:
     """Each model's change where it alone changes an entry, the mean of the changes where
     several do  (Reinforced Agent Merging, 2026; mergekit's ram)."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -45,8 +46,8 @@ from medmerge.architectures import (
 )
 from medmerge.errors import ConfigError
 from medmerge.methods import kernels
-from medmerge.methods.registry import register
-from medmerge.methods.streaming import chunkwise, spans
+from medmerge.methods.registry import entries, register
+from medmerge.methods.streaming import Blocked, chunkwise, flat, spans
 
 
 def layer_groups(names: Sequence[str], config: dict, params: dict[str, dict]) -> list[list[str]]:
@@ -80,13 +81,21 @@ def _group_key(name: str, attention, experts) -> str | None:
 def delta_cosine(a: Tensor, b: Tensor, base: Tensor) -> float:
     """cos(a - base, b - base): float32 task vectors, their products summed in float64 (a
     float32 sum of millions of products loses digits that decide near-zero cosines),
-    accumulated over cache-sized chunks (no full-size deltas)."""
-    if kernels.usable(a, b, base):
+    accumulated over cache-sized chunks (no full-size deltas); of `Blocked` inputs, block by
+    block, summing the same terms in the same order."""
+    blocked = isinstance(a, Blocked)
+    if blocked and kernels.usable_dtypes({a.dtype, b.dtype, base.dtype}):
+        terms = [
+            kernels.delta_product_terms(base.get(k), a.get(k), b.get(k))
+            for k in range(len(a.blocks))
+        ]
+        dot, na, nb = (float(x) for x in np.concatenate(terms).sum(0))
+    elif not blocked and kernels.usable(a, b, base):
         dot, na, nb = kernels.delta_products(base, a, b)
     else:
         dot = na = nb = 0.0
-        fa, fb, f0 = a.reshape(-1), b.reshape(-1), base.reshape(-1)
-        for part in spans(fa.numel(), fa.device):
+        fa, fb, f0 = flat(a), flat(b), flat(base)
+        for part in spans(fa.numel(), a.device):
             base_part = f0[part].float()
             da = (fa[part].float() - base_part).double()
             db = (fb[part].float() - base_part).double()
@@ -98,7 +107,12 @@ def delta_cosine(a: Tensor, b: Tensor, base: Tensor) -> float:
 
 
 def lerp(a: Tensor, b: Tensor, w: float, out_dtype: torch.dtype) -> Tensor:
-    """(1 - w) a + w b in float32 (torch.lerp), cast to `out_dtype`."""
+    """(1 - w) a + w b in float32 (torch.lerp), cast to `out_dtype`; of `Blocked` inputs, a
+    `Blocked` result."""
+    if isinstance(a, Blocked):
+        return Blocked(
+            a.shape, out_dtype, a.blocks, lambda k: lerp(a.get(k), b.get(k), w, out_dtype)
+        )
     if kernels.usable(a, b, out_dtype=out_dtype):
         return kernels.lerp(a, b, w, out_dtype)
     # chunk by chunk, each chunk cast to the output dtype at once
@@ -156,6 +170,9 @@ def _alignable(params: dict, config: dict) -> None:
     group=layer_groups,
     summarize=summarize,
     check=_alignable,
+    # a group of one tensor (`layer_groups`: heads and experts come in groups) is a cosine
+    # and a LERP, which take `Blocked` inputs
+    streams=entries,
 )
 def hierarchical(
     base: dict[str, Tensor],

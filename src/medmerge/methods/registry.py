@@ -19,7 +19,9 @@ Tensors arrive in float32 on the merge device (or, registered `raw_inputs=True`,
 stored dtype: the method converts chunk by chunk or runs a CPU kernel on them). Group methods
 (`group=` a function of the tensor names, the model config and each tensor's parameters that
 splits the names into groups, e.g. one layer's q, k, v and o) take and return dicts
-name -> Tensor, with the parameters of the group's first tensor.
+name -> Tensor, with the parameters of the group's first tensor. A tensor larger than the
+merge's memory budget is merged in row blocks where the method says it can be (`rows`,
+`streams`), else whole.
 
 The engine also passes, when the function names them, these keyword arguments:
 - `keys`: one 63-bit random key per model, derived from (seed, tensor name, model index), for
@@ -117,6 +119,13 @@ class MergeMethod:
     # (one tensor's resolved parameters, the model config) -> raises ConfigError for parameters
     # that do not go together, or do not suit the model
     check: Callable[[dict, dict], None] | None = None
+    # (one tensor's resolved parameters, its shape) -> whether a tensor over the merge's memory
+    # budget can be merged in row blocks, and how: `rows`, the method called on each block (its
+    # output rows depend only on the same input rows, not on their positions); `streams`, the
+    # method given `streaming.Blocked` inputs (on the CPU): None where it cannot take them,
+    # else the entries per row its chunks hold whole (1 unless it works on rows, as DELLA)
+    rows: Callable[[dict, tuple[int, ...]], bool] | None = None
+    streams: Callable[[dict, tuple[int, ...]], int | None] | None = None
 
     def takes_base(self, models: int) -> bool:
         """Whether a config of `models` models that may leave its base out (a study's, an
@@ -155,6 +164,8 @@ def register(
     summarize: Callable[[list[dict]], dict] | None = None,
     inputs: Callable[[int, bool], str | None] | None = None,
     check: Callable[[dict, dict], None] | None = None,
+    rows: Callable[[dict, tuple[int, ...]], bool] | None = None,
+    streams: Callable[[dict, tuple[int, ...]], int | None] | None = None,
 ) -> Callable[[Callable], Callable]:
     """Register the decorated function as method `name`; its parameters, which of them are per
     model and whether it needs a base come from its signature."""
@@ -188,6 +199,8 @@ def register(
             summarize=summarize,
             inputs=inputs,
             check=check,
+            rows=rows,
+            streams=streams,
         )
         add(method, aliases)
         return fn
@@ -211,6 +224,17 @@ def _first_paragraph(doc: str | None) -> str:
     """A docstring's first paragraph, on one line."""
     first = (doc or "").strip().split("\n\n")[0]
     return " ".join(line.strip() for line in first.splitlines())
+
+
+def always(params: dict, shape: tuple[int, ...]) -> bool:
+    """`rows` of a method whose every tensor can be merged in row blocks."""
+    return True
+
+
+def entries(params: dict, shape: tuple[int, ...]) -> int:
+    """`streams` of a method that takes `Blocked` inputs for every tensor, in chunks of any
+    entries."""
+    return 1
 
 
 def get_method(name: str) -> MergeMethod:

@@ -20,6 +20,7 @@ writing the output dtype directly.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,7 +31,7 @@ from medmerge import buffers
 from medmerge.methods import kernels
 from medmerge.methods.basic import combination
 from medmerge.methods.kernels import Divisor
-from medmerge.methods.registry import REQUIRED, MergeMethod, Param, add, register
+from medmerge.methods.registry import REQUIRED, MergeMethod, Param, add, always, entries, register
 from medmerge.methods.rng import key_words
 from medmerge.methods.sparsify import (
     Chunks,
@@ -44,7 +45,7 @@ from medmerge.methods.sparsify import (
     top_k,
     trim_count,
 )
-from medmerge.methods.streaming import spans
+from medmerge.methods.streaming import Blocked, blocked_result, flat, spans
 
 # ---- combination ---------------------------------------------------------------------------
 
@@ -107,7 +108,12 @@ def sparse_merge(
         # task arithmetic: one streamed combination, base + sum_i c_i d_i
         total = sum(w) if divisor == Divisor.WEIGHTS and abs(sum(w)) >= 1e-8 else 1.0
         return combination([x * lambda_ / total for x in w], models, base, out_dtype)
-    if len(models) <= kernels.ARITY and kernels.usable(base, *models, out_dtype=out_dtype):
+    blocked = isinstance(base, Blocked)
+    if (
+        not blocked
+        and len(models) <= kernels.ARITY
+        and kernels.usable(base, *models, out_dtype=out_dtype)
+    ):
         plan = kernels.SparsePlan.keep_all(
             w, consensus=consensus, divisor=divisor, lam=np.float32(lambda_), row=row
         )
@@ -115,19 +121,33 @@ def sparse_merge(
         out = buffers.empty(base.shape, out_dtype)
         kernels.merge(base, models, plan, out, marks)
         return out
-    flat_base = base.reshape(-1)
-    flats = [m.reshape(-1) for m in models]
+    flat_base = flat(base)
+    flats = [flat(m) for m in models]
     parts = spans(flat_base.numel(), base.device, row)
 
-    def task(flat: Tensor) -> Chunks:
-        return lambda p: flat[p].float() - flat_base[p].float()
+    def task(values: Tensor) -> Chunks:
+        return lambda p: values[p].float() - flat_base[p].float()
 
     sparsify = [spec.sparsifier(task(f), parts, row) for spec, f in zip(specs, flats, strict=True)]
-    out = buffers.empty(flat_base.numel(), out_dtype, base.device)
-    for p in parts:
+
+    def merged(p: slice) -> Tensor:
         b = flat_base[p].float()
         ds = [s(f[p].float() - b, p) for s, f in zip(sparsify, flats, strict=True)]
-        out[p] = b + lambda_ * combine(ds, w, consensus, divisor)
+        return b + lambda_ * combine(ds, w, consensus, divisor)
+
+    return _chunk_by_chunk(base, parts, merged, out_dtype)
+
+
+def _chunk_by_chunk(
+    base: Tensor | Blocked, parts: list[slice], merged: Callable[[slice], Tensor], out_dtype
+) -> Tensor | Blocked:
+    """The output of `merged` over the parts, in order: a tensor, or for `Blocked` inputs a
+    `Blocked` result."""
+    if isinstance(base, Blocked):
+        return blocked_result(base, out_dtype, parts, merged)
+    out = buffers.empty(base.numel(), out_dtype, base.device)
+    for p in parts:
+        out[p] = merged(p)
     return out.view(base.shape)
 
 
@@ -278,7 +298,18 @@ def _variant_method(variant: Variant) -> MergeMethod:
         engine_args=frozenset({"keys", "out_dtype"} if how.random else {"out_dtype"}),
         min_models=0,
         check=lambda p, config: _specs(how, p, None, len(p["weight"])) and None,
+        # without sparsification a weighted sum, entry by entry; else in chunks of whole rows
+        # where DELLA ranks within rows
+        rows=always if how is S.NONE else None,
+        streams=None if how is S.NONE else _chunk_row(how),
     )
+
+
+def _chunk_row(how: Sparsification):
+    """`streams` of a row of the family."""
+    if how is Sparsification.MAGPRUNE:
+        return lambda params, shape: rows_of(shape)
+    return entries
 
 
 def _specs(how: Sparsification, p: dict, keys: list[int] | None, n: int) -> list[Sparsify]:
@@ -321,7 +352,7 @@ for _variant in VARIANTS:
     add(_variant_method(_variant))
 
 
-@register("sce", raw_inputs=True, spreads_nonfinite=True, min_models=0)
+@register("sce", raw_inputs=True, spreads_nonfinite=True, min_models=0, streams=entries)
 def sce(
     base: Tensor,
     models: list[Tensor],
@@ -336,8 +367,8 @@ def sce(
     if not models:  # the base alone among the inputs: mergekit gives it back
         return base.to(out_dtype, copy=True)
     n = base.numel()
-    flat_base = base.reshape(-1)
-    flats = [m.reshape(-1) for m in models]
+    flat_base = flat(base)
+    flats = [flat(m) for m in models]
     parts = spans(n, base.device)
 
     def deltas(p: slice) -> list[Tensor]:
@@ -350,7 +381,11 @@ def sce(
         # bit patterns of non-negative floats cannot hold (it changes no other value)
         return (sum((d - mean).square_() for d in ds) / len(ds)).abs_()
 
-    fast = len(models) <= kernels.ARITY and kernels.usable(base, *models, out_dtype=out_dtype)
+    fast = (
+        not isinstance(base, Blocked)
+        and len(models) <= kernels.ARITY
+        and kernels.usable(base, *models, out_dtype=out_dtype)
+    )
     if select_topk >= 1:
         k = n
     elif select_topk <= 0:
@@ -380,13 +415,14 @@ def sce(
             dtype=torch.float64,
         )
     weight = _energy_weights(energy.numpy(), n)
-    out = buffers.empty(n, out_dtype, base.device)
     select = Selector(top)
     votes = [1.0] * len(models)
-    for p in parts:
-        merged = combine(selected(select, p), weight, True, Divisor.VOTES_AT_LEAST, votes)
-        out[p] = flat_base[p].float() + lambda_ * merged
-    return out.view(base.shape)
+
+    def merged(p: slice) -> Tensor:
+        combined = combine(selected(select, p), weight, True, Divisor.VOTES_AT_LEAST, votes)
+        return flat_base[p].float() + lambda_ * combined
+
+    return _chunk_by_chunk(base, parts, merged, out_dtype)
 
 
 def _sce_kernels(

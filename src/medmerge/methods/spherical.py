@@ -23,14 +23,25 @@ from torch import Tensor
 from medmerge.errors import ConfigError
 from medmerge.methods import kernels
 from medmerge.methods.basic import chunks, combination
-from medmerge.methods.registry import register
-from medmerge.methods.streaming import spans
+from medmerge.methods.registry import entries, register
+from medmerge.methods.streaming import Blocked, spans
 
 
 def gram(models: list[Tensor], base: Tensor | None = None) -> Tensor:
     """Float64 matrix of inner products of the flat models (of their task vectors
-    models_i - base when a base is given), streamed chunk by chunk."""
-    if kernels.usable(*models, *([base] if base is not None else [])):
+    models_i - base when a base is given), streamed chunk by chunk; of `Blocked` inputs, block
+    by block, summing the same terms in the same order."""
+    inputs = [*models, *([base] if base is not None else [])]
+    if isinstance(models[0], Blocked):
+        if kernels.usable_dtypes({t.dtype for t in inputs}):
+            terms = [
+                kernels.gram_partials(
+                    None if base is None else base.get(k), [m.get(k) for m in models]
+                )
+                for k in range(len(models[0].blocks))
+            ]
+            return torch.from_numpy(np.concatenate(terms).sum(0))
+    elif kernels.usable(*inputs):
         return torch.from_numpy(kernels.gram(base, models))
     g = torch.zeros(len(models), len(models), dtype=torch.float64)
     vectors = [chunks(m, base) for m in models]
@@ -84,7 +95,9 @@ def _slerp_inputs(models: int, with_base: bool) -> str | None:
     return None
 
 
-@register("slerp", uses_base=True, raw_inputs=True, max_models=2, inputs=_slerp_inputs)
+@register(
+    "slerp", uses_base=True, raw_inputs=True, max_models=2, inputs=_slerp_inputs, streams=entries
+)
 def slerp(
     base: Tensor | None,
     models: list[Tensor],
@@ -105,7 +118,27 @@ def _pairwise_t(acc_w: float, w: float) -> float:
     return 0.5 if abs(total) < 1e-6 else w / total
 
 
-@register("nuslerp", uses_base=True, raw_inputs=True, min_models=2)
+def _nuslerp_flat(params: dict, shape: tuple[int, ...]) -> bool:
+    return params["nuslerp_flatten"] or len(shape) < 2
+
+
+def _nuslerp_streams(params: dict, shape: tuple[int, ...]) -> int | None:
+    return 1 if _nuslerp_flat(params, shape) else None
+
+
+def _nuslerp_rows(params: dict, shape: tuple[int, ...]) -> bool:
+    """Vectors along the last axis: each row of the tensor holds whole vectors."""
+    return not _nuslerp_flat(params, shape) and not params["nuslerp_row_wise"]
+
+
+@register(
+    "nuslerp",
+    uses_base=True,
+    raw_inputs=True,
+    min_models=2,
+    rows=_nuslerp_rows,
+    streams=_nuslerp_streams,
+)
 def nuslerp(
     base: Tensor | None,
     models: list[Tensor],
@@ -119,7 +152,7 @@ def nuslerp(
     w_2), of whole tensors or, not flattened, of their rows (of their columns, row-wise); more
     than two models pairwise in model order  (mergekit's nuslerp)."""
     dim = None if nuslerp_flatten else (0 if nuslerp_row_wise else -1)
-    if dim is None or models[0].dim() < 2:  # flat: on the Gram matrix, streamed
+    if dim is None or len(models[0].shape) < 2:  # flat: on the Gram matrix, streamed
         g = gram(models, base)
         coef, acc_w = torch.zeros(len(models), dtype=torch.float64), weight[0]
         coef[0] = 1.0
@@ -144,7 +177,7 @@ def nuslerp(
     return acc + base if base is not None else acc
 
 
-@register("multislerp", uses_base=True, raw_inputs=True)
+@register("multislerp", uses_base=True, raw_inputs=True, streams=entries)
 def multislerp(
     base: Tensor | None,
     models: list[Tensor],
@@ -182,7 +215,7 @@ def multislerp(
     return combination((result * float((norms * w).sum())).tolist(), models, base, out_dtype)
 
 
-@register("karcher", raw_inputs=True)
+@register("karcher", raw_inputs=True, streams=entries)
 def karcher(
     base: Tensor | None,
     models: list[Tensor],
@@ -201,7 +234,7 @@ def karcher(
     norms = g.diagonal().clamp_min(0).sqrt()
     live = norms > tol
     if not live.any():
-        return torch.zeros(models[0].shape, dtype=out_dtype, device=models[0].device)
+        return combination([0.0] * n, models, None, out_dtype)  # zeros
     # the mean stays in the span of the unit directions: iterate on coefficients x = U c
     g_units = g[live][:, live] / torch.outer(norms[live], norms[live])
     wu = torch.full((int(live.sum()),), 1.0 / int(live.sum()), dtype=torch.float64)
@@ -233,7 +266,17 @@ def karcher(
     return combination(coef.tolist(), models, None, out_dtype)
 
 
-@register("model_stock", raw_inputs=True, min_models=2)
+def _filter_wise(params: dict, shape: tuple[int, ...]) -> bool:
+    return params["filter_wise"] and len(shape) > 1
+
+
+@register(
+    "model_stock",
+    raw_inputs=True,
+    min_models=2,
+    rows=_filter_wise,
+    streams=lambda params, shape: None if _filter_wise(params, shape) else 1,
+)
 def model_stock(
     base: Tensor,
     models: list[Tensor],
@@ -254,7 +297,7 @@ def model_stock(
         singular = denominator.abs() < 1e-6
         return torch.where(singular, 0.0, n * cos / torch.where(singular, 1.0, denominator))
 
-    if not (filter_wise and base.dim() > 1):  # one ratio per tensor: streamed
+    if not _filter_wise({"filter_wise": filter_wise}, base.shape):  # one ratio: streamed
         g = gram(models, base)
         norms = g.diagonal().clamp_min(0).sqrt()
         pairs = [

@@ -1,10 +1,14 @@
-"""Streaming torch work: a tensor worked through in cache-sized chunks on the CPU (a chain of
+"""Streaming work: a tensor worked through in cache-sized chunks on the CPU (a chain of
 whole-tensor ops streams every intermediate through main memory; on chunks they stay in
-cache), all at once on other devices."""
+cache), all at once on other devices; and tensors too large to hold, worked through in row
+blocks (`Blocked`)."""
 
 from __future__ import annotations
 
+import bisect
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -40,3 +44,77 @@ def spans(n: int, device: torch.device, row: int = 1) -> list[slice]:
         return [slice(0, n)]
     step = max(row, CHUNK // row * row)
     return [slice(start, min(start + step, n)) for start in range(0, n, step)]
+
+
+@dataclass(frozen=True)
+class Blocked:
+    """A tensor handled in row blocks, never whole: an input over the merge's memory budget
+    (`get(k)` reads block k from its shard) or a result computed block by block, in order, as
+    it is written (`get(k)` computes block k). The engine gives inputs of this kind only to
+    methods registered to take them (`streams`); their torch paths read them through `flat`
+    by `spans`, which lie inside blocks (the engine aligns the blocks to them), and return a
+    `Blocked` result (`blocked_result`), so that block by block they compute what they compute
+    on the whole tensor."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    blocks: tuple[tuple[int, int], ...]  # row ranges, in order, covering every row
+    get: Callable[[int], Tensor]
+
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+
+class Flat:
+    """A `Blocked` tensor as a flat one to slice: each slice must lie inside one block, whose
+    read is kept until a slice of another is asked for."""
+
+    def __init__(self, blocked: Blocked):
+        self.blocked = blocked
+        row = math.prod(blocked.shape[1:])
+        self._starts = [start * row for start, _ in blocked.blocks]
+        self._k, self._block = -1, None
+
+    def numel(self) -> int:
+        return self.blocked.numel()
+
+    def __getitem__(self, part: slice) -> Tensor:
+        k = bisect.bisect_right(self._starts, part.start) - 1
+        if k != self._k:
+            self._block, self._k = self.blocked.get(k).reshape(-1), k
+        offset = self._starts[k]
+        return self._block[part.start - offset : part.stop - offset]
+
+
+def flat(t: Tensor | Blocked) -> Tensor | Flat:
+    """t as a flat tensor to slice by positions (a `Flat` of a `Blocked` one)."""
+    return Flat(t) if isinstance(t, Blocked) else t.reshape(-1)
+
+
+def blocked_result(
+    like: Blocked, dtype: torch.dtype, parts: list[slice], compute: Callable[[slice], Tensor]
+) -> Blocked:
+    """A result shaped as `like` whose block k is `compute(p)` in `dtype` for the `parts` p in
+    it, in order (a computation that counts from part to part, as top-k ties do, sees them in
+    the order of the whole tensor when the blocks are asked for in order)."""
+    row = math.prod(like.shape[1:])
+
+    def get(k: int) -> Tensor:
+        start, stop = like.blocks[k]
+        mine = [p for p in parts if start * row <= p.start < stop * row]
+        block = torch.cat([compute(p).to(dtype) for p in mine])
+        return block.view(stop - start, *like.shape[1:])
+
+    return Blocked(like.shape, dtype, like.blocks, get)
+
+
+def chunk_rows(shape: tuple[int, ...], row: int) -> int:
+    """The rows of a tensor of `shape` that a row block of it holds a multiple of, so that the
+    `spans(n, cpu, row)` of the whole tensor lie inside blocks."""
+    per_row = math.prod(shape[1:])
+    step = max(row, CHUNK // row * row)
+    return math.lcm(step, per_row) // per_row

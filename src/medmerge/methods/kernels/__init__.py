@@ -27,8 +27,23 @@ cached function's own file, so after editing `core.py` or `ranks.py` clear the `
 folder here.
 """
 
-from medmerge.methods.kernels.combine import combine, delta_products, gram, lerp
-from medmerge.methods.kernels.core import ARITY, BLOCK, DTYPES, array, largest_magnitude, usable
+from medmerge.methods.kernels.combine import (
+    combine,
+    delta_product_terms,
+    delta_products,
+    gram,
+    gram_partials,
+    lerp,
+)
+from medmerge.methods.kernels.core import (
+    ARITY,
+    BLOCK,
+    DTYPES,
+    array,
+    largest_magnitude,
+    usable,
+    usable_dtypes,
+)
 from medmerge.methods.kernels.sparse import Divisor, Rule, SparsePlan, kept_sums, merge
 from medmerge.methods.kernels.topk import Statistic, count_positive, selection_energy, top_ks
 
@@ -43,8 +58,10 @@ __all__ = [
     "array",
     "combine",
     "count_positive",
+    "delta_product_terms",
     "delta_products",
     "gram",
+    "gram_partials",
     "kept_sums",
     "largest_magnitude",
     "lerp",
@@ -52,4 +69,5 @@ __all__ = [
     "selection_energy",
     "top_ks",
     "usable",
+    "usable_dtypes",
 ]

@@ -102,11 +102,16 @@ def _combine(base, models, centered, coef, out):
 def delta_products(base: Tensor, a: Tensor, b: Tensor) -> tuple[float, float, float]:
     """(sum da*db, sum da^2, sum db^2) for da = a - base, db = b - base, summed in float64.
     Torch twin: `hierarchical.delta_cosine`'s chunk loop."""
+    dot, aa, bb = delta_product_terms(base, a, b).sum(0)
+    return float(dot), float(aa), float(bb)
+
+
+def delta_product_terms(base: Tensor, a: Tensor, b: Tensor) -> np.ndarray:
+    """`delta_products`' terms: one row per BLOCK entries (see `gram_partials`)."""
     blocks = (base.numel() + BLOCK - 1) // BLOCK
     sums = np.zeros((blocks, 3), np.float64)
     _delta_products(array(base), array(a), array(b), sums)
-    dot, aa, bb = sums.sum(0)
-    return float(dot), float(aa), float(bb)
+    return sums
 
 
 def lerp(a: Tensor, b: Tensor, w: float, out_dtype: torch.dtype) -> Tensor:
@@ -120,12 +125,18 @@ def lerp(a: Tensor, b: Tensor, w: float, out_dtype: torch.dtype) -> Tensor:
 def gram(base: Tensor | None, models: list[Tensor]) -> np.ndarray:
     """The float64 Gram matrix of the models (of their task vectors when `base` is given).
     Torch twin: `spherical.gram`'s chunk loop."""
+    return gram_partials(base, models).sum(0)
+
+
+def gram_partials(base: Tensor | None, models: list[Tensor]) -> np.ndarray:
+    """`gram`'s terms: one matrix per BLOCK entries. A tensor cut into parts of whole BLOCKs
+    gives, part after part, the same terms, so the same sum."""
     models_ = tuple(array(m) for m in models)
     blocks = (models_[0].size + BLOCK - 1) // BLOCK
     sums = np.zeros((blocks, len(models), len(models)), np.float64)
     origin = models_[0] if base is None else array(base)
     _gram(origin, models_, base is not None, sums)
-    return sums.sum(0)
+    return sums
 
 
 def combine(base: Tensor | None, models: list[Tensor], coef, out_dtype: torch.dtype) -> Tensor:

@@ -30,14 +30,17 @@ def usable(*tensors: Tensor, out_dtype: torch.dtype | None = None) -> bool:
     """Whether the kernels can run on these tensors (else the torch implementation runs): on
     the CPU, in one dtype of DTYPES (the kernels take the models as one typed tuple), unless
     `MEDMERGE_KERNELS=0`."""
+    on_cpu = all(t.device.type == "cpu" for t in tensors)
+    return on_cpu and usable_dtypes({t.dtype for t in tensors}, out_dtype)
+
+
+def usable_dtypes(dtypes: set[torch.dtype], out_dtype: torch.dtype | None = None) -> bool:
+    """`usable` for CPU tensors of these dtypes."""
     if os.environ.get("MEDMERGE_KERNELS", "1") == "0":
         return False
     if out_dtype is not None and out_dtype not in DTYPES:
         return False
-    dtypes = {t.dtype for t in tensors}
-    return (
-        len(dtypes) == 1 and dtypes <= set(DTYPES) and all(t.device.type == "cpu" for t in tensors)
-    )
+    return len(dtypes) == 1 and dtypes <= set(DTYPES)
 
 
 def array(t: Tensor) -> np.ndarray:

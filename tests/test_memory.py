@@ -1,0 +1,208 @@
+"""Tensors over the memory budget, merged in row blocks: the same bits as whole, and a peak
+memory that does not follow the tensor's size."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import state
+
+import medmerge
+from medmerge import engine
+from medmerge.errors import ConfigError
+from medmerge.methods import REGISTRY
+from medmerge.methods.basic import combination
+from medmerge.methods.spherical import gram
+from medmerge.methods.streaming import Blocked
+from medmerge.synthetic import tiny_config, write_family
+
+# case -> (method, its parameters, the mode a tensor over the budget is merged in)
+BLOCKWISE = {
+    "linear": ("linear", {"weight": [0.3, 0.7]}, "rows"),
+    "task_arithmetic": ("task_arithmetic", {"weight": [0.6, 0.5], "lambda": 0.9}, "rows"),
+    "nearswap": ("nearswap", {"t": 0.01}, "rows"),
+    "ram": ("ram", {"epsilon": 1e-3}, "rows"),
+    "nuslerp_rows": ("nuslerp", {"weight": [0.4, 0.6], "nuslerp_flatten": False}, "rows"),
+    "model_stock_rows": ("model_stock", {"filter_wise": True}, "rows"),
+    "slerp": ("slerp", {"t": 0.3}, "streams"),
+    "nuslerp": ("nuslerp", {"weight": [0.4, 0.6]}, "streams"),
+    "multislerp": ("multislerp", {"weight": [0.4, 0.6]}, "streams"),
+    "karcher": ("karcher", {}, "streams"),
+    "model_stock": ("model_stock", {}, "streams"),
+    "ties": ("ties", {"weight": [0.6, 0.5], "density": [0.3, 0.5]}, "streams"),
+    "ties_l1": ("ties", {"weight": [0.6, 0.5], "density": [0.3, 0.5], "rescale": True}, "streams"),
+    "dare_ties": ("dare_ties", {"weight": [0.6, 0.5], "density": [0.7, 0.4]}, "streams"),
+    "dare_linear": ("dare_linear", {"weight": [0.6, 0.5], "density": [0.7, 0.4],
+                                    "rescale": "inverse_density"}, "streams"),
+    "breadcrumbs": ("breadcrumbs", {"weight": [0.6, 0.5], "density": [0.8, 0.6],
+                                    "gamma": [0.02, 0.05]}, "streams"),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"weight": [0.6, 0.5], "density": [0.8, 0.6]},
+                         "streams"),
+    "della": ("della", {"weight": [0.6, 0.5], "density": [0.5, 0.6], "epsilon": [0.1, 0.2]},
+              "streams"),
+    "della_linear": ("della_linear", {"weight": [0.6, 0.5], "density": [0.5, 0.6],
+                                      "rank_ties": "average"}, "streams"),
+    "sce": ("sce", {"select_topk": 0.4}, "streams"),
+    "hierarchical": ("hierarchical", {}, "streams"),
+    "hierarchical_deltas": ("hierarchical", {"align_on": "deltas", "min_weight": 0.2}, "streams"),
+}  # fmt: skip
+ONE_MODEL = {"nearswap", "slerp"}
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A family whose embedding and head (20000 x 64) hold more than one chunk of entries
+    (`streaming.CHUNK`), as the blocks of the methods that take `Blocked` inputs hold."""
+    root = tmp_path_factory.mktemp("wide")
+    return write_family(root, tiny_config("mistral", vocab_size=20000), seed=4)
+
+
+def merge_config(name: str, family, params: dict) -> dict:
+    base, a, b = family
+    models = [a] if name in ONE_MODEL else [a, b]
+    per_model = {k: v for k, v in params.items() if isinstance(v, list)}
+    cfg = {
+        "merge_method": name,
+        "models": [
+            {"model": str(m), "parameters": {k: v[i] for k, v in per_model.items()}}
+            for i, m in enumerate(models)
+        ],
+        "parameters": {k: v for k, v in params.items() if k not in per_model},
+    }
+    if REGISTRY[name].uses_base:
+        cfg["base_model"] = str(base)
+    return cfg
+
+
+def modes(monkeypatch) -> list[str]:
+    """The modes of the tensors the engine will merge in row blocks."""
+    found = []
+    row_blocks = engine._row_blocks
+
+    def spy(*args):
+        how = row_blocks(*args)
+        if how is not None:
+            found.append(how.mode)
+            assert len(how.blocks) > 1 or how.mode == "streams"
+        return how
+
+    monkeypatch.setattr(engine, "_row_blocks", spy)
+    return found
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name].view(torch.uint8), b[name].view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+@pytest.mark.parametrize("case", list(BLOCKWISE))
+def test_row_blocks_give_the_whole_tensors_bits(case, dtype, mistral, wide, tmp_path, monkeypatch):
+    method, params, mode = BLOCKWISE[case]
+    # small blocks of rows; for `Blocked` inputs, blocks of 2^20 entries: two in the embedding
+    family, budget = (mistral, "40KB") if mode == "rows" else (wide, "4MB")
+    cfg = merge_config(method, family, params)
+    whole = medmerge.merge(cfg, tmp_path / "whole", dtype=dtype, progress=False)
+    found = modes(monkeypatch)
+    blocks = medmerge.merge(cfg, tmp_path / "blocks", dtype=dtype, progress=False,
+                            max_memory=budget)  # fmt: skip
+    assert found and set(found) == {mode}
+    assert_bitwise_equal(state(whole), state(blocks))
+
+
+def test_a_method_without_row_blocks_merges_whole_under_any_budget(mistral, tmp_path, monkeypatch):
+    # Arcee Fusion ranks entries by the KL divergence of whole rows' softmax, over the tensor
+    base, a, _ = mistral
+    cfg = {"merge_method": "arcee_fusion", "base_model": str(base), "models": [{"model": str(a)}]}
+    whole = medmerge.merge(cfg, tmp_path / "whole", progress=False)
+    found = modes(monkeypatch)
+    small = medmerge.merge(cfg, tmp_path / "small", progress=False, max_memory="10KB")
+    assert found == []
+    assert_bitwise_equal(state(whole), state(small))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("base", [True, False])
+def test_gram_and_combination_of_blocks_match_the_whole_tensor(dtype, base):
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3000, 64, generator=gen).to(dtype) for _ in range(3)]
+    blocks = tuple((r, min(r + 256, 3000)) for r in range(0, 3000, 256))  # 16384 entries each
+
+    def blocked(t):
+        return Blocked(tuple(t.shape), t.dtype, blocks, lambda k: t[slice(*blocks[k])])
+
+    origin = tensors[0] if base else None
+    models = tensors[1:]
+    lazy_origin = blocked(origin) if base else None
+    assert torch.equal(gram(models, origin), gram([blocked(m) for m in models], lazy_origin))
+    coef = [0.3, -1.7]
+    whole = combination(coef, models, origin, torch.bfloat16)
+    lazy = combination(coef, [blocked(m) for m in models], lazy_origin, torch.bfloat16)
+    assert isinstance(lazy, Blocked) and lazy.blocks == blocks
+    joined = torch.cat([lazy.get(k) for k in range(len(blocks))])
+    assert torch.equal(whole.view(torch.int16), joined.view(torch.int16))
+
+
+def test_a_bad_memory_budget_is_refused_before_any_tensor_is_read(mistral, tmp_path):
+    cfg = merge_config("linear", mistral, BLOCKWISE["linear"][1])
+    with pytest.raises(ConfigError, match="not a size: 'lots'"):
+        medmerge.merge(cfg, tmp_path / "m", progress=False, max_memory="lots")
+    assert not (tmp_path / "m").exists()
+
+
+# Merges a family whose largest tensors (the embedding and the head, 32768 x 1024 bfloat16)
+# hold 64 MiB per model, after a small merge that loads what a merge loads (libraries, the
+# kernels); prints by how much the large merge raised the resident memory at its peak, in
+# bytes. (The kernel's peak, VmHWM, reset before the merge: getrusage's ru_maxrss would carry
+# the peak of the process this one was forked from.)
+PEAK = """
+import pathlib, re, sys, medmerge
+small, large, method, budget, out = sys.argv[1:]
+def config(root):
+    base, a, b = (str(root / n) for n in ("base", "model_1", "model_2"))
+    models = [{"model": a}, {"model": b}] if method == "linear" else [{"model": a}]
+    params = {"weight": 0.5} if method == "linear" else {"t": 0.3}
+    return {"merge_method": method, "base_model": base, "models": models, "parameters": params}
+def kib(field):
+    return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
+medmerge.merge(config(pathlib.Path(small)), out + "-warm", progress=False)
+pathlib.Path("/proc/self/clear_refs").write_text("5")
+before = kib("VmRSS")
+medmerge.merge(config(pathlib.Path(large)), out, progress=False, max_memory=budget)
+print((kib("VmHWM") - before) * 1024)
+"""
+
+
+@pytest.fixture(scope="module")
+def large_family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("large")
+    config = tiny_config("mistral", vocab_size=32768, hidden_size=1024, num_hidden_layers=1,
+                         intermediate_size=256)  # fmt: skip
+    write_family(root, config, seed=3)
+    return root
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's /proc")
+@pytest.mark.parametrize("method", ["linear", "slerp"])
+def test_peak_memory_stays_below_the_largest_tensor(method, large_family, mistral, tmp_path):
+    largest = 32768 * 1024 * 4  # bytes of the largest tensor in float32
+
+    def growth(budget: str) -> int:
+        run = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(PEAK), str(mistral[0].parent),
+             str(large_family), method, budget, str(tmp_path / budget)],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        return int(run.stdout.split()[-1])
+
+    bounded = growth("16MB")
+    assert bounded < largest, f"{bounded / 2**20:.0f} MiB"
+    # the measurement sees a merge that holds the tensors whole: the bound is not vacuous
+    whole = growth("100GB")
+    assert whole > largest, f"{whole / 2**20:.0f} MiB"
+    assert_bitwise_equal(state(tmp_path / "16MB"), state(tmp_path / "100GB"))
