@@ -79,20 +79,26 @@ def main() -> None:
         sha256_file(f)
     out = args.cache / "merged-memory"
     methods = list(PARAMETERS) if args.methods == "all" else args.methods.split(",")
-    rows = []
+    print(f"{args.shape}-shaped family: {gb:.1f} GB of bf16 input, one layer, 128256 tokens, "
+          f"medmerge's max_memory {args.max_memory or 'default'}")  # fmt: skip
+    print(f"{'merge':<22}{'seconds':>9}{'peak RSS GB':>13}{'CPU s':>9}", flush=True)
     for method in methods:
         shutil.rmtree(out, ignore_errors=True)
         code = merge_code(method, models, out, "cpu", args.max_memory)
-        rows.append((method, *child(code, env)))
+        _row(method, child(code, env))
         if args.mergekit and method in MERGEKIT_METHODS:
             shutil.rmtree(out, ignore_errors=True)
             code = mergekit_code(method, models, out)
-            rows.append((f"mergekit {method}", *child(code, env, MERGEKIT, args.mergekit)))
+            try:
+                _row(f"mergekit {method}", child(code, env, MERGEKIT, args.mergekit))
+            except (SystemExit, ValueError):  # a child that died (killed for memory, say)
+                print(f"{'mergekit ' + method:<22}{'failed':>9}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
-    print(f"\n{args.shape}-shaped family: {gb:.1f} GB of bf16 input, one layer, 128256 tokens")
-    print(f"{'merge':<22}{'seconds':>9}{'peak RSS GB':>13}{'CPU s':>9}")
-    for name, seconds, peak_mb, cpu in rows:
-        print(f"{name:<22}{seconds:>9.1f}{peak_mb / 1024:>13.2f}{cpu:>9.1f}")
+
+
+def _row(name: str, result: tuple[float, float, float]) -> None:
+    seconds, peak_mb, cpu = result
+    print(f"{name:<22}{seconds:>9.1f}{peak_mb / 1024:>13.2f}{cpu:>9.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -514,3 +514,47 @@ def test_one_compiled_sparse_pass_serves_every_number_of_models(case, monkeypatc
     monkeypatch.setenv("MEDMERGE_KERNELS", "0")
     assert torch.equal(bits(beyond), bits(method.fn(base, models, out_dtype=torch.bfloat16,
                                                     **params)))  # fmt: skip
+
+
+# A TIES merge in a process with an empty numba cache and no MEDMERGE_COMPILE: it prints
+# whether it compiled the sparse pass itself, and the pids of the compilations it started
+FIRST_USE = """
+import sys, medmerge
+from medmerge.methods.kernels import precompile, sparse
+config, out = sys.argv[1:]
+medmerge.merge(config, out, progress=False)
+print(len(sparse._sparse_pass.overloads), *(p.pid for p in precompile._started.values()))
+"""
+
+
+def test_a_first_merge_runs_torch_while_the_sparse_pass_compiles_elsewhere(mistral, tmp_path):
+    import contextlib
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    import yaml
+    from conftest import state
+
+    import medmerge
+
+    base, a, b = mistral
+    models = [{"model": str(m), "parameters": {"weight": 0.5}} for m in (a, b)]
+    cfg = {"merge_method": "ties", "base_model": str(base), "parameters": {"density": 0.4},
+           "models": models}  # fmt: skip
+    (tmp_path / "ties.yaml").write_text(yaml.safe_dump(cfg))
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    env.pop("MEDMERGE_COMPILE")
+    run = subprocess.run(
+        [sys.executable, "-c", FIRST_USE, str(tmp_path / "ties.yaml"), str(tmp_path / "first")],
+        env=env, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    compiled, *pids = (int(x) for x in run.stdout.split())
+    for pid in pids:  # the test needs no compiled pass: stop the compilation
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    assert compiled == 0 and len(pids) == 1
+    kernel = medmerge.merge(cfg, tmp_path / "kernel", progress=False)  # compiled here
+    first, second = state(tmp_path / "first"), state(kernel)
+    assert all(torch.equal(first[n].view(torch.int16), second[n].view(torch.int16)) for n in first)

@@ -206,3 +206,16 @@ def test_peak_memory_stays_below_the_largest_tensor(method, large_family, mistra
     whole = growth("100GB")
     assert whole > largest, f"{whole / 2**20:.0f} MiB"
     assert_bitwise_equal(state(tmp_path / "16MB"), state(tmp_path / "100GB"))
+
+
+@pytest.mark.parametrize("case", ["ties_l1", "dare_ties", "della", "sce", "slerp", "hierarchical"])
+def test_row_blocks_give_the_whole_tensors_bits_on_the_torch_path(case, wide, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    monkeypatch.setenv("MEDMERGE_KERNELS", "0")  # as on a GPU, or with models in mixed dtypes
+    method, params, mode = BLOCKWISE[case]
+    cfg = merge_config(method, wide, params)
+    whole = medmerge.merge(cfg, tmp_path / "whole", progress=False)
+    found = modes(monkeypatch)
+    blocks = medmerge.merge(cfg, tmp_path / "blocks", progress=False, max_memory="4MB")
+    assert found and set(found) == {mode}
+    assert_bitwise_equal(state(whole), state(blocks))

@@ -169,8 +169,11 @@ class Checkpoint:
             whole = self._bin_shards[info.file][self.resolve(name)]
             return (whole if rows is None else whole[start:stop]).clone()
         fd = self._fds.get(info.file)
-        if fd is None:
-            fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+        if fd is None:  # reads come from the engine's reader thread and, by row blocks, its own
+            fd = os.open(info.file, os.O_RDONLY)
+            if (kept := self._fds.setdefault(info.file, fd)) != fd:
+                os.close(fd)
+                fd = kept
         if os.fstat(fd).st_size < info.end:  # a map past the end would kill the process
             raise CheckpointError(
                 f"{info.file} was truncated while it was read (tensor {name!r} ends at byte "

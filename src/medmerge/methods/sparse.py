@@ -20,6 +20,7 @@ writing the output dtype directly.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +31,7 @@ from torch import Tensor
 from medmerge import buffers
 from medmerge.methods import kernels
 from medmerge.methods.basic import combination
-from medmerge.methods.kernels import Divisor
+from medmerge.methods.kernels import Divisor, precompile
 from medmerge.methods.registry import REQUIRED, MergeMethod, Param, add, always, entries, register
 from medmerge.methods.rng import key_words
 from medmerge.methods.sparsify import (
@@ -38,6 +39,7 @@ from medmerge.methods.sparsify import (
     Selector,
     Sparsification,
     Sparsify,
+    TopK,
     crumbs_counts,
     dropped,
     l1_factor,
@@ -109,14 +111,12 @@ def sparse_merge(
         total = sum(w) if divisor == Divisor.WEIGHTS and abs(sum(w)) >= 1e-8 else 1.0
         return combination([x * lambda_ / total for x in w], models, base, out_dtype)
     blocked = isinstance(base, Blocked)
-    if (
-        not blocked
-        and len(models) <= kernels.ARITY
-        and kernels.usable(base, *models, out_dtype=out_dtype)
-    ):
+    if _kernels(base, models, out_dtype):
         plan = kernels.SparsePlan.keep_all(
             w, consensus=consensus, divisor=divisor, lam=np.float32(lambda_), row=row
         )
+        if blocked:
+            return _kernel_blocks(base, models, specs, plan, out_dtype)
         plan, marks = _kernel_plan(base, models, specs, plan)
         out = buffers.empty(base.shape, out_dtype)
         kernels.merge(base, models, plan, out, marks)
@@ -136,6 +136,91 @@ def sparse_merge(
         return b + lambda_ * combine(ds, w, consensus, divisor)
 
     return _chunk_by_chunk(base, parts, merged, out_dtype)
+
+
+def _kernels(base: Tensor | Blocked, models: list, out_dtype: torch.dtype) -> bool:
+    """Whether the CPU kernels merge these tensors: they can, and the sparse pass is compiled
+    (else it compiles in the background meanwhile: `precompile`)."""
+    dtypes = {t.dtype for t in [base, *models]}
+    return (
+        len(models) <= kernels.ARITY
+        and all(t.device.type == "cpu" for t in [base, *models])
+        and kernels.usable_dtypes(dtypes, out_dtype)
+        and precompile.available(base.dtype, out_dtype)
+    )
+
+
+def _kernel_blocks(
+    base: Blocked,
+    models: list[Blocked],
+    specs: list[Sparsify],
+    plan: kernels.SparsePlan,
+    out_dtype: torch.dtype,
+) -> Blocked:
+    """The kernels' merge of `Blocked` inputs, as `_kernel_plan` and `kernels.merge` compute it
+    on the whole tensor: top-k bounds from torch's histograms over the blocks (`top_k`, the
+    cut position in a further pass), L1 norms from the kernels' per-block sums of every block,
+    then the merge pass block by block, each told its position in the tensor."""
+    per_row = math.prod(base.shape[1:])
+    starts = [first * per_row for first, _ in base.blocks]
+    flat_base = flat(base)
+    parts = spans(base.numel(), base.device, plan.row)
+
+    def at(k: int) -> kernels.SparsePlan:  # block k's plan: positions from the block's start
+        shift = starts[k]
+        return plan._replace(offset=shift, keep_cut=plan.keep_cut - shift,
+                             drop_cut=plan.drop_cut - shift)  # fmt: skip
+
+    for i, spec in enumerate(specs):
+        if spec.keeps_all:
+            continue
+        if spec.how in (Sparsification.TRIM, Sparsification.CRUMBS):
+            values = flat(models[i])
+            magnitude = lambda p, v=values: (v[p].float() - flat_base[p].float()).abs()  # noqa: E731
+            n = base.numel()
+            outliers, kept = (
+                (0, trim_count(spec.density, n))
+                if spec.how is Sparsification.TRIM
+                else crumbs_counts(spec.density, spec.gamma, n)
+            )
+            for value, cut, k in ((plan.keep_value, plan.keep_cut, outliers + kept),
+                                  (plan.drop_value, plan.drop_cut, outliers)):  # fmt: skip
+                top = top_k(magnitude, parts, k)
+                value[i], cut[i] = top.value, _cut(magnitude, parts, top)
+        else:
+            _draw_rule(plan, i, spec)
+        plan.by_probability[i] = spec.rescale == "inverse_density"
+    l1 = [i for i, spec in enumerate(specs) if spec.rescale == "l1" and not spec.keeps_all]
+    if l1:
+        terms = [
+            kernels.kept_sum_terms(base.get(k), [m.get(k) for m in models], at(k), False)[0]
+            for k in range(len(base.blocks))
+        ]
+        sums = np.concatenate(terms).sum(0)
+        for i in l1:
+            plan.factor[i] = l1_factor(*sums[i])
+
+    def block(k: int) -> Tensor:
+        inputs = base.get(k)
+        out = buffers.empty(inputs.shape, out_dtype)
+        kernels.merge(inputs, [m.get(k) for m in models], at(k), out, None)
+        return out
+
+    return Blocked(base.shape, out_dtype, base.blocks, block)
+
+
+def _cut(values: Chunks, parts: list[slice], top: TopK) -> int:
+    """The position just after the `top.ties`-th entry equal to `top.value` (in flat order):
+    the kernels' form of the same bound."""
+    left = top.ties
+    for p in parts:
+        if left == 0:
+            break
+        at = torch.nonzero(values(p) == top.value).squeeze(1)
+        if len(at) >= left:
+            return p.start + int(at[left - 1]) + 1
+        left -= len(at)
+    return 0
 
 
 def _chunk_by_chunk(
@@ -172,14 +257,8 @@ def _kernel_plan(
             )
             plan.keep_value[i], plan.keep_cut[i] = top, cut
             plan.drop_value[i], plan.drop_cut[i] = upper, upper_cut
-        elif spec.how is Sparsification.DROP or spec.density <= 0:
-            plan.key[i] = key_words(spec.key)
-            plan.rule[i], plan.density[i] = kernels.Rule.DRAW, max(spec.density, 0.0)
         else:
-            plan.key[i] = key_words(spec.key)
-            plan.rule[i] = kernels.Rule.RANKED
-            plan.low[i], plan.span[i] = spec.density - spec.epsilon, 2 * spec.epsilon
-            plan.average_ties[i] = spec.ties == "average"
+            _draw_rule(plan, i, spec)
         plan.by_probability[i] = spec.rescale == "inverse_density"
     l1 = [i for i, spec in enumerate(specs) if spec.rescale == "l1" and not spec.keeps_all]
     if not l1:
@@ -192,6 +271,17 @@ def _kernel_plan(
         if plan.rule[i] == kernels.Rule.RANKED:
             plan.rule[i] = kernels.Rule.MARKED
     return plan, marks
+
+
+def _draw_rule(plan: kernels.SparsePlan, i: int, spec: Sparsify) -> None:
+    """Model i's random rule in `plan`: DARE's draws, or DELLA's ranked ones."""
+    plan.key[i] = key_words(spec.key)
+    if spec.how is Sparsification.DROP or spec.density <= 0:
+        plan.rule[i], plan.density[i] = kernels.Rule.DRAW, max(spec.density, 0.0)
+    else:
+        plan.rule[i] = kernels.Rule.RANKED
+        plan.low[i], plan.span[i] = spec.density - spec.epsilon, 2 * spec.epsilon
+        plan.average_ties[i] = spec.ties == "average"
 
 
 # ---- the family, as a table ----------------------------------------------------------------
@@ -381,11 +471,7 @@ def sce(
         # bit patterns of non-negative floats cannot hold (it changes no other value)
         return (sum((d - mean).square_() for d in ds) / len(ds)).abs_()
 
-    fast = (
-        not isinstance(base, Blocked)
-        and len(models) <= kernels.ARITY
-        and kernels.usable(base, *models, out_dtype=out_dtype)
-    )
+    fast = not isinstance(base, Blocked) and _kernels(base, models, out_dtype)
     if select_topk >= 1:
         k = n
     elif select_topk <= 0:

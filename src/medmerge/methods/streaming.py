@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from medmerge import buffers
+from medmerge.methods.kernels.sparse import block_entries
 
 CHUNK = 1 << 20  # elements per chunk of torch work on the CPU: stays in cache
 
@@ -114,7 +115,8 @@ def blocked_result(
 
 def chunk_rows(shape: tuple[int, ...], row: int) -> int:
     """The rows of a tensor of `shape` that a row block of it holds a multiple of, so that the
-    `spans(n, cpu, row)` of the whole tensor lie inside blocks."""
+    `spans(n, cpu, row)` of the whole tensor, and the blocks of the CPU kernels (whose float64
+    sums add per block), lie inside blocks."""
     per_row = math.prod(shape[1:])
-    step = max(row, CHUNK // row * row)
+    step = math.lcm(max(row, CHUNK // row * row), block_entries(row))
     return math.lcm(step, per_row) // per_row

@@ -11,7 +11,9 @@ core, with no intermediate tensors. By topic:
   `kept_sums`);
 - `ranks`: DELLA's per-row rank probabilities, inside the sparse pass;
 - `combine`: linear combinations, Gram matrices, the hierarchical method's cosine and LERP;
-- `core`: what they share (bfloat16 loads and stores, fma, the draws) and `largest_magnitude`.
+- `core`: what they share (bfloat16 loads and stores, fma, the draws) and `largest_magnitude`;
+- `precompile`: the sparse pass compiled in a background process the first time it is needed,
+  while that merge runs the torch implementation.
 
 Each public kernel computes what its torch twin (named in its docstring) computes, bit for bit:
 the same float32 operations in the same order (torch's `add(alpha=)` is a fused multiply-add, so
@@ -24,7 +26,9 @@ and `MEDMERGE_KERNELS=0` use the torch implementation.
 
 Compiled kernels are cached beside each module (numba's `cache=True`). numba checks only a
 cached function's own file, so after editing `core.py` or `ranks.py` clear the `__pycache__`
-folder here.
+folder here. The sparse pass works on a block of a tensor as well as on the whole
+(`SparsePlan.offset`: its position in the tensor; the top-k cuts relative to it), for tensors
+merged in row blocks.
 """
 
 from medmerge.methods.kernels.combine import (
@@ -44,7 +48,15 @@ from medmerge.methods.kernels.core import (
     usable,
     usable_dtypes,
 )
-from medmerge.methods.kernels.sparse import Divisor, Rule, SparsePlan, kept_sums, merge
+from medmerge.methods.kernels.sparse import (
+    Divisor,
+    Rule,
+    SparsePlan,
+    block_entries,
+    kept_sum_terms,
+    kept_sums,
+    merge,
+)
 from medmerge.methods.kernels.topk import Statistic, count_positive, selection_energy, top_ks
 
 __all__ = [
@@ -56,12 +68,14 @@ __all__ = [
     "SparsePlan",
     "Statistic",
     "array",
+    "block_entries",
     "combine",
     "count_positive",
     "delta_product_terms",
     "delta_products",
     "gram",
     "gram_partials",
+    "kept_sum_terms",
     "kept_sums",
     "largest_magnitude",
     "lerp",

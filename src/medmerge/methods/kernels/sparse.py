@@ -87,6 +87,7 @@ class SparsePlan(NamedTuple):
     lam: np.float32  # lambda, the merged delta's scale
     variance: bool  # top-k ranks the variance across the models (SCE), not |d|
     row: int  # entries per row: RANKED ranks within rows
+    offset: int  # the position of the arrays' first entry in the tensor (they may be a block)
 
     @classmethod
     def keep_all(cls, weight: list[float], votes: list[float] | None = None, **given):
@@ -114,6 +115,7 @@ class SparsePlan(NamedTuple):
             lam=f32(1.0),
             variance=False,
             row=1,
+            offset=0,
         )
         if "divisor" in given:
             given["divisor"] = int(given["divisor"])
@@ -138,13 +140,27 @@ def kept_sums(
     """Per model, the float64 sums of |d| (of d * d with `square`) over all entries and over
     those the plan keeps; and the marks of the kept entries, a bit each, for `merge`. Torch
     twins: `sparsify.rescaled`'s L1 pass, `sparse.sce`'s energies."""
+    sums, marks = kept_sum_terms(base, models, plan, square)
+    return sums.sum(0), marks
+
+
+def kept_sum_terms(
+    base: Tensor, models: list[Tensor], plan: SparsePlan, square: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """`kept_sums`' terms, one per block of `block_entries(plan.row)` entries (a tensor cut
+    into parts of whole blocks gives, part after part, the same terms), and the marks."""
     base_, models_ = padded(base, models)
     block = _block_size(plan.row)
     sums = np.zeros(((base_.size + block - 1) // block, len(models), 2))
     marks = new_marks(base_.size, plan, len(models))
     job = Job.SQUARE_SUMS if square else Job.ABS_SUMS
     _sparse_pass(base_, models_, plan, job, base_[:0], (sums, marks))
-    return sums.sum(0), marks
+    return sums, marks
+
+
+def block_entries(row: int) -> int:
+    """Entries per block of the sparse pass, for rows of `row` entries."""
+    return max(row, BLOCK // row * row)
 
 
 def new_marks(n: int, plan: SparsePlan, models: int) -> np.ndarray:
@@ -181,7 +197,7 @@ def _variances(base, models, start, out):
 @njit(inline="always")
 def _block_size(row):
     """Entries per block: whole rows of `row` entries (DELLA ranks within rows)."""
-    return max(row, BLOCK // row * row)
+    return max(row, BLOCK // row * row)  # as `block_entries`
 
 
 @njit(inline="always")
@@ -203,9 +219,10 @@ def _threshold(value, cut, start):
 def _entry(base, model, j, position, statistic, select, rule, prob):
     """Entry j's task vector d and whether the model keeps it, by `rule` (a constant where
     this inlines, so each loop computes only its own test). `select` is (variance, keep
-    value, keep cut, drop value, drop cut, key words): the top-k bounds apply to `statistic`
-    (the variance across models) with `variance`, else to |d|; THRESHOLD's cuts are unused."""
-    variance, keep_value, keep_cut, drop_value, drop_cut, first, second = select
+    value, keep cut, drop value, drop cut, key words, offset): the top-k bounds apply to
+    `statistic` (the variance across models) with `variance`, else to |d|; THRESHOLD's cuts
+    are unused."""
+    variance, keep_value, keep_cut, drop_value, drop_cut, first, second, _ = select
     d = load(model, j) - load(base, j)
     s = statistic if variance else abs(d)
     if rule == Rule.TOP_K:
@@ -228,7 +245,7 @@ def _sparsify(base, model, start, select, rule, scaling, job, work):
     block_statistic, block_prob, own, block_acc, block_marks = work
     w, f, div = scaling
     size = len(own)
-    position = np.uint32(start)  # a uint32 for the draws (see `draw`)
+    position = np.uint32(start + select[7])  # in the tensor; a uint32 for the draws (`draw`)
     if job != Job.MERGE:
         flags = np.empty(size, np.uint8)
         for t in range(size):
@@ -288,7 +305,7 @@ def _model_pass(base, models, plan, i, start, job, work, ranks):
     # the loops from vectorising (named unlike `_entry`'s: numba's inliner can confuse them)
     top_bounds = (plan.keep_value[i], plan.keep_cut[i])
     outlier_bounds = (plan.drop_value[i], plan.drop_cut[i])
-    draw_key = (plan.key[i, 0], plan.key[i, 1])
+    draw_key = (plan.key[i, 0], plan.key[i, 1], plan.offset)
     select = (plan.variance,) + top_bounds + outlier_bounds + draw_key
     scaling = (plan.vote_weight[i], plan.factor[i], plan.by_probability[i])
     end = start + len(probability)
