@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from conftest import state
 
 import medmerge
@@ -153,6 +154,23 @@ def test_a_bad_memory_budget_is_refused_before_any_tensor_is_read(mistral, tmp_p
     with pytest.raises(ConfigError, match="not a size: 'lots'"):
         medmerge.merge(cfg, tmp_path / "m", progress=False, max_memory="lots")
     assert not (tmp_path / "m").exists()
+
+
+def test_the_command_line_takes_a_memory_budget(mistral, tmp_path):
+    from typer.testing import CliRunner
+
+    from medmerge.cli import app
+
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(merge_config("linear", mistral, BLOCKWISE["linear"][1])))
+    whole = medmerge.merge(config, tmp_path / "whole", progress=False)
+    run = CliRunner().invoke(app, ["merge", str(config), str(tmp_path / "cli"), "--quiet",
+                                   "--max-memory", "40KB"])  # fmt: skip
+    assert run.exit_code == 0, run.output
+    assert_bitwise_equal(state(whole), state(tmp_path / "cli"))
+    run = CliRunner().invoke(app, ["merge", str(config), str(tmp_path / "bad"), "--max-memory",
+                                   "2 gigs"])  # fmt: skip
+    assert run.exit_code == 2 and "error: not a size: '2 gigs'" in run.output
 
 
 # Merges a family whose largest tensors (the embedding and the head, 32768 x 1024 bfloat16)

@@ -11,6 +11,7 @@ Used by the example command, the tests' fixtures and the benchmark.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -119,6 +120,21 @@ def tensor_layout(config: PretrainedConfig) -> list[tuple[str, tuple[int, ...]]]
     return [(name, tuple(t.shape)) for name, t in state.items()]
 
 
+PIECE = 1 << 26  # entries: a larger tensor is made and written in row blocks of about this many
+
+
+def _pieces(name: str, shape, seed: int, member: int, delta: float):
+    """`_tensor` of a tensor, or for one of more than PIECE entries its row blocks (each drawn
+    from a seed of its own), so that memory stays bounded whatever the shape."""
+    rows = max(1, PIECE // max(1, math.prod(shape[1:])))
+    if math.prod(shape) <= PIECE or len(shape) < 2:
+        yield _tensor(name, shape, seed, member, delta)
+        return
+    for k, start in enumerate(range(0, shape[0], rows)):
+        piece = (min(rows, shape[0] - start), *shape[1:])
+        yield _tensor(f"{name}#{k}", piece, seed, member, delta)
+
+
 def _tensor(name: str, shape, seed: int, member: int, delta: float) -> torch.Tensor:
     """Base values (member 0) plus, for fine-tunes, a member-specific delta of relative size."""
     g = torch.Generator().manual_seed(tensor_seed(seed, name, 0))
@@ -147,7 +163,8 @@ def write_model(
     with atomic_folder(folder, overwrite=overwrite) as tmp:
         writer = ShardWriter(tmp, [(n, s, dtype) for n, s in layout], shard_size)
         for name, shape in layout:
-            writer.write(name, _tensor(name, shape, seed, member, delta).to(dtype))
+            for piece in _pieces(name, shape, seed, member, delta):
+                writer.write(name, piece.to(dtype), rows=tuple(piece.shape) != tuple(shape))
         writer.finish()
         config.dtype = str(dtype).removeprefix("torch.")
         config.architectures = [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]

@@ -64,7 +64,8 @@ def available(dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
 
 def compile_later(dtype: torch.dtype, out_dtype: torch.dtype) -> subprocess.Popen | None:
     """Start compiling the pass for these dtypes in a process of its own (once per process
-    and pair; a second process finds the first's lock and leaves); returns it."""
+    and pair; a second such process waits for the first's lock, then finds the pass cached);
+    returns it."""
     if (dtype, out_dtype) in _started:
         return None
     names = [str(d).removeprefix("torch.") for d in (dtype, out_dtype)]
@@ -80,16 +81,14 @@ def compile_later(dtype: torch.dtype, out_dtype: torch.dtype) -> subprocess.Pope
 
 
 def main(names: list[str]) -> None:
-    """Compile the pass for the dtypes named (`bfloat16 float32`) into numba's cache."""
+    """Compile the pass for the dtypes named (`bfloat16 float32`) into numba's cache (run in
+    the foreground, it returns once the pass is there)."""
     dtype, out_dtype = (getattr(torch, name) for name in names)
     folder = Path(_sparse_pass._cache.cache_path)
     folder.mkdir(parents=True, exist_ok=True)
     names = "-".join(str(d).removeprefix("torch.") for d in (dtype, out_dtype))
     with open(folder / f"medmerge-compile-{names}.lock", "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            return  # another process compiles this pair
+        fcntl.flock(lock, fcntl.LOCK_EX)  # after any other process compiling this pair
         for pair in {(dtype, out_dtype), (dtype, dtype)}:
             if not _compiled(*pair):
                 _sparse_pass(*_arguments(*pair))  # compiles, and saves to the cache
