@@ -26,6 +26,7 @@ BLOCKWISE = {
     "task_arithmetic": ("task_arithmetic", {"weight": [0.6, 0.5], "lambda": 0.9}, "rows"),
     "nearswap": ("nearswap", {"t": 0.01}, "rows"),
     "ram": ("ram", {"epsilon": 1e-3}, "rows"),
+    "ramplus_tl": ("ramplus_tl", {"epsilon": 1e-3, "r": 0.3, "alpha": 0.5}, "streams"),
     "nuslerp_rows": ("nuslerp", {"weight": [0.4, 0.6], "nuslerp_flatten": False}, "rows"),
     "model_stock_rows": ("model_stock", {"filter_wise": True}, "rows"),
     "slerp": ("slerp", {"t": 0.3}, "streams"),

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from medmerge.methods.registry import always, register
+from medmerge.methods.registry import always, entries, register
 from medmerge.methods.rng import uniform
-from medmerge.methods.streaming import chunkwise, spans
+from medmerge.methods.streaming import Blocked, chunkwise, spans
 
 
 @register("nearswap", min_models=1, max_models=1, rows=always)
@@ -88,18 +88,36 @@ def ram(base: Tensor, models: list[Tensor], *, epsilon: float = 1e-5) -> Tensor:
     return _ram(base, models, epsilon, [1.0] * len(models))
 
 
-@register("ramplus_tl", min_models=0)
+@register("ramplus_tl", min_models=0, streams=entries)
 def ramplus_tl(
-    base: Tensor, models: list[Tensor], *, r: float = 0.1, alpha: float = 0.2, epsilon: float = 1e-5
-) -> Tensor:
+    base: Tensor | Blocked,
+    models: list[Tensor | Blocked],
+    *,
+    r: float = 0.1,
+    alpha: float = 0.2,
+    epsilon: float = 1e-5,
+) -> Tensor | Blocked:
     """RAM with each model's unique changes scaled by 1 + r * min(rho, alpha), rho its shared
     changes over its unique ones in this tensor  (RAM+, tensor-local; mergekit's ramplus_tl)."""
-    counts = _counts(base, models, epsilon).reshape(base.shape)
+    blocks = range(len(base.blocks)) if isinstance(base, Blocked) else [None]
+
+    def at(k: int | None) -> tuple[Tensor, list[Tensor]]:  # float32, as the engine gives them
+        if k is None:
+            return base, models
+        return base.get(k).float(), [m.get(k).float() for m in models]
+
+    shared, unique = [0] * len(models), [0] * len(models)
+    for k in blocks:  # counts of entries: exact whatever the blocks
+        b, ms = at(k)
+        counts = _counts(b, ms, epsilon).reshape(b.shape)
+        for i, m in enumerate(ms):
+            changed = (m - b).abs() > epsilon
+            shared[i] += int((changed & (counts > 1)).sum())
+            unique[i] += int((changed & (counts == 1)).sum())
     scale = []
-    for m in models:
-        changed = (m - base).abs() > epsilon
-        shared = float((changed & (counts > 1)).sum())
-        unique = float((changed & (counts == 1)).sum())
-        rho = shared / max(unique, epsilon)
+    for s, u in zip(shared, unique, strict=True):
+        rho = s / max(u, epsilon)
         scale.append(1 + r * min(max(rho, 0.0), alpha))
-    return _ram(base, models, epsilon, scale)
+    if not isinstance(base, Blocked):
+        return _ram(base, models, epsilon, scale)
+    return Blocked(base.shape, torch.float32, base.blocks, lambda k: _ram(*at(k), epsilon, scale))
