@@ -27,6 +27,7 @@ BLOCKWISE = {
     "nearswap": ("nearswap", {"t": 0.01}, "rows"),
     "ram": ("ram", {"epsilon": 1e-3}, "rows"),
     "ramplus_tl": ("ramplus_tl", {"epsilon": 1e-3, "r": 0.3, "alpha": 0.5}, "streams"),
+    "arcee_fusion": ("arcee_fusion", {}, "streams"),
     "nuslerp_rows": ("nuslerp", {"weight": [0.4, 0.6], "nuslerp_flatten": False}, "rows"),
     "model_stock_rows": ("model_stock", {"filter_wise": True}, "rows"),
     "slerp": ("slerp", {"t": 0.3}, "streams"),
@@ -51,7 +52,7 @@ BLOCKWISE = {
     "hierarchical": ("hierarchical", {}, "streams"),
     "hierarchical_deltas": ("hierarchical", {"align_on": "deltas", "min_weight": 0.2}, "streams"),
 }  # fmt: skip
-ONE_MODEL = {"nearswap", "slerp"}
+ONE_MODEL = {"nearswap", "slerp", "arcee_fusion"}
 
 
 @pytest.fixture(scope="module")
@@ -118,9 +119,9 @@ def test_row_blocks_give_the_whole_tensors_bits(case, dtype, mistral, wide, tmp_
 
 
 def test_a_method_without_row_blocks_merges_whole_under_any_budget(mistral, tmp_path, monkeypatch):
-    # Arcee Fusion ranks entries by the KL divergence of whole rows' softmax, over the tensor
-    base, a, _ = mistral
-    cfg = {"merge_method": "arcee_fusion", "base_model": str(base), "models": [{"model": str(a)}]}
+    # row-wise NuSLERP interpolates columns: each needs every row
+    params = {"weight": [0.4, 0.6], "nuslerp_flatten": False, "nuslerp_row_wise": True}
+    cfg = merge_config("nuslerp", mistral, params)
     whole = medmerge.merge(cfg, tmp_path / "whole", progress=False)
     found = modes(monkeypatch)
     small = medmerge.merge(cfg, tmp_path / "small", progress=False, max_memory="10KB")

@@ -277,7 +277,8 @@ PARAMS = {
 }
 
 
-# checked against their formulas in tests/test_entrywise.py, and against mergekit's own code
+# checked against their formulas in tests/test_entrywise.py and test_hierarchical.py, and
+# against mergekit by benchmarks/mergekit_equality.py
 ELSEWHERE = {"cosine_ot_lerp", "hierarchical", "passthrough", "nearswap", "arcee_fusion", "ram",
              "ramplus_tl"}  # fmt: skip
 

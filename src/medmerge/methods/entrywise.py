@@ -9,6 +9,8 @@ draws, so a seed gives the same result on any device (mergekit draws unseeded).
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -32,25 +34,64 @@ def nearswap(base: Tensor, models: list[Tensor], *, t: float) -> Tensor:
 QUANTILE_SAMPLE = 1_000_000  # entries of a larger tensor sampled for Arcee Fusion's quartiles
 
 
-@register("arcee_fusion", min_models=1, max_models=1)
-def arcee_fusion(base: Tensor, models: list[Tensor], *, keys: list[int]) -> Tensor:
+def _rows_of_vectors(params: dict, shape: tuple[int, ...]) -> int | None:
+    """Arcee Fusion's `streams`: its softmax runs along rows, so a tensor of rows."""
+    return 1 if len(shape) > 1 else None
+
+
+@register("arcee_fusion", min_models=1, max_models=1, streams=_rows_of_vectors)
+def arcee_fusion(
+    base: Tensor | Blocked, models: list[Tensor | Blocked], *, keys: list[int]
+) -> Tensor | Blocked:
     """Take the other model's value where its importance, |b - a| times the KL divergence of
     its row's softmax from the base's, reaches median + 1.5 IQR  (mergekit's arcee_fusion)."""
     (model,) = models
+    n = base.numel()
+    picks = None  # the entries whose importance gives the quartiles: all, or a sample
+    if n > QUANTILE_SAMPLE:
+        draws = uniform(keys[0], slice(0, QUANTILE_SAMPLE), base.device).double()
+        picks = (draws * n).long()
+    if not isinstance(base, Blocked):
+        importance = _importance(base, model)
+        flat = importance.reshape(-1)
+        fence = _fence(flat if picks is None else flat[picks])
+        return base + (model - base) * (importance >= fence)
+
+    def at(k: int) -> tuple[Tensor, Tensor]:  # float32, as the engine gives whole tensors
+        return base.get(k).float(), model.get(k).float()
+
+    row, values = math.prod(base.shape[1:]), []
+    for k, (start, stop) in enumerate(base.blocks):  # the picked importances, block by block
+        flat = _importance(*at(k)).reshape(-1)
+        if picks is None:
+            values.append(flat)
+        else:
+            mine = picks[(picks >= start * row) & (picks < stop * row)]
+            values.append(flat[mine - start * row])
+    fence = _fence(torch.cat(values))  # the same values, in another order: the same sort
+
+    def block(k: int) -> Tensor:
+        b, m = at(k)
+        return b + (m - b) * (_importance(b, m) >= fence)
+
+    return Blocked(base.shape, torch.float32, base.blocks, block)
+
+
+def _importance(base: Tensor, model: Tensor) -> Tensor:
+    """|model - base| times the KL divergence of the row's softmax from the base's."""
     diff = (model - base).abs()
     p = torch.softmax(model, dim=-1) + 1e-8
     q = torch.softmax(base, dim=-1) + 1e-8
-    importance = diff * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
-    flat = importance.reshape(-1)
-    if flat.numel() > QUANTILE_SAMPLE:
-        draws = uniform(keys[0], slice(0, QUANTILE_SAMPLE), flat.device).double()
-        flat = flat[(draws * flat.numel()).long()]
-    ordered = flat.sort().values
+    return diff * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+
+
+def _fence(values: Tensor) -> Tensor:
+    """median + 1.5 (q3 - q1) of the values (mergekit's quantile positions)."""
+    ordered = values.sort().values
     q1, median, q3 = (
         ordered[int(q * (ordered.numel() - 1))] for q in torch.tensor([0.25, 0.5, 0.75]).tolist()
     )
-    mask = importance >= median + 1.5 * (q3 - q1)
-    return base + (model - base) * mask
+    return median + 1.5 * (q3 - q1)
 
 
 def _counts(base: Tensor, models: list[Tensor], epsilon: float) -> Tensor:
