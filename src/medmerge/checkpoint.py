@@ -163,11 +163,10 @@ class Checkpoint:
         that nothing else shares. From a safetensors shard it is a private (copy-on-write)
         memory map of just those bytes (rows are contiguous), unmapped when it is freed."""
         info = self.info(name)
-        start, stop = rows if rows is not None else (0, info.shape[0] if info.shape else 1)
-        shape = (stop - start, *info.shape[1:]) if rows is not None else info.shape
+        start, shape = (rows[0], (rows[1] - rows[0], *info.shape[1:])) if rows else (0, info.shape)
         if info.start < 0:
             whole = self._bin_shards[info.file][self.resolve(name)]
-            return (whole if rows is None else whole[start:stop]).clone()
+            return (whole[slice(*rows)] if rows else whole).clone()
         fd = self._fds.get(info.file)
         if fd is None:  # reads come from the engine's reader thread and, by row blocks, its own
             fd = os.open(info.file, os.O_RDONLY)

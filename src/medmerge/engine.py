@@ -256,9 +256,9 @@ def _parts(plan: MergePlan, group: GroupInput, merged: dict):
         if not isinstance(out, Blocked):
             yield n, out, False, 1 / len(group.names)
             continue
+        inputs = group.inputs[n]
         for k, (start, stop) in enumerate(out.blocks):
             block = out.get(k)
-            inputs = group.inputs[n]
             _check_finite(plan, n, block, lambda k=k, inputs=inputs: [t.get(k) for t in inputs])
             share = (stop - start) / out.shape[0] / len(group.names)
             yield n, block.to(plan.out_dtype).cpu(), True, share

@@ -21,7 +21,6 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -47,7 +46,7 @@ from medmerge.architectures import (
 from medmerge.errors import ConfigError
 from medmerge.methods import kernels
 from medmerge.methods.registry import entries, register
-from medmerge.methods.streaming import Blocked, chunkwise, flat, spans
+from medmerge.methods.streaming import Blocked, chunkwise, flat, spans, summed_terms
 
 
 def layer_groups(names: Sequence[str], config: dict, params: dict[str, dict]) -> list[list[str]]:
@@ -85,11 +84,8 @@ def delta_cosine(a: Tensor, b: Tensor, base: Tensor) -> float:
     block, summing the same terms in the same order."""
     blocked = isinstance(a, Blocked)
     if blocked and kernels.usable_dtypes({a.dtype, b.dtype, base.dtype}):
-        terms = [
-            kernels.delta_product_terms(base.get(k), a.get(k), b.get(k))
-            for k in range(len(a.blocks))
-        ]
-        dot, na, nb = (float(x) for x in np.concatenate(terms).sum(0))
+        terms = lambda k: kernels.delta_product_terms(base.get(k), a.get(k), b.get(k))  # noqa: E731
+        dot, na, nb = (float(x) for x in summed_terms(terms, a))
     elif not blocked and kernels.usable(a, b, base):
         dot, na, nb = kernels.delta_products(base, a, b)
     else:

@@ -47,7 +47,7 @@ from medmerge.methods.sparsify import (
     top_k,
     trim_count,
 )
-from medmerge.methods.streaming import Blocked, blocked_result, flat, spans
+from medmerge.methods.streaming import Blocked, blocked_result, flat, spans, summed_terms
 
 # ---- combination ---------------------------------------------------------------------------
 
@@ -177,12 +177,7 @@ def _kernel_blocks(
         if spec.how in (Sparsification.TRIM, Sparsification.CRUMBS):
             values = flat(models[i])
             magnitude = lambda p, v=values: (v[p].float() - flat_base[p].float()).abs()  # noqa: E731
-            n = base.numel()
-            outliers, kept = (
-                (0, trim_count(spec.density, n))
-                if spec.how is Sparsification.TRIM
-                else crumbs_counts(spec.density, spec.gamma, n)
-            )
+            outliers, kept = _top_counts(spec, base.numel())
             for value, cut, k in ((plan.keep_value, plan.keep_cut, outliers + kept),
                                   (plan.drop_value, plan.drop_cut, outliers)):  # fmt: skip
                 top = top_k(magnitude, parts, k)
@@ -192,11 +187,12 @@ def _kernel_blocks(
         plan.by_probability[i] = spec.rescale == "inverse_density"
     l1 = [i for i, spec in enumerate(specs) if spec.rescale == "l1" and not spec.keeps_all]
     if l1:
-        terms = [
-            kernels.kept_sum_terms(base.get(k), [m.get(k) for m in models], at(k), False)[0]
-            for k in range(len(base.blocks))
-        ]
-        sums = np.concatenate(terms).sum(0)
+        sums = summed_terms(
+            lambda k: kernels.kept_sum_terms(base.get(k), [m.get(k) for m in models], at(k), False)[
+                0
+            ],  # fmt: skip
+            base,
+        )
         for i in l1:
             plan.factor[i] = l1_factor(*sums[i])
 
@@ -248,10 +244,7 @@ def _kernel_plan(
         if spec.keeps_all:
             continue
         if spec.how in (Sparsification.TRIM, Sparsification.CRUMBS):
-            if spec.how is Sparsification.TRIM:
-                outliers, kept = 0, trim_count(spec.density, n)
-            else:
-                outliers, kept = crumbs_counts(spec.density, spec.gamma, n)
+            outliers, kept = _top_counts(spec, n)
             (top, cut), (upper, upper_cut) = kernels.top_ks(
                 kernels.Statistic.MAGNITUDE, base, models, i, [outliers + kept, outliers]
             )
@@ -271,6 +264,13 @@ def _kernel_plan(
         if plan.rule[i] == kernels.Rule.RANKED:
             plan.rule[i] = kernels.Rule.MARKED
     return plan, marks
+
+
+def _top_counts(spec: Sparsify, n: int) -> tuple[int, int]:
+    """(outliers dropped, entries kept) of a top-k rule (TIES' trim, Breadcrumbs) of n entries."""
+    if spec.how is Sparsification.TRIM:
+        return 0, trim_count(spec.density, n)
+    return crumbs_counts(spec.density, spec.gamma, n)
 
 
 def _draw_rule(plan: kernels.SparsePlan, i: int, spec: Sparsify) -> None:

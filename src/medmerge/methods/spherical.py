@@ -24,7 +24,7 @@ from medmerge.errors import ConfigError
 from medmerge.methods import kernels
 from medmerge.methods.basic import chunks, combination
 from medmerge.methods.registry import entries, register
-from medmerge.methods.streaming import Blocked, spans
+from medmerge.methods.streaming import Blocked, spans, summed_terms
 
 
 def gram(models: list[Tensor], base: Tensor | None = None) -> Tensor:
@@ -34,13 +34,10 @@ def gram(models: list[Tensor], base: Tensor | None = None) -> Tensor:
     inputs = [*models, *([base] if base is not None else [])]
     if isinstance(models[0], Blocked):
         if kernels.usable_dtypes({t.dtype for t in inputs}):
-            terms = [
-                kernels.gram_partials(
-                    None if base is None else base.get(k), [m.get(k) for m in models]
-                )
-                for k in range(len(models[0].blocks))
-            ]
-            return torch.from_numpy(np.concatenate(terms).sum(0))
+            terms = lambda k: kernels.gram_partials(  # noqa: E731
+                None if base is None else base.get(k), [m.get(k) for m in models]
+            )
+            return torch.from_numpy(summed_terms(terms, models[0]))
     elif kernels.usable(*inputs):
         return torch.from_numpy(kernels.gram(base, models))
     g = torch.zeros(len(models), len(models), dtype=torch.float64)

@@ -10,6 +10,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -111,6 +112,13 @@ def blocked_result(
         return block.view(stop - start, *like.shape[1:])
 
     return Blocked(like.shape, dtype, like.blocks, get)
+
+
+def summed_terms(terms: Callable[[int], np.ndarray], blocked: Blocked) -> np.ndarray:
+    """The sum of a kernel's float64 terms (one per kernel block, `terms(k)` those of block k)
+    over every block: the same terms in the same order as on the whole tensor, so the same sum,
+    where the blocks hold whole kernel blocks (`chunk_rows`)."""
+    return np.concatenate([terms(k) for k in range(len(blocked.blocks))]).sum(0)
 
 
 def chunk_rows(shape: tuple[int, ...], row: int) -> int:

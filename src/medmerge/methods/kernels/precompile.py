@@ -5,8 +5,8 @@ minute to compile, once per pair of input and output dtypes; numba's cache then 
 every later process. Where a merge finds it neither compiled nor cached (`ready`), the method
 runs its torch implementation, which computes the same bits, and `compile_later` starts a
 process that compiles the pass for that pair into the cache (`main`); the next merge finds it
-there. With
-`MEDMERGE_COMPILE=foreground` a merge compiles it itself instead (benchmarks, tests).
+there. With `MEDMERGE_COMPILE=foreground` a merge compiles it itself instead (benchmarks,
+tests).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from medmerge.methods.kernels.sparse import Job, SparsePlan, _sparse_pass, new_m
 NUMPY = {torch.bfloat16: np.uint16, torch.float32: np.float32}  # as the kernels see them
 # the compilations this process started, by pair
 _started: dict[tuple[torch.dtype, torch.dtype], subprocess.Popen] = {}
+_found: set[tuple[torch.dtype, torch.dtype]] = set()  # pairs found compiled or cached: once
 
 
 def _arguments(dtype: torch.dtype, out_dtype: torch.dtype) -> tuple:
@@ -37,13 +38,17 @@ def _arguments(dtype: torch.dtype, out_dtype: torch.dtype) -> tuple:
 
 
 def _compiled(dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
-    """Whether this process has, or numba's cache holds, the pass for these dtypes."""
-    signature = tuple(_sparse_pass.typeof_pyval(a) for a in _arguments(dtype, out_dtype))
-    if signature in _sparse_pass.overloads:
+    """Whether this process has, or numba's cache holds, the pass for these dtypes (asked of
+    numba until it says yes: a merge asks for every tensor)."""
+    if (dtype, out_dtype) in _found:
         return True
+    signature = tuple(_sparse_pass.typeof_pyval(a) for a in _arguments(dtype, out_dtype))
     cache = _sparse_pass._cache  # numba's own index of what its cache file holds
     key = cache._index_key(signature, _sparse_pass.targetctx.codegen())
-    return key in cache._cache_file._load_index()
+    if signature in _sparse_pass.overloads or key in cache._cache_file._load_index():
+        _found.add((dtype, out_dtype))
+        return True
+    return False
 
 
 def ready(dtype: torch.dtype, out_dtype: torch.dtype) -> bool:
