@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import medmerge
+from medmerge import engine
 from medmerge.check import check
 from medmerge.errors import ConfigError
 from medmerge.methods import REGISTRY
@@ -139,7 +140,21 @@ def _write(src, dst, tensors):
     return dst
 
 
-def test_joint_alignment_undoes_a_planted_head_permutation(arch_family, tmp_path):
+def _spy_group_blocks(monkeypatch) -> list[dict]:
+    """The groups the engine will merge in row blocks (each a dict name -> row blocks)."""
+    blocked, group_blocks = [], engine._group_blocks
+
+    def spy(*args):
+        found = group_blocks(*args)
+        if found:
+            blocked.append(found)
+        return found
+
+    monkeypatch.setattr(engine, "_group_blocks", spy)
+    return blocked
+
+
+def test_joint_alignment_undoes_a_planted_head_permutation(arch_family, tmp_path, monkeypatch):
     arch, (base, a, _) = arch_family
     config = json.loads((a / "config.json").read_text())
     H = config["num_attention_heads"]
@@ -162,11 +177,11 @@ def test_joint_alignment_undoes_a_planted_head_permutation(arch_family, tmp_path
     noisy = {k: v + 1e-3 * v.std() * torch.randn(v.shape, generator=g) for k, v in planted.items()}
     b = _write(a, tmp_path / "b", noisy)
 
-    def merge(alignment, out):
+    def merge(alignment, out, max_memory=None):
         cfg = {"merge_method": "hierarchical", "base_model": str(base), "dtype": "float32",
                "parameters": {"alignment": alignment, "weighting": "fixed", "weight": 0.5},
                "models": [{"model": str(a)}, {"model": str(b)}]}  # fmt: skip
-        return medmerge.merge(cfg, tmp_path / out, progress=False)
+        return medmerge.merge(cfg, tmp_path / out, progress=False, max_memory=max_memory)
 
     reference = logits(a)
     aligned = merge("joint", "aligned")
@@ -178,6 +193,14 @@ def test_joint_alignment_undoes_a_planted_head_permutation(arch_family, tmp_path
     for layer, (q, kv) in perms.items():  # B's heads put back: the inverse of the planted ones
         assert found[layer]["q_perm"] == sorted(range(H), key=q.__getitem__), (arch, layer)
         assert found[layer]["kv_perm"] == sorted(range(K), key=kv.__getitem__), (arch, layer)
+    # every layer's head-indexed tensors read from the shards in row blocks, B's permuted
+    # heads read from where they lie: the same bits
+    blocked = _spy_group_blocks(monkeypatch)
+    for alignment in ("joint", "per_tensor"):
+        whole = aligned if alignment == "joint" else merge(alignment, alignment)
+        in_blocks = merge(alignment, f"{alignment}-blocks", max_memory="16KB")
+        torch.testing.assert_close(state(in_blocks), state(whole), rtol=0, atol=0)
+    assert sum(any(_attention_parts(n) for n in how) for how in blocked) == 2 * len(perms)
 
 
 def test_an_unknown_architecture_merges_but_alignment_names_the_fix(tmp_path):
@@ -268,7 +291,8 @@ def test_moe_layouts_merge_with_every_method_into_models_that_run(moe_family, de
     assert {"experts", "router"} <= set(per_type), (arch, layout, sorted(per_type))
 
 
-def test_expert_alignment_undoes_a_planted_permutation_of_experts(moe_family, tmp_path):
+def test_expert_alignment_undoes_a_planted_permutation_of_experts(moe_family, tmp_path,
+                                                                  monkeypatch):  # fmt: skip
     arch, layout, (base, a, _) = moe_family
     config = json.loads((a / "config.json").read_text())
     n = config.get("num_local_experts") or config["num_experts"]
@@ -294,12 +318,12 @@ def test_expert_alignment_undoes_a_planted_permutation_of_experts(moe_family, tm
     noisy = {k: v + 1e-3 * v.std() * torch.randn(v.shape, generator=g) for k, v in planted.items()}
     b = _write(a, tmp_path / "b", noisy)
 
-    def merge(align_experts, out):
+    def merge(align_experts, out, max_memory=None):
         cfg = {"merge_method": "hierarchical", "base_model": str(base), "dtype": "float32",
                "parameters": {"align_experts": align_experts, "weighting": "fixed",
                               "weight": 0.5},
                "models": [{"model": str(a)}, {"model": str(b)}]}  # fmt: skip
-        return medmerge.merge(cfg, tmp_path / out, progress=False)
+        return medmerge.merge(cfg, tmp_path / out, progress=False, max_memory=max_memory)
 
     reference = logits(a)
     aligned = merge(True, "aligned")
@@ -312,6 +336,11 @@ def test_expert_alignment_undoes_a_planted_permutation_of_experts(moe_family, tm
     inverse = sorted(range(n), key=perm.__getitem__)  # B's experts put back
     assert all(r["expert_perm"] == inverse and r["experts_moved"] == n for r in found)
     assert len(diagnostics["summary"]["layers_with_moved_experts"]) == len(found)
+    # the experts read from the shards in row blocks: the same permutation and bits
+    blocked = _spy_group_blocks(monkeypatch)
+    in_blocks = merge(True, "aligned_blocks", max_memory="16KB")
+    assert sum(any(EXPERT.match(n) for n in how) for how in blocked) == len(found)
+    torch.testing.assert_close(state(in_blocks), state(aligned), rtol=0, atol=0)
 
 
 def test_expert_alignment_on_a_model_without_experts_names_the_fix(arch_family, tmp_path):

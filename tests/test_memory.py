@@ -1,6 +1,8 @@
 """Tensors over the memory budget, merged in row blocks: the same bits as whole, and a peak
 memory that does not follow the tensor's size."""
 
+import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,10 +12,12 @@ import pytest
 import torch
 import yaml
 from conftest import state
+from safetensors.torch import save_file
 
 import medmerge
-from medmerge import engine
-from medmerge.errors import ConfigError
+from medmerge import align, engine
+from medmerge.align import HeadLayout, permute_heads, random_valid_permutation
+from medmerge.errors import ConfigError, MergeError
 from medmerge.methods import REGISTRY
 from medmerge.methods.basic import combination
 from medmerge.methods.spherical import gram
@@ -93,6 +97,20 @@ def modes(monkeypatch) -> list[str]:
         return how
 
     monkeypatch.setattr(engine, "_row_blocks", spy)
+    return found
+
+
+def group_blocks(monkeypatch) -> dict:
+    """The row blocks of the tensors of the groups the engine will merge in row blocks."""
+    found = {}
+    blocks = engine._group_blocks
+
+    def spy(*args):
+        how = blocks(*args)
+        found.update({n: b.blocks for n, b in how.items()})
+        return how
+
+    monkeypatch.setattr(engine, "_group_blocks", spy)
     return found
 
 
@@ -239,3 +257,64 @@ def test_row_blocks_give_the_whole_tensors_bits_on_the_torch_path(case, wide, tm
     blocks = medmerge.merge(cfg, tmp_path / "blocks", progress=False, max_memory="4MB")
     assert found and set(found) == {mode}
     assert_bitwise_equal(state(whole), state(blocks))
+
+
+@pytest.fixture(scope="module")
+def heads(tmp_path_factory):
+    """A family of one layer whose q and o projections (2048 x 2048) hold four chunks of
+    entries, and a parent B whose query heads and kv groups are permuted, so that aligning
+    them moves rows across row blocks."""
+    root = tmp_path_factory.mktemp("heads")
+    config = tiny_config("mistral", hidden_size=2048, num_attention_heads=16, head_dim=128,
+                         num_key_value_heads=4, num_hidden_layers=1, intermediate_size=64,
+                         vocab_size=256)  # fmt: skip
+    base, a, b = write_family(root, config, seed=6)
+    layout = HeadLayout.from_config(config.to_dict())
+    q, kv = random_valid_permutation(layout, torch.Generator().manual_seed(1))
+    tensors = state(b)
+    attention = {n: t for n, t in tensors.items() if ".self_attn." in n}
+    tensors.update(permute_heads(attention, q, kv, layout))
+    moved = root / "moved"
+    shutil.copytree(b, moved)
+    for f in moved.glob("model*.safetensors*"):
+        f.unlink()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, moved / "model.safetensors",
+              metadata={"format": "pt"})  # fmt: skip
+    return base, a, moved
+
+
+@pytest.mark.parametrize(
+    "params", [{}, {"alignment": "per_tensor"}, {"align_on": "deltas", "weighting": "fixed"}]
+)
+def test_attention_groups_in_row_blocks_give_the_whole_groups_bits(params, heads, tmp_path,
+                                                                   monkeypatch):  # fmt: skip
+    monkeypatch.setattr(align, "GRAM", 1 << 16)  # head costs summed over several parts
+    cfg = merge_config("hierarchical", heads, params)
+    whole = medmerge.merge(cfg, tmp_path / "whole", progress=False)
+    found = group_blocks(monkeypatch)
+    blocks = medmerge.merge(cfg, tmp_path / "blocks", progress=False, max_memory="4MB")
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert len(found) == 4 and len(found[q_proj]) == 4  # the layer's q, k, v and o
+    assert_bitwise_equal(state(whole), state(blocks))
+    records = [json.loads((out / engine.DIAGNOSTICS).read_text())["records"]
+               for out in (whole, blocks)]  # fmt: skip
+    for record in records[0] + records[1]:
+        record.pop("assignment_seconds", None)
+    assert records[0] == records[1]
+    if not params:
+        layer = next(r for r in records[0] if r["group"] == "model.layers.0")
+        assert layer["heads_moved"] > 0
+
+
+def test_nan_in_an_attention_group_in_row_blocks_is_named(heads, tmp_path):
+    base, a, b = heads
+    tensors = state(a)
+    tensors["model.layers.0.self_attn.o_proj.weight"][1500, 7] = float("nan")
+    bad = tmp_path / "bad"
+    shutil.copytree(a, bad)
+    save_file(tensors, bad / "model.safetensors", metadata={"format": "pt"})
+    cfg = merge_config("hierarchical", (base, bad, b), {})
+    with pytest.raises(MergeError, match=r"'model.layers.0.self_attn.o_proj.weight' of .*bad "
+                                         r"has NaN or inf values"):  # fmt: skip
+        medmerge.merge(cfg, tmp_path / "out", progress=False, max_memory="4MB")
+    assert not (tmp_path / "out").exists()

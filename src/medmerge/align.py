@@ -16,6 +16,8 @@ new expert e takes old expert perm[e], in every expert tensor and in the router'
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +35,8 @@ from medmerge.architectures import (
     expert_tensor,
     segments,
 )
-from medmerge.methods.streaming import spans
+from medmerge.errors import NonFiniteCosts
+from medmerge.methods.streaming import CHUNK, Blocked, rows
 
 __all__ = [
     "HeadLayout",
@@ -47,14 +50,6 @@ __all__ = [
 
 def count(seg: Segment, layout: HeadLayout) -> int:
     return layout.heads if seg.role == "q" else layout.kv_heads
-
-
-def blocks(tensor: Tensor, seg: Segment, n: int) -> Tensor:
-    """The segment of `tensor` as `n` per-head blocks, one row each."""
-    part = tensor.narrow(seg.axis, seg.start, seg.stop - seg.start)
-    if seg.axis == 0:
-        return part.reshape(n, -1)
-    return part.reshape(part.shape[0], n, -1).transpose(0, 1).reshape(n, -1)
 
 
 def permute_segment(tensor: Tensor, seg: Segment, perm, n: int) -> Tensor:
@@ -73,41 +68,118 @@ def permute_segment(tensor: Tensor, seg: Segment, perm, n: int) -> Tensor:
     return out
 
 
+def permuted(t: Tensor | Blocked, moves: list[tuple[Segment, list[int]]]) -> Tensor | Blocked:
+    """`t` with the head blocks of each segment reordered by its permutation (`moves`, a
+    segment and its perm: new block i is old block perm[i]). Of a `Blocked` input, a `Blocked`
+    tensor whose blocks read the rows they take from the shard, and reorder columns in memory."""
+    moves = [(seg, perm) for seg, perm in moves if list(perm) != list(range(len(perm)))]
+    if not isinstance(t, Blocked):
+        for seg, perm in moves:
+            t = permute_segment(t, seg, perm, len(perm))
+        return t
+    if not moves:
+        return t
+    source = np.arange(t.shape[0])  # the row each row takes
+    for seg, perm in moves:
+        if seg.axis == 0:
+            d = (seg.stop - seg.start) // len(perm)
+            heads = seg.start + np.asarray(perm)[:, None] * d + np.arange(d)
+            source[seg.start : seg.stop] = heads.reshape(-1)
+    columns = [(seg, perm) for seg, perm in moves if seg.axis == 1]
+    return gathered(t, source, lambda block: permuted(block, columns))
+
+
+def gathered(t: Blocked, source: np.ndarray, then=None) -> Blocked:
+    """A `Blocked` tensor of t's blocks whose row i is t's row source[i] (each block read from
+    the shard in runs of consecutive rows), each block passed through `then` where given."""
+
+    def get(k: int) -> Tensor:
+        start, stop = t.blocks[k]
+        wanted = source[start:stop]
+        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
+        runs = np.split(wanted, breaks)
+        parts = [t.read(int(run[0]), int(run[-1]) + 1) for run in runs]
+        block = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return then(block) if then else block
+
+    return Blocked(t.shape, t.dtype, t.blocks, get)
+
+
 def permute_heads(
-    tensors: dict[str, Tensor],
+    tensors: dict[str, Tensor | Blocked],
     q: list[int],
     kv: list[int],
     layout: HeadLayout,
     attention: Attention = SEPARATE,
-) -> dict[str, Tensor]:
+) -> dict[str, Tensor | Blocked]:
     """Apply one head permutation consistently to every head-indexed tensor of a layer."""
-    out = {}
-    for name, t in tensors.items():
-        for seg in segments(name, tuple(t.shape), attention, layout):
-            t = permute_segment(t, seg, q if seg.role == "q" else kv, count(seg, layout))
-        out[name] = t
-    return out
+    return {
+        name: permuted(t, [(seg, q if seg.role == "q" else kv)
+                           for seg in segments(name, tuple(t.shape), attention, layout)])
+        for name, t in tensors.items()
+    }  # fmt: skip
 
 
-def _cosine_cost(pairs: list[tuple[Tensor, Tensor]], n: int) -> np.ndarray:
+GRAM = 1 << 23  # entries per head matrix (one per model) of one step of a head cost
+
+
+def _head_parts(t: Tensor | Blocked, seg: Segment, n: int) -> Iterator[Tensor]:
+    """The segment's n heads of `t` as (n, m) float32 parts: concatenated, row h holds head
+    h's entries (its d rows, or its d columns of every row, in order). The steps are fixed by
+    the tensor's shape, so a `Blocked` input (read step by step from its shard) gives the same
+    parts as the whole tensor."""
+    shape = tuple(t.shape)
+    d = (seg.stop - seg.start) // n
+    if seg.axis == 0:  # each head d rows (entries, of a bias)
+        width = math.prod(shape[1:])
+        step = max(1, min(d, GRAM // (n * width)))
+        for r in range(0, d, step):
+            heads = rows(t, seg.start, seg.stop).reshape(n, d, -1)[:, r : r + step]
+            yield _float32(heads).view(n, -1)
+        return
+    step = max(1, GRAM // (seg.stop - seg.start))  # each head d columns of every row
+    for r in range(0, shape[0], step):
+        part = rows(t, r, r + step)[:, seg.start : seg.stop]
+        heads = part.reshape(part.shape[0], n, d).transpose(0, 1)
+        yield _float32(heads).view(n, -1)
+
+
+def _cosine_cost(
+    a: dict, b: dict, segs: list[tuple[str, Segment]], n: int, base: dict | None = None
+) -> np.ndarray:
     """1 - cos between every head of A and every head of B (n of each), each head's vector
-    being its blocks from all the (A blocks, B blocks) pairs given, concatenated (no pairs: all
-    zeros). Computed from Gram matrices and norms (in float32 whatever the stored dtype), so no
+    being its blocks in all the segments `segs` (tensor name, segment) of `a` and `b` (minus
+    `base`'s, where given), concatenated (no segments: all zeros). The Gram matrices and norms
+    are summed over cache-sized parts of the heads (`_head_parts`) in float64, so no
     concatenated or normalised copy of the weights is made."""
-    if not pairs:
+    if not segs:
         return np.zeros((n, n))
-    pairs = [(_float32(a), _float32(b)) for a, b in pairs]
-    dot = sum(a @ b.T for a, b in pairs)
-    norm_a = torch.sqrt(sum(torch.linalg.vector_norm(a, dim=1) ** 2 for a, _ in pairs))
-    norm_b = torch.sqrt(sum(torch.linalg.vector_norm(b, dim=1) ** 2 for _, b in pairs))
-    norm_a, norm_b = norm_a.clamp_min(1e-12), norm_b.clamp_min(1e-12)
-    return (1.0 - dot / torch.outer(norm_a, norm_b)).double().cpu().numpy()
+    dot = torch.zeros(n, n, dtype=torch.float64)
+    sq_a = torch.zeros(n, dtype=torch.float64)
+    sq_b = torch.zeros(n, dtype=torch.float64)
+    for name, seg in segs:
+        parts = [_head_parts(x[name], seg, n) for x in (a, b, base) if x is not None]
+        for xa, xb, *x0 in zip(*parts, strict=True):
+            if x0:
+                xa, xb = xa - x0[0], xb - x0[0]
+            dot += (xa @ xb.T).double().cpu()
+            sq_a += (xa * xa).sum(1, dtype=torch.float64).cpu()
+            sq_b += (xb * xb).sum(1, dtype=torch.float64).cpu()
+    _refuse_nonfinite(dot, sq_a, sq_b, sorted({name for name, _ in segs}))
+    norms = torch.outer(sq_a.sqrt().clamp_min(1e-12), sq_b.sqrt().clamp_min(1e-12))
+    return (1.0 - dot / norms).numpy()
+
+
+def _refuse_nonfinite(dot: Tensor, sq_a: Tensor, sq_b: Tensor, names: list[str]) -> None:
+    """Raise `NonFiniteCosts` where the sums of a cost are not finite (tensors read in parts
+    from the shards, `Blocked`, are checked as their blocks are merged, after the costs)."""
+    if not all(bool(torch.isfinite(x).all()) for x in (dot, sq_a, sq_b)):
+        raise NonFiniteCosts(names)
 
 
 def _float32(t: Tensor) -> Tensor:
-    """t in float32, in a fresh buffer from `buffers.empty` (each layer converts ~50 MB)."""
-    if t.dtype == torch.float32:
-        return t
+    """A float32 copy of t (a view of a stored tensor, in any dtype) in a fresh buffer from
+    `buffers.empty`."""
     return buffers.empty(t.shape, torch.float32, t.device).copy_(t)
 
 
@@ -132,13 +204,14 @@ class Alignment:
 
 
 def joint_alignment(
-    a: dict[str, Tensor],
-    b: dict[str, Tensor],
+    a: dict[str, Tensor | Blocked],
+    b: dict[str, Tensor | Blocked],
     layout: HeadLayout,
     attention: Attention = SEPARATE,
+    base: dict[str, Tensor | Blocked] | None = None,
 ) -> Alignment:
     """One function-preserving permutation of B's heads that best matches A's, over a layer's
-    head-indexed tensors `a` and `b`.
+    head-indexed tensors `a` and `b` (their task vectors, where `base` is given).
 
     kv groups are matched first, on a cost that adds the k/v dissimilarity of the two groups to
     the mean cost of the best matching of their query heads (q rows with o columns); then query
@@ -146,16 +219,16 @@ def joint_alignment(
     """
     H, K, G = layout.heads, layout.kv_heads, layout.group
 
-    def pairs(role):
+    def segs(role):
         return [
-            (blocks(a[n], seg, count(seg, layout)), blocks(b[n], seg, count(seg, layout)))
+            (n, seg)
             for n in a
             for seg in segments(n, tuple(a[n].shape), attention, layout)
             if seg.role == role
         ]
 
-    q_cost = _cosine_cost(pairs("q"), H)
-    kv_cost = _cosine_cost(pairs("kv"), K)
+    q_cost = _cosine_cost(a, b, segs("q"), H, base)
+    kv_cost = _cosine_cost(a, b, segs("kv"), K, base)
     inner = {}
     group_cost = np.empty((K, K))
     for ga in range(K):
@@ -174,10 +247,18 @@ def joint_alignment(
     )
 
 
-def per_tensor_alignment(a: Tensor, b: Tensor, seg: Segment, layout: HeadLayout) -> Alignment:
-    """The paper's Algorithm 2: one tensor's (one segment's) head blocks matched on their own."""
+def per_tensor_alignment(
+    a: Tensor | Blocked,
+    b: Tensor | Blocked,
+    seg: Segment,
+    layout: HeadLayout,
+    base: Tensor | Blocked | None = None,
+) -> Alignment:
+    """The paper's Algorithm 2: one tensor's (one segment's) head blocks matched on their own
+    (their task vectors', where `base` is given)."""
     n = count(seg, layout)
-    cost = _cosine_cost([(blocks(a, seg, n), blocks(b, seg, n))], n)
+    x0 = None if base is None else {"": base}
+    cost = _cosine_cost({"": a}, {"": b}, [("", seg)], n, x0)
     perm = _assign(cost)
     idx = np.arange(n)
     return Alignment(
@@ -211,16 +292,33 @@ class ExpertAlignment:
         return sum(int(i != p) for i, p in enumerate(self.perm))
 
 
-def _expert_rows(tensors: dict[str, Tensor], layouts: tuple[Experts, ...], n: int) -> dict:
-    """Per tensor key, the n experts' flat vectors (views: no copy)."""
-    rows: dict[str, list] = {}
+def _expert_parts(
+    tensors: dict[str, Tensor | Blocked], layouts: tuple[Experts, ...], n: int
+) -> Iterator[Tensor]:
+    """The n experts' entries as (n, m) float32 parts, tensor by tensor (in the order of their
+    names), each over steps of rows fixed by the tensor's shape, so `Blocked` inputs (read
+    step by step) give the same parts as whole tensors."""
+    experts: dict[str, list] = {}
     for name, t in tensors.items():
         found = expert_tensor(name, layouts)
-        if found.expert is None:
-            rows[found.key] = [t[e].reshape(-1) for e in range(n)]
+        if found.expert is None:  # a row (or an entry) per expert
+            experts[found.key] = [(t, e) for e in range(n)]
         else:
-            rows.setdefault(found.key, [None] * n)[found.expert] = t.reshape(-1)
-    return rows
+            experts.setdefault(found.key, [None] * n)[found.expert] = (t, None)
+
+    def expert(t, e, start, stop):  # rows start..stop of expert e's tensor
+        if e is None:
+            return rows(t, start, stop)
+        x = rows(t, e, e + 1)
+        return (x[0] if x.dim() > 1 else x)[start:stop]
+
+    for key in sorted(experts):
+        t, e = experts[key][0]
+        shape = tuple(t.shape) if e is None else (tuple(t.shape[1:]) or (1,))
+        step = max(1, CHUNK // math.prod(shape[1:]))
+        for start in range(0, shape[0], step):
+            parts = [expert(t, e, start, start + step) for t, e in experts[key]]
+            yield _float32(torch.stack(parts)).view(n, -1)
 
 
 def expert_alignment(
@@ -234,22 +332,17 @@ def expert_alignment(
     expert's weights (task vectors, where `base` is given): all its tensors and its router row,
     as one vector. The products are summed over cache-sized chunks in float64, so no float32
     copy of a layer's experts is made."""
-    rows_a, rows_b = _expert_rows(a, layouts, n), _expert_rows(b, layouts, n)
-    rows_0 = _expert_rows(base, layouts, n) if base is not None else None
     dot = torch.zeros(n, n, dtype=torch.float64)
     sq_a = torch.zeros(n, dtype=torch.float64)
     sq_b = torch.zeros(n, dtype=torch.float64)
-    for key, ra in rows_a.items():
-        rb = rows_b[key]
-        for part in spans(ra[0].numel(), ra[0].device):
-            xa = torch.stack([r[part] for r in ra]).float()
-            xb = torch.stack([r[part] for r in rb]).float()
-            if rows_0 is not None:
-                x0 = torch.stack([r[part] for r in rows_0[key]]).float()
-                xa, xb = xa - x0, xb - x0
-            dot += (xa @ xb.T).double().cpu()
-            sq_a += (xa * xa).sum(dim=1).double().cpu()
-            sq_b += (xb * xb).sum(dim=1).double().cpu()
+    parts = [_expert_parts(x, layouts, n) for x in (a, b, base) if x is not None]
+    for xa, xb, *x0 in zip(*parts, strict=True):
+        if x0:
+            xa, xb = xa - x0[0], xb - x0[0]
+        dot += (xa @ xb.T).double().cpu()
+        sq_a += (xa * xa).sum(1, dtype=torch.float64).cpu()
+        sq_b += (xb * xb).sum(1, dtype=torch.float64).cpu()
+    _refuse_nonfinite(dot, sq_a, sq_b, sorted(a))
     norms = torch.outer(sq_a.sqrt().clamp_min(1e-12), sq_b.sqrt().clamp_min(1e-12))
     cost = (1.0 - dot / norms).numpy()
     perm = _assign(cost)
@@ -272,7 +365,9 @@ def permute_experts(
     out = {}
     for name, t in tensors.items():
         found = expert_tensor(name, layouts)
-        if found.expert is None:
+        if found.expert is None and isinstance(t, Blocked):
+            out[name] = gathered(t, index.numpy())
+        elif found.expert is None:
             out[name] = t[index.to(t.device)]
         else:
             out[name] = tensors[found.name(perm[found.expert])]

@@ -167,12 +167,7 @@ class Checkpoint:
         if info.start < 0:
             whole = self._bin_shards[info.file][self.resolve(name)]
             return (whole[slice(*rows)] if rows else whole).clone()
-        fd = self._fds.get(info.file)
-        if fd is None:  # reads come from the engine's reader thread and, by row blocks, its own
-            fd = os.open(info.file, os.O_RDONLY)
-            if (kept := self._fds.setdefault(info.file, fd)) != fd:
-                os.close(fd)
-                fd = kept
+        fd = self._fd(info.file)
         if os.fstat(fd).st_size < info.end:  # a map past the end would kill the process
             raise CheckpointError(
                 f"{info.file} was truncated while it was read (tensor {name!r} ends at byte "
@@ -186,6 +181,23 @@ class Checkpoint:
         else:  # an empty tensor, or one a typed view of a map cannot start at
             data = _copied(fd, first, nbytes, f"{info.file} tensor {name!r}")
         return data.view(info.dtype).reshape(shape)
+
+    def advise(self, name: str) -> None:
+        """Have the kernel read tensor `name`'s bytes into the page cache now (for reads that
+        will come in an order its readahead cannot guess); nothing is mapped or held here."""
+        info = self.info(name)
+        if info.start >= 0 and hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self._fd(info.file), info.start, info.end - info.start,
+                             os.POSIX_FADV_WILLNEED)  # fmt: skip
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:  # reads come from the engine's reader thread and, by row blocks, its own
+            fd = os.open(file, os.O_RDONLY)
+            if (kept := self._fds.setdefault(file, fd)) != fd:
+                os.close(fd)
+                fd = kept
+        return fd
 
     def close(self) -> None:
         for fd in self._fds.values():

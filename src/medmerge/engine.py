@@ -6,9 +6,10 @@ inputs, call the method in float32 on the device, check and cast the result, str
 shard writer) -> metadata and provenance -> atomic rename into OUT_DIR. A file of several
 configs (mergekit-multi's) runs them in the order their references need.
 
-Memory: a tensor whose inputs and output take more than an eighth of the memory budget
-(`max_memory`) is merged in row blocks where its method can (`MergeMethod.rows`, `.streams`):
-read from the shards block by block and written block by block, with the same result as whole.
+Memory: a tensor (or a group method's group) whose inputs and output take more than an eighth
+of the memory budget (`max_memory`) is merged in row blocks where its method can
+(`MergeMethod.rows`, `.streams`): read from the shards block by block and written block by
+block, with the same result as whole.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from medmerge.checkpoint import (
     parse_size,
 )
 from medmerge.config import MergeConfig, load_configs
-from medmerge.errors import ConfigError, MergeError
+from medmerge.errors import ConfigError, MergeError, NonFiniteCosts
 from medmerge.hashing import sha256_file
 from medmerge.methods import largest_magnitude
 from medmerge.methods.rng import tensor_keys
@@ -89,27 +90,67 @@ def _row_blocks(plan: MergePlan, name: str, device: torch.device, budget: int) -
     """How tensor `name` is merged in row blocks of about `budget` bytes of inputs, output and
     float32 work, where it exceeds that and the method can; None: whole."""
     method, tensor = plan.method, plan.tensors[name]
-    if plan.vocabulary is not None and is_vocabulary_tensor(name):
+    if not _blockable(plan, name) or _stored_bytes(plan, name) <= budget:
         return None
-    infos = [plan.checkpoints[i.model].info(i.name) for i in tensor.inputs]
-    shape = infos[0].shape
-    if len(shape) == 0 or shape[0] < 2 or not tensor.models or not infos[0].dtype.is_floating_point:
-        return None
-    row = math.prod(shape[1:])
-    stored = sum(i.dtype.itemsize for i in infos) + plan.out_dtype.itemsize
-    if row * shape[0] * stored <= budget:
+    shape = plan.checkpoints[tensor.inputs[0].model].info(tensor.inputs[0].name).shape
+    if shape[0] < 2:
         return None
     chunk_row = method.streams(tensor.params, shape) if method.streams else None
     if chunk_row and device.type == "cpu":
         # blocks of whole chunks, as the method works through the whole tensor
-        mode, step = "streams", chunk_rows(shape, chunk_row)
-    elif method.rows and not method.group and method.rows(tensor.params, shape):
-        mode, step = "rows", 1
-    else:
-        return None
+        return RowBlocks("streams", _blocks(plan, name, chunk_rows(shape, chunk_row), budget))
+    if method.rows and not method.group and method.rows(tensor.params, shape):
+        return RowBlocks("rows", _blocks(plan, name, 1, budget))
+    return None
+
+
+def _group_blocks(
+    plan: MergePlan, names: list[str], device: torch.device, budget: int
+) -> dict[str, RowBlocks]:
+    """Row blocks of every tensor of a group of a group method that takes `Blocked` inputs
+    (`streams`), where the group's inputs and outputs exceed `budget` bytes: each in blocks of
+    about that; none: the group is merged whole."""
+    method = plan.method
+    if device.type != "cpu" or not method.streams or not all(_blockable(plan, n) for n in names):
+        return {}
+    if sum(_stored_bytes(plan, n) for n in names) <= budget:
+        return {}
+    found = {}
+    for n in names:
+        tensor = plan.tensors[n]
+        shape = plan.checkpoints[tensor.inputs[0].model].info(tensor.inputs[0].name).shape
+        if not (chunk_row := method.streams(tensor.params, shape)):
+            return {}
+        found[n] = RowBlocks("streams", _blocks(plan, n, chunk_rows(shape, chunk_row), budget))
+    return found
+
+
+def _blockable(plan: MergePlan, name: str) -> bool:
+    """Whether tensor `name` can be merged in row blocks: merged (not copied) floats with rows
+    that are not rebuilt for a new vocabulary."""
+    tensor = plan.tensors[name]
+    info = plan.checkpoints[tensor.inputs[0].model].info(tensor.inputs[0].name)
+    if plan.vocabulary is not None and is_vocabulary_tensor(name):
+        return False
+    return len(info.shape) > 0 and bool(tensor.models) and info.dtype.is_floating_point
+
+
+def _stored_bytes(plan: MergePlan, name: str) -> int:
+    """Bytes of tensor `name`'s inputs and output, as stored."""
+    infos = [plan.checkpoints[i.model].info(i.name) for i in plan.tensors[name].inputs]
+    return sum(i.nbytes for i in infos) + math.prod(infos[0].shape) * plan.out_dtype.itemsize
+
+
+def _blocks(plan: MergePlan, name: str, step: int, budget: int) -> Blocks:
+    """Row blocks of tensor `name`, each a multiple of `step` rows, of about `budget` bytes of
+    inputs, output and float32 work."""
+    infos = [plan.checkpoints[i.model].info(i.name) for i in plan.tensors[name].inputs]
+    shape = infos[0].shape
+    row = math.prod(shape[1:])
+    stored = sum(i.dtype.itemsize for i in infos) + plan.out_dtype.itemsize
     per_row = row * (stored + 4 * (len(infos) + 2))  # float32 copies and results, at most
     rows = max(step, budget // per_row // step * step)
-    return RowBlocks(mode, tuple((r, min(r + rows, shape[0])) for r in range(0, shape[0], rows)))
+    return tuple((r, min(r + rows, shape[0])) for r in range(0, shape[0], rows))
 
 
 def _blocked_input(plan: MergePlan, item, blocks: Blocks, check: bool) -> Blocked:
@@ -122,7 +163,9 @@ def _blocked_input(plan: MergePlan, item, blocks: Blocks, check: bool) -> Blocke
             _refuse_nonfinite(ckpt, item.name, t)
         return t
 
-    return Blocked(info.shape, info.dtype, blocks, get)
+    # other rows, read by group methods for their alignment costs: not checked here (a NaN
+    # makes the costs NaN, `NonFiniteCosts`, and `_merge_group` then checks the blocks)
+    return Blocked(info.shape, info.dtype, blocks, get, lambda a, b: ckpt.read(item.name, (a, b)))
 
 
 def _read_group(plan: MergePlan, names: list[str], blocked: dict[str, RowBlocks]) -> GroupInput:
@@ -136,6 +179,8 @@ def _read_group(plan: MergePlan, names: list[str], blocked: dict[str, RowBlocks]
             ckpt = plan.checkpoints[item.model]
             if n in blocked:  # read block by block as it is merged
                 read.append(_blocked_input(plan, item, blocked[n].blocks, check))
+                if len(names) > 1:  # a group method reads parts of it out of order first
+                    ckpt.advise(item.name)
             else:
                 read.append(_read_finite(ckpt, item.name) if check else ckpt.read(item.name))
             nbytes += ckpt.info(item.name).nbytes
@@ -200,7 +245,15 @@ def _merge_group(
         ]
         extra = _engine_kwargs(plan, names[0], seed, diagnostics)
         extra.pop("name", None)
-        out = method.fn(base, models, names=names, **plan.tensors[names[0]].params, **extra)
+        try:
+            out = method.fn(base, models, names=names, **plan.tensors[names[0]].params, **extra)
+        except NonFiniteCosts as e:  # an input read in parts has NaN or inf: name it
+            for n in e.names:
+                for t in group.inputs[n]:
+                    if isinstance(t, Blocked):
+                        for k in range(len(t.blocks)):
+                            t.get(k)
+            raise
     else:
         out = {
             n: _merge_tensor(plan, n, group.inputs[n], device, seed, diagnostics, blocked.get(n))
@@ -423,9 +476,13 @@ def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: fl
     dev, seed = torch.device(opts.device), opts.seed
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    # tensors merged alone (a group method's groups of one) that are over the budget
-    alone = [g[0] for g in plan.groups if len(g) == 1]
-    blocked = {n: b for n in alone if (b := _row_blocks(plan, n, dev, opts.max_memory // SHARE))}
+    # tensors and groups over the budget
+    share, blocked = opts.max_memory // SHARE, {}
+    for group in plan.groups:
+        if len(group) > 1:
+            blocked |= _group_blocks(plan, group, dev, share)
+        elif how := _row_blocks(plan, group[0], dev, share):
+            blocked[group[0]] = how
     layout = []
     total_in = 0
     for n in plan.order:

@@ -21,5 +21,17 @@ class MergeError(MedmergeError):
     """A merge that produced an unusable result (e.g. non-finite values) or cannot be written."""
 
 
+class NonFiniteCosts(MergeError):
+    """Alignment costs that are NaN or inf: some input of the tensors `names` has NaN or inf
+    values (the engine finds and names it), or values whose products overflow float32."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        super().__init__(
+            f"the alignment costs of {', '.join(names)} are not finite: their weights' products "
+            "overflow float32; check those weights"
+        )
+
+
 class EvalError(MedmergeError):
     """An evaluation that cannot run: missing extra, unreachable dataset, bad suite."""

@@ -26,13 +26,12 @@ from torch import Tensor
 
 from medmerge.align import (
     HeadLayout,
-    count,
     expert_alignment,
     joint_alignment,
     per_tensor_alignment,
     permute_experts,
     permute_heads,
-    permute_segment,
+    permuted,
 )
 from medmerge.architectures import (
     attention_layout,
@@ -166,8 +165,8 @@ def _alignable(params: dict, config: dict) -> None:
     group=layer_groups,
     summarize=summarize,
     check=_alignable,
-    # a group of one tensor (`layer_groups`: heads and experts come in groups) is a cosine
-    # and a LERP, which take `Blocked` inputs
+    # every tensor of a group over the budget as `Blocked`: the alignments sum their costs
+    # over parts read as they are used, B's permuted tensors read their rows where they lie
     streams=entries,
 )
 def hierarchical(
@@ -227,11 +226,10 @@ def hierarchical(
     if is_attention:
         layout = HeadLayout.from_config(config)
         segs = {n: segments(n, tuple(a[n].shape), attention, layout) for n in names}
-        src_a = a if align_on == "weights" else _deltas(a, base, names)
-        src_b = b if align_on == "weights" else _deltas(b, base, names)
+        against = base if align_on == "deltas" else None
         started = time.perf_counter()
         if alignment == "joint":
-            found = joint_alignment(src_a, src_b, layout, attention)
+            found = joint_alignment(a, b, layout, attention, against)
             b = permute_heads(b, found.q, found.kv, layout, attention)
             record.update(
                 alignment="joint",
@@ -244,16 +242,18 @@ def hierarchical(
         else:
             aligned, per = {}, {}
             for n in names:
-                aligned[n] = b[n]
+                moves = []
                 for k, seg in enumerate(segs[n]):
-                    found = per_tensor_alignment(src_a[n], src_b[n], seg, layout)
-                    aligned[n] = permute_segment(aligned[n], seg, found.q, count(seg, layout))
+                    x0 = None if against is None else against[n]
+                    found = per_tensor_alignment(a[n], b[n], seg, layout, x0)
+                    moves.append((seg, found.q))
                     per[n if len(segs[n]) == 1 else f"{n}[{k}]"] = {
                         "perm": found.q,
                         "heads_moved": found.heads_moved,
                         "cost_before": found.cost_before,
                         "cost_after": found.cost_after,
                     }
+                aligned[n] = permuted(b[n], moves)
             b = aligned
             record.update(alignment="per_tensor", per_tensor=per)
         record["assignment_seconds"] = round(time.perf_counter() - started, 6)
@@ -262,7 +262,3 @@ def hierarchical(
     record["weights"] = weights
     diagnostics.append(record)
     return {n: lerp(a[n], b[n], weights[n], out_dtype) for n in names}
-
-
-def _deltas(x: dict[str, Tensor], base: dict[str, Tensor], names: list[str]) -> dict:
-    return {n: x[n].float() - base[n].float() for n in names}

@@ -21,7 +21,8 @@ stored dtype: the method converts chunk by chunk or runs a CPU kernel on them). 
 splits the names into groups, e.g. one layer's q, k, v and o) take and return dicts
 name -> Tensor, with the parameters of the group's first tensor. A tensor larger than the
 merge's memory budget is merged in row blocks where the method says it can be (`rows`,
-`streams`), else whole.
+`streams`), else whole; a group method that `streams` is given a group over the budget as
+`Blocked` tensors.
 
 The engine also passes, when the function names them, these keyword arguments:
 - `keys`: one 63-bit random key per model, derived from (seed, tensor name, model index), for

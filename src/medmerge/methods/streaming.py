@@ -56,12 +56,13 @@ class Blocked:
     methods registered to take them (`streams`); their torch paths read them through `flat`
     by `spans`, which lie inside blocks (the engine aligns the blocks to them), and return a
     `Blocked` result (`blocked_result`), so that block by block they compute what they compute
-    on the whole tensor."""
+    on the whole tensor. An input also reads any range of rows (`read`, see `rows`)."""
 
     shape: tuple[int, ...]
     dtype: torch.dtype
     blocks: tuple[tuple[int, int], ...]  # row ranges, in order, covering every row
     get: Callable[[int], Tensor]
+    read: Callable[[int, int], Tensor] | None = None  # rows start..stop, of an input
 
     def numel(self) -> int:
         return math.prod(self.shape)
@@ -90,6 +91,15 @@ class Flat:
             self._block, self._k = self.blocked.get(k).reshape(-1), k
         offset = self._starts[k]
         return self._block[part.start - offset : part.stop - offset]
+
+
+def rows(t: Tensor | Blocked, start: int, stop: int) -> Tensor:
+    """Rows start..stop of t: a view of a tensor; of a `Blocked` input, a private memory map of
+    their bytes in the shard, whose pages count in memory only as they are touched and only
+    until it is freed (so a view of a few of them costs only those)."""
+    if isinstance(t, Blocked):
+        return t.read(start, min(stop, t.shape[0]))
+    return t[start:stop]
 
 
 def flat(t: Tensor | Blocked) -> Tensor | Flat:
