@@ -9,7 +9,9 @@ from conftest import leftovers, logits, state
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import medmerge
+from medmerge.config import load_configs
 from medmerge.errors import ConfigError, IncompatibleModelsError
+from medmerge.plan import plan_merge
 from medmerge.synthetic import tiny_config, write_family
 
 ADDED = {"model_1": ["<pad>"], "model_2": ["<|im_start|>", "<|im_end|>"]}
@@ -98,6 +100,14 @@ def test_a_model_merged_with_itself_under_union_gives_back_its_logits(added, tmp
     out = medmerge.merge(cfg, tmp_path / "out", progress=False)
     ids = torch.arange(3, 19).unsqueeze(0)
     assert torch.equal(logits(out, ids), logits(a, ids))
+
+
+def test_union_orders_the_added_tokens_by_model_then_id_in_every_build(added):
+    # a tokenizer's vocabulary comes in a hash map's order, which changes from build to build
+    n = len(AutoTokenizer.from_pretrained(added[0]))
+    for _ in range(8):
+        plan = plan_merge(load_configs(_config(*added, tokenizer_source="union"))[0], None)
+        assert plan.vocabulary.tokens[n:] == ["<pad>", "<|im_start|>", "<|im_end|>"]
 
 
 @pytest.mark.parametrize("source", ["base", "model_1"])

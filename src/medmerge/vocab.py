@@ -163,20 +163,22 @@ def _vocab(ckpt: Checkpoint, tokenizer, embed: str) -> dict[str, int]:
 
 def _union(toks: dict, first: int):
     """The first model's tokenizer (`toks[first]`, extended in place) with every other model's
-    vocabulary tokens, then its added tokens, appended (mergekit's union)."""
+    vocabulary tokens, then its added tokens, appended (mergekit's union), each tokenizer's in
+    the order of their ids (`get_vocab` follows a hash map's order, which changes from run to
+    run)."""
     out = toks[first]
     known = set(out.get_vocab())
     added: dict[str, object] = {}
-    plain: list[str] = []
+    plain: dict[str, None] = {}  # insertion-ordered set
     for i in [first, *[h for h in toks if h != first]]:  # every vocabulary read before adding
         tok = toks[i]
-        special = {info.content: info for info in tok.added_tokens_decoder.values()}
-        for token in tok.get_vocab():
-            if token in special:
-                added.setdefault(token, special[token])
-            elif token not in known and token not in plain:
-                plain.append(token)
-    out.add_tokens(plain)
+        special = {info.content: info for _, info in sorted(tok.added_tokens_decoder.items())}
+        for token, _ in sorted(tok.get_vocab().items(), key=lambda item: item[1]):
+            if token not in special and token not in known:
+                plain.setdefault(token)
+        for token, info in special.items():
+            added.setdefault(token, info)
+    out.add_tokens(list(plain))
     out.add_tokens([info for token, info in added.items() if token not in known])
     return out
 
