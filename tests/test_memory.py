@@ -13,6 +13,9 @@ import torch
 import yaml
 from conftest import state
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
+from tokenizers.models import WordLevel
+from transformers import PreTrainedTokenizerFast
 
 import medmerge
 from medmerge import align, engine
@@ -22,7 +25,7 @@ from medmerge.methods import REGISTRY
 from medmerge.methods.basic import combination
 from medmerge.methods.spherical import gram
 from medmerge.methods.streaming import Blocked
-from medmerge.synthetic import tiny_config, write_family
+from medmerge.synthetic import tiny_config, write_family, write_model
 
 # case -> (method, its parameters, the mode a tensor over the budget is merged in)
 BLOCKWISE = {
@@ -203,9 +206,14 @@ import pathlib, re, sys, medmerge
 small, large, method, budget, out = sys.argv[1:]
 def config(root):
     base, a, b = (str(root / n) for n in ("base", "model_1", "model_2"))
-    models = [{"model": a}, {"model": b}] if method == "linear" else [{"model": a}]
-    params = {"weight": 0.5} if method == "linear" else {"t": 0.3}
-    return {"merge_method": method, "base_model": base, "models": models, "parameters": params}
+    if method == "union" and (root / "added").is_dir():
+        a = str(root / "added")
+    if method == "slerp":
+        return {"merge_method": "slerp", "base_model": base, "models": [{"model": a}],
+                "parameters": {"t": 0.3}}
+    cfg = {"merge_method": "linear", "base_model": base, "models": [{"model": a}, {"model": b}],
+           "parameters": {"weight": 0.5}}
+    return {**cfg, "tokenizer_source": "union"} if method == "union" else cfg
 def kib(field):
     return int(re.search(field + r":\\s+(\\d+) kB", open("/proc/self/status").read()).group(1))
 medmerge.merge(config(pathlib.Path(small)), out + "-warm", progress=False)
@@ -218,15 +226,21 @@ print((kib("VmHWM") - before) * 1024)
 
 @pytest.fixture(scope="module")
 def large_family(tmp_path_factory):
+    """Models with 32768 x 1024 embeddings and heads, each with a tokenizer of as many tokens,
+    and `added`, a fine-tune with two more tokens (and rows), which the others lack."""
     root = tmp_path_factory.mktemp("large")
-    config = tiny_config("mistral", vocab_size=32768, hidden_size=1024, num_hidden_layers=1,
-                         intermediate_size=256)  # fmt: skip
-    write_family(root, config, seed=3)
+    for k, name in enumerate(("base", "model_1", "model_2", "added")):
+        tokens = 32768 + 2 * (name == "added")
+        config = tiny_config("mistral", vocab_size=tokens, hidden_size=1024,
+                             num_hidden_layers=1, intermediate_size=256)  # fmt: skip
+        folder = write_model(root / name, config, seed=3, member=k)
+        words = WordLevel({f"t{i}": i for i in range(tokens)}, unk_token="t0")
+        PreTrainedTokenizerFast(tokenizer_object=Tokenizer(words)).save_pretrained(folder)
     return root
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux's /proc")
-@pytest.mark.parametrize("method", ["linear", "slerp"])
+@pytest.mark.parametrize("method", ["linear", "slerp", "union"])
 def test_peak_memory_stays_below_the_largest_tensor(method, large_family, mistral, tmp_path):
     largest = 32768 * 1024 * 4  # bytes of the largest tensor in float32
 

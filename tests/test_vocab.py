@@ -9,6 +9,7 @@ from conftest import leftovers, logits, state
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import medmerge
+from medmerge import engine
 from medmerge.config import load_configs
 from medmerge.errors import ConfigError, IncompatibleModelsError
 from medmerge.plan import plan_merge
@@ -91,6 +92,14 @@ def test_union_maps_every_row_by_token(added, tmp_path):
     assert logits(out, ids).isfinite().all()  # loads and runs on the added tokens
 
 
+def test_union_orders_the_added_tokens_by_model_then_id_in_every_build(added):
+    # a tokenizer's vocabulary comes in a hash map's order, which changes from build to build
+    n = len(AutoTokenizer.from_pretrained(added[0]))
+    for _ in range(8):
+        plan = plan_merge(load_configs(_config(*added, tokenizer_source="union"))[0], None)
+        assert plan.vocabulary.tokens[n:] == ["<pad>", "<|im_start|>", "<|im_end|>"]
+
+
 def test_a_model_merged_with_itself_under_union_gives_back_its_logits(added, tmp_path):
     a = added[1]
     twin = shutil.copytree(a, tmp_path / "twin")
@@ -100,14 +109,6 @@ def test_a_model_merged_with_itself_under_union_gives_back_its_logits(added, tmp
     out = medmerge.merge(cfg, tmp_path / "out", progress=False)
     ids = torch.arange(3, 19).unsqueeze(0)
     assert torch.equal(logits(out, ids), logits(a, ids))
-
-
-def test_union_orders_the_added_tokens_by_model_then_id_in_every_build(added):
-    # a tokenizer's vocabulary comes in a hash map's order, which changes from build to build
-    n = len(AutoTokenizer.from_pretrained(added[0]))
-    for _ in range(8):
-        plan = plan_merge(load_configs(_config(*added, tokenizer_source="union"))[0], None)
-        assert plan.vocabulary.tokens[n:] == ["<pad>", "<|im_start|>", "<|im_end|>"]
 
 
 @pytest.mark.parametrize("source", ["base", "model_1"])
@@ -184,3 +185,47 @@ def test_check_lists_vocabulary_differences_and_recommends_a_setting(added):
     assert "adds 1: '<pad>'" in found[f"tokenizer of {a}"]
     assert "adds 2: '<|im_start|>', '<|im_end|>'" in found[f"tokenizer of {b}"]
     assert any("tokenizer_source: union" in r.advice for r in report.recommendations)
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "slerp"])
+def test_vocabulary_tensors_in_row_blocks_give_the_whole_tensors_bits(added, tmp_path, method,
+                                                                       monkeypatch):  # fmt: skip
+    # rows taken from each model's shard as the output's row blocks need them: forced, zero,
+    # mean-filled and padding rows (the mean of every row) land in different blocks
+    base, a, b = added
+    tokenizer = {
+        "source": "union",
+        "pad_to_multiple_of": 64,
+        "tokens": {
+            "<|im_start|>": {"source": {"kind": "model_token", "model": str(a), "token": "<s>"},
+                             "force": True},
+            "</s>": {"source": {"kind": "zero"}, "force": True},
+        },
+    }  # fmt: skip
+    cfg = _config(base, a, b, tokenizer=tokenizer)
+    if method != "task_arithmetic":
+        cfg = {**cfg, "merge_method": method}
+    if method == "ties":
+        cfg["parameters"] = {"density": 0.5}
+    if method == "slerp":
+        cfg["models"] = [{"model": str(a)}]
+        cfg["parameters"] = {"t": 0.4}
+    whole = medmerge.merge(cfg, tmp_path / "whole", progress=False)
+    found, row_blocks = {}, engine._row_blocks
+
+    def spy(plan, name, *args):
+        how = row_blocks(plan, name, *args)
+        if how is not None:
+            found[name] = how
+        return how
+
+    monkeypatch.setattr(engine, "_row_blocks", spy)
+    blocks = medmerge.merge(cfg, tmp_path / "blocks", progress=False, max_memory="16KB")
+    blocked = found["model.embed_tokens.weight"]
+    assert blocked.blocks[-1][1] == 320
+    if method == "task_arithmetic":  # called per block: blocks of a few rows
+        assert len(blocked.blocks) > 4
+    expected, got = state(whole), state(blocks)
+    assert expected.keys() == got.keys()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name

@@ -36,7 +36,7 @@ from medmerge.architectures import (
     segments,
 )
 from medmerge.errors import NonFiniteCosts
-from medmerge.methods.streaming import CHUNK, Blocked, rows
+from medmerge.methods.streaming import CHUNK, Blocked, rows, take_rows
 
 __all__ = [
     "HeadLayout",
@@ -95,11 +95,7 @@ def gathered(t: Blocked, source: np.ndarray, then=None) -> Blocked:
 
     def get(k: int) -> Tensor:
         start, stop = t.blocks[k]
-        wanted = source[start:stop]
-        breaks = np.flatnonzero(np.diff(wanted) != 1) + 1
-        runs = np.split(wanted, breaks)
-        parts = [t.read(int(run[0]), int(run[-1]) + 1) for run in runs]
-        block = parts[0] if len(parts) == 1 else torch.cat(parts)
+        block = take_rows(t, source[start:stop])
         return then(block) if then else block
 
     return Blocked(t.shape, t.dtype, t.blocks, get)

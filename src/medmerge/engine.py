@@ -14,6 +14,7 @@ block, with the same result as whole.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -92,7 +93,7 @@ def _row_blocks(plan: MergePlan, name: str, device: torch.device, budget: int) -
     method, tensor = plan.method, plan.tensors[name]
     if not _blockable(plan, name) or _stored_bytes(plan, name) <= budget:
         return None
-    shape = plan.checkpoints[tensor.inputs[0].model].info(tensor.inputs[0].name).shape
+    shape = _shape(plan, name)
     if shape[0] < 2:
         return None
     chunk_row = method.streams(tensor.params, shape) if method.streams else None
@@ -117,35 +118,40 @@ def _group_blocks(
         return {}
     found = {}
     for n in names:
-        tensor = plan.tensors[n]
-        shape = plan.checkpoints[tensor.inputs[0].model].info(tensor.inputs[0].name).shape
-        if not (chunk_row := method.streams(tensor.params, shape)):
+        shape = _shape(plan, n)
+        if not (chunk_row := method.streams(plan.tensors[n].params, shape)):
             return {}
         found[n] = RowBlocks("streams", _blocks(plan, n, chunk_rows(shape, chunk_row), budget))
     return found
 
 
 def _blockable(plan: MergePlan, name: str) -> bool:
-    """Whether tensor `name` can be merged in row blocks: merged (not copied) floats with rows
-    that are not rebuilt for a new vocabulary."""
+    """Whether tensor `name` can be merged in row blocks: merged (not copied) floats."""
     tensor = plan.tensors[name]
     info = plan.checkpoints[tensor.inputs[0].model].info(tensor.inputs[0].name)
-    if plan.vocabulary is not None and is_vocabulary_tensor(name):
-        return False
     return len(info.shape) > 0 and bool(tensor.models) and info.dtype.is_floating_point
+
+
+def _shape(plan: MergePlan, name: str) -> tuple[int, ...]:
+    """The shape of output tensor `name` (a vocabulary tensor's rows: the output vocabulary's)."""
+    item = plan.tensors[name].inputs[0]
+    shape = tuple(plan.checkpoints[item.model].info(item.name).shape)
+    if plan.vocabulary is not None and is_vocabulary_tensor(name):
+        return (plan.vocabulary.size, *shape[1:])
+    return shape
 
 
 def _stored_bytes(plan: MergePlan, name: str) -> int:
     """Bytes of tensor `name`'s inputs and output, as stored."""
     infos = [plan.checkpoints[i.model].info(i.name) for i in plan.tensors[name].inputs]
-    return sum(i.nbytes for i in infos) + math.prod(infos[0].shape) * plan.out_dtype.itemsize
+    return sum(i.nbytes for i in infos) + math.prod(_shape(plan, name)) * plan.out_dtype.itemsize
 
 
 def _blocks(plan: MergePlan, name: str, step: int, budget: int) -> Blocks:
     """Row blocks of tensor `name`, each a multiple of `step` rows, of about `budget` bytes of
     inputs, output and float32 work."""
     infos = [plan.checkpoints[i.model].info(i.name) for i in plan.tensors[name].inputs]
-    shape = infos[0].shape
+    shape = _shape(plan, name)
     row = math.prod(shape[1:])
     stored = sum(i.dtype.itemsize for i in infos) + plan.out_dtype.itemsize
     per_row = row * (stored + 4 * (len(infos) + 2))  # float32 copies and results, at most
@@ -156,16 +162,23 @@ def _blocks(plan: MergePlan, name: str, step: int, budget: int) -> Blocks:
 def _blocked_input(plan: MergePlan, item, blocks: Blocks, check: bool) -> Blocked:
     ckpt = plan.checkpoints[item.model]
     info = ckpt.info(item.name)
-
-    def get(k: int) -> torch.Tensor:
-        t = ckpt.read(item.name, blocks[k])
-        if check:
-            _refuse_nonfinite(ckpt, item.name, t)
-        return t
-
     # other rows, read by group methods for their alignment costs: not checked here (a NaN
     # makes the costs NaN, `NonFiniteCosts`, and `_merge_group` then checks the blocks)
-    return Blocked(info.shape, info.dtype, blocks, get, lambda a, b: ckpt.read(item.name, (a, b)))
+    read = Blocked(info.shape, info.dtype, blocks, lambda k: ckpt.read(item.name, blocks[k]),
+                   lambda a, b: ckpt.read(item.name, (a, b)))  # fmt: skip
+    return _checked(ckpt, item.name, read) if check else read
+
+
+def _checked(ckpt: Checkpoint, name: str, t: Blocked) -> Blocked:
+    """`t` whose blocks are refused where they hold NaN or inf (naming tensor `name` of
+    `ckpt`)."""
+
+    def get(k: int) -> torch.Tensor:
+        block = t.get(k)
+        _refuse_nonfinite(ckpt, name, block)
+        return block
+
+    return dataclasses.replace(t, get=get)
 
 
 def _read_group(plan: MergePlan, names: list[str], blocked: dict[str, RowBlocks]) -> GroupInput:
@@ -174,18 +187,26 @@ def _read_group(plan: MergePlan, names: list[str], blocked: dict[str, RowBlocks]
     check = not plan.method.spreads_nonfinite
     inputs, nbytes = {}, 0
     for n in names:
-        read = []
-        for item in plan.tensors[n].inputs:
+        read, items = [], plan.tensors[n].inputs
+        vocabulary = plan.vocabulary is not None and is_vocabulary_tensor(n)
+        for item in items:
             ckpt = plan.checkpoints[item.model]
-            if n in blocked:  # read block by block as it is merged
+            if n in blocked and vocabulary:  # rows read where the output's rows need them
+                rows = ((0, ckpt.info(item.name).shape[0]),)
+                read.append(_blocked_input(plan, item, rows, False))
+            elif n in blocked:  # read block by block as it is merged
                 read.append(_blocked_input(plan, item, blocked[n].blocks, check))
                 if len(names) > 1:  # a group method reads parts of it out of order first
                     ckpt.advise(item.name)
             else:
                 read.append(_read_finite(ckpt, item.name) if check else ckpt.read(item.name))
             nbytes += ckpt.info(item.name).nbytes
-        if plan.vocabulary is not None and is_vocabulary_tensor(n):
-            read = plan.vocabulary.align([i.model for i in plan.tensors[n].inputs], read)
+        if vocabulary and n in blocked:
+            aligned = plan.vocabulary.align([i.model for i in items], read, blocked[n].blocks)
+            read = [_checked(plan.checkpoints[item.model], item.name, t) if check else t
+                    for item, t in zip(items, aligned, strict=True)]  # fmt: skip
+        elif vocabulary:
+            read = plan.vocabulary.align([i.model for i in items], read)
         inputs[n] = read
     return GroupInput(names, inputs, nbytes)
 
@@ -489,10 +510,7 @@ def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: fl
         inputs = plan.tensors[n].inputs
         info = plan.checkpoints[inputs[0].model].info(inputs[0].name)
         dtype = plan.out_dtype if info.dtype.is_floating_point else info.dtype
-        shape = info.shape
-        if plan.vocabulary is not None and is_vocabulary_tensor(n):
-            shape = (plan.vocabulary.size, *shape[1:])
-        layout.append((n, shape, dtype))
+        layout.append((n, _shape(plan, n), dtype))
         total_in += sum(plan.checkpoints[i.model].info(i.name).nbytes for i in inputs)
     diagnostics: list = []
     with (

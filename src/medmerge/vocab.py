@@ -12,15 +12,19 @@ that have it. Rows past the vocabulary (`pad_to_multiple_of`) take the mean of e
 
 from __future__ import annotations
 
+import bisect
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from medmerge import references
 from medmerge.checkpoint import EMBEDDING_PATTERN, LM_HEAD_NAMES, Checkpoint
 from medmerge.errors import ConfigError, IncompatibleModelsError
+from medmerge.methods.streaming import CHUNK, Blocked, take_rows
 
 log = logging.getLogger("medmerge")
 
@@ -51,39 +55,69 @@ class Vocabulary:
     rows: dict[int, torch.Tensor]  # per checkpoint: its row of each output id, -1 if it lacks it
     fills: dict[int, Fill]  # by output id: the tokens some model lacks, or forced
 
-    def align(self, models: list[int], tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The tensors of `models` (a row per token) as rows of the output vocabulary."""
+    def align(
+        self,
+        models: list[int],
+        tensors: list[torch.Tensor | Blocked],
+        blocks: tuple[tuple[int, int], ...] | None = None,
+    ) -> list[torch.Tensor | Blocked]:
+        """The tensors of `models` (a row per token) as rows of the output vocabulary: whole,
+        or, given `blocks` (row ranges of the output), as `Blocked` tensors whose blocks are
+        built when asked for, from rows read from the inputs (`Blocked` inputs: from their
+        shards) in runs."""
         dtype = tensors[0].dtype
         for t in tensors[1:]:
             dtype = torch.promote_types(dtype, t.dtype)
-        present = torch.stack([self.rows[m] >= 0 for m in models])
-        defaults = {i: self._default(i, f, models, tensors) for i, f in self.fills.items()}
-        out = []
-        for k, (m, t) in enumerate(zip(models, tensors, strict=True)):
-            rows = self.rows[m]
-            new = torch.zeros((self.size, *t.shape[1:]), dtype=dtype)
-            n = len(self.tokens)
-            new[:n] = t[rows.clamp(min=0)].to(dtype)
-            new[:n][rows < 0] = 0  # every such row takes its fill below
-            for i, f in self.fills.items():
-                if f.force or not present[k, i]:
-                    new[i] = defaults[i]
-            if self.size > n:
-                new[n:] = new[:n].float().mean(0).to(dtype)
-            out.append(new)
-        return out
+        shape = (self.size, *tensors[0].shape[1:])
+        ids = sorted(self.fills)
+        defaults = {i: self._default(i, self.fills[i], models, tensors) for i in ids}
+        n = len(self.tokens)
+
+        def rows(k: int, start: int, stop: int, mean=None) -> torch.Tensor:
+            """Rows start..stop of model k's aligned tensor (those past the vocabulary: `mean`)."""
+            m, t = models[k], tensors[k]
+            new = torch.empty((stop - start, *shape[1:]), dtype=dtype)
+            last = max(start, min(stop, n))
+            source = self.rows[m][start:last]
+            new[: last - start] = take_rows(t, source.clamp(min=0).numpy()).to(dtype)
+            new[: last - start][source < 0] = 0  # every such row takes its fill below
+            for i in ids[bisect.bisect_left(ids, start) : bisect.bisect_left(ids, last)]:
+                if self.fills[i].force or self.rows[m][i] < 0:
+                    new[i - start] = defaults[i]
+            if stop > last:
+                new[last - start :] = mean
+            return new
+
+        means = [self._mean(lambda a, b, k=k: rows(k, a, b), shape, dtype) if self.size > n
+                 else None for k in range(len(models))]  # fmt: skip
+        if blocks is None:
+            return [rows(k, 0, self.size, means[k]) for k in range(len(models))]
+        return [Blocked(shape, dtype, blocks, lambda j, k=k: rows(k, *blocks[j], means[k]))
+                for k in range(len(models))]  # fmt: skip
+
+    def _mean(self, rows, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """The mean of the vocabulary's rows of an aligned tensor (`rows(start, stop)`),
+        summed in float64 over steps of rows fixed by the shape (so the same whole or blocked)."""
+        n = len(self.tokens)
+        step = max(1, CHUNK // math.prod(shape[1:]))
+        total = sum(rows(a, min(a + step, n)).double().sum(0) for a in range(0, n, step))
+        return (total / n).to(dtype)
 
     def _default(self, i: int, fill: Fill, models, tensors) -> torch.Tensor:
         row = tensors[0].shape[1:]
+
+        def at(t, r: int) -> torch.Tensor:
+            return take_rows(t, np.asarray([r]))[0].float()
+
         if fill.mean or (fill.model is not None and fill.model not in models):
             # the mean rule; also where the donor is no input of this tensor (a slice without it)
-            have = [t[self.rows[m][i]].float() for m, t in zip(models, tensors, strict=True)
+            have = [at(t, self.rows[m][i]) for m, t in zip(models, tensors, strict=True)
                     if self.rows[m][i] >= 0]  # fmt: skip
             return torch.stack(have).mean(0) if have else torch.zeros(row)
         if fill.model is None:
             return torch.zeros(row)
         own = self.rows[fill.model][i] if fill.row is None else fill.row
-        return tensors[models.index(fill.model)][own].float()
+        return at(tensors[models.index(fill.model)], own)
 
 
 def build(cfg, checkpoints: list[Checkpoint], index: dict[str, int], base: int | None,

@@ -102,6 +102,18 @@ def rows(t: Tensor | Blocked, start: int, stop: int) -> Tensor:
     return t[start:stop]
 
 
+def take_rows(t: Tensor | Blocked, index: np.ndarray) -> Tensor:
+    """Rows `index` of t, in that order (a copy); of a `Blocked` input, read from the shard in
+    runs of consecutive rows."""
+    if not isinstance(t, Blocked):
+        return t[torch.as_tensor(index, dtype=torch.long, device=t.device)]
+    if len(index) == 0:
+        return torch.empty((0, *t.shape[1:]), dtype=t.dtype)
+    runs = np.split(index, np.flatnonzero(np.diff(index) != 1) + 1)
+    parts = [t.read(int(run[0]), int(run[-1]) + 1) for run in runs]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def flat(t: Tensor | Blocked) -> Tensor | Flat:
     """t as a flat tensor to slice by positions (a `Flat` of a `Blocked` one)."""
     return Flat(t) if isinstance(t, Blocked) else t.reshape(-1)
