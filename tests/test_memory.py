@@ -39,6 +39,8 @@ BLOCKWISE = {
     "model_stock_rows": ("model_stock", {"filter_wise": True}, "rows"),
     "slerp": ("slerp", {"t": 0.3}, "streams"),
     "nuslerp": ("nuslerp", {"weight": [0.4, 0.6]}, "streams"),
+    "nuslerp_columns": ("nuslerp", {"weight": [0.4, 0.6], "nuslerp_flatten": False,
+                                    "nuslerp_row_wise": True}, "streams"),
     "multislerp": ("multislerp", {"weight": [0.4, 0.6]}, "streams"),
     "karcher": ("karcher", {}, "streams"),
     "model_stock": ("model_stock", {}, "streams"),
@@ -139,15 +141,26 @@ def test_row_blocks_give_the_whole_tensors_bits(case, dtype, mistral, wide, tmp_
     assert_bitwise_equal(state(whole), state(blocks))
 
 
-def test_a_method_without_row_blocks_merges_whole_under_any_budget(mistral, tmp_path, monkeypatch):
-    # row-wise NuSLERP interpolates columns: each needs every row
-    params = {"weight": [0.4, 0.6], "nuslerp_flatten": False, "nuslerp_row_wise": True}
-    cfg = merge_config("nuslerp", mistral, params)
+def test_a_tensor_a_method_cannot_block_merges_whole_under_any_budget(
+    mistral, tmp_path, monkeypatch
+):
+    # Arcee Fusion's softmax runs along rows: a 1-D tensor (a norm's weight) is one row
+    cfg = merge_config("arcee_fusion", mistral, {})
     whole = medmerge.merge(cfg, tmp_path / "whole", progress=False)
-    found = modes(monkeypatch)
-    small = medmerge.merge(cfg, tmp_path / "small", progress=False, max_memory="10KB")
-    assert found == []
-    assert_bitwise_equal(state(whole), state(small))
+    decided = {}
+    row_blocks = engine._row_blocks
+
+    def spy(plan, name, device, budget):
+        decided[name] = row_blocks(plan, name, device, budget)
+        assert engine._stored_bytes(plan, name) > budget, name  # none is small enough for whole
+        return decided[name]
+
+    monkeypatch.setattr(engine, "_row_blocks", spy)
+    small = medmerge.merge(cfg, tmp_path / "small", progress=False, max_memory="2KB")
+    out = state(small)
+    assert {n for n, how in decided.items() if how is None} == {n for n in out if out[n].dim() < 2}
+    assert all(how.mode == "streams" for how in decided.values() if how is not None)
+    assert_bitwise_equal(state(whole), out)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])

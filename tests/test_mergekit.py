@@ -237,6 +237,53 @@ def test_nuslerp_row_wise_takes_columns_as_its_vectors():
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
 
 
+def ref_nuslerp_pairwise(weights, vectors):
+    """mergekit's nuslerp of vectors (the rows of float64 arrays), pairwise: each step
+    interpolates the result so far and the next at t = w / (sum so far + w), its norms
+    clamped to 1e-7, linear where 1 - cos^2 <= 1e-16."""
+
+    def one(t, a, b):
+        na, nb = max(np.linalg.norm(a), 1e-7), max(np.linalg.norm(b), 1e-7)
+        cos = np.clip((a / na) @ (b / nb), -1, 1)
+        if 1 - cos**2 <= 1e-16:
+            return (1 - t) * a + t * b
+        theta = math.acos(cos)
+        return (math.sin((1 - t) * theta) * a + math.sin(t * theta) * b) / math.sin(theta)
+
+    acc, acc_w = vectors[0], weights[0]
+    for v, w in zip(vectors[1:], weights[1:]):
+        t = 0.5 if abs(acc_w + w) < 1e-6 else w / (acc_w + w)
+        acc = np.stack([one(t, x, y) for x, y in zip(acc, v)])
+        acc_w += w
+    return acc
+
+
+@pytest.mark.parametrize("with_base", [True, False])
+@pytest.mark.parametrize("mode", ["flat", "rows", "columns"])
+def test_nuslerp_of_three_models_is_pairwise_in_every_mode(mode, with_base):
+    """Vectors: the whole tensor, its rows, or (row-wise) its columns; three models pairwise.
+    Vector 3's task vectors are tiny (norms under the 1e-7 clamp), vector 4 is 0 in one model
+    and vector 5 is colinear in two."""
+    g = torch.Generator().manual_seed(7)
+    base = torch.randn(9, 6, generator=g) if with_base else torch.zeros(9, 6)
+    base[3] = 0
+    deltas = torch.randn(3, 9, 6, generator=g)
+    deltas[:, 3] *= 1e-8
+    deltas[0, 4] = 0
+    deltas[2, 5] = 2 * deltas[1, 5]
+    # the vectors are rows here; row-wise NuSLERP is given the transposed tensors
+    layout = (lambda x: x.T.contiguous()) if mode == "columns" else (lambda x: x)
+    out = sph.nuslerp(layout(base) if with_base else None, [layout(base + d) for d in deltas],
+                      weight=[0.2, 0.5, 0.3], nuslerp_flatten=mode == "flat",
+                      nuslerp_row_wise=mode == "columns")  # fmt: skip
+    got = (layout(out) - base).double().numpy()
+    vectors = [d.reshape(1, -1) if mode == "flat" else d for d in deltas.double().numpy()]
+    expected = ref_nuslerp_pairwise([0.2, 0.5, 0.3], vectors).reshape(9, 6)
+    np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-6)
+    if mode != "flat":  # the tiny vector, to its own scale
+        np.testing.assert_allclose(got[3], expected[3], rtol=1e-4, atol=0)
+
+
 @pytest.mark.parametrize("use_kernels", ["1", "0"])
 def test_ties_elects_positive_where_the_weighted_sum_is_zero(use_kernels, monkeypatch):
     """mergekit's sign election: a sum of exactly 0 elects +, so the positive entry is kept

@@ -1,15 +1,16 @@
 """Merges on the sphere: SLERP, NuSLERP, Multi-SLERP, Karcher mean, and Model Stock (an
 angle-derived ratio), with mergekit's formulas and thresholds.
 
-Tensors are treated as flat vectors (NuSLERP can work row by row). Interpolation angles come from
-the normalised vectors; the interpolation itself combines the original vectors, so magnitudes
-are kept (as in mergekit). Nearly parallel vectors fall back to linear interpolation, where the
-spherical formula divides by sin(angle) ~ 0.
+Tensors are treated as flat vectors (NuSLERP can take rows or columns as its vectors).
+Interpolation angles come from the normalised vectors; the interpolation itself combines the
+original vectors, so magnitudes are kept (as in mergekit). Nearly parallel vectors fall back to
+linear interpolation, where the spherical formula divides by sin(angle) ~ 0.
 
-Every result on flat vectors is a linear combination of the inputs whose coefficients depend only
-on their inner products. So these methods stream in two passes over cache-sized chunks: the Gram
-matrix of the inputs (float64), then the coefficients applied chunk by chunk, written in the
-output dtype. Karcher's iterations run on the coefficients (an n x n problem), not on the tensor.
+Every result on flat vectors is a linear combination of the inputs whose coefficients depend
+only on their inner products. So these methods stream in two passes over cache-sized chunks: the
+Gram matrix of the inputs (float64), then the coefficients applied chunk by chunk, written in
+the output dtype (row-wise NuSLERP: a Gram matrix and coefficients per column). Karcher's
+iterations run on the coefficients (an n x n problem), not on the tensor.
 """
 
 from __future__ import annotations
@@ -20,11 +21,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from medmerge import buffers
 from medmerge.errors import ConfigError
 from medmerge.methods import kernels
 from medmerge.methods.basic import chunks, combination
 from medmerge.methods.registry import entries, register
-from medmerge.methods.streaming import Blocked, spans, summed_terms
+from medmerge.methods.streaming import Blocked, blocked_result, flat, spans, summed_terms
 
 
 def gram(models: list[Tensor], base: Tensor | None = None) -> Tensor:
@@ -62,18 +64,14 @@ def slerp_coefficients(
     return math.sin((1 - t) * theta) / math.sin(theta), math.sin(t * theta) / math.sin(theta)
 
 
-# NuSLERP interpolates linearly only where 1 - cos^2 <= 1e-16, that is |cos| = 1 to float64
-NUSLERP_COLINEAR = math.sqrt(1 - 1e-16)
-
-
-def slerp_vectors(t: float, a: Tensor, b: Tensor, dim: int) -> Tensor:
-    """NuSLERP along `dim`: each slice along it a vector, normalised (norms clamped to 1e-7),
-    from a (t=0) to b (t=1); linear where 1 - cos^2 <= 1e-16 (mergekit's nuslerp)."""
+def slerp_vectors(t: float, a: Tensor, b: Tensor) -> Tensor:
+    """NuSLERP of rows: each row a vector, normalised (norms clamped to 1e-7), from a (t=0) to
+    b (t=1); linear where 1 - cos^2 <= 1e-16 (mergekit's nuslerp)."""
 
     def unit(x):
-        return x / x.norm(dim=dim, keepdim=True).clamp_min(1e-7)
+        return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-7)
 
-    cos = (unit(a) * unit(b)).sum(dim, keepdim=True).clamp(-1.0, 1.0)
+    cos = (unit(a) * unit(b)).sum(-1, keepdim=True).clamp(-1.0, 1.0)
     colinear = (1 - cos.square()) <= 1e-16
     theta = torch.arccos(torch.where(colinear, 0.0, cos))
     sin = torch.where(colinear, 1.0, torch.sin(theta))
@@ -120,7 +118,10 @@ def _nuslerp_flat(params: dict, shape: tuple[int, ...]) -> bool:
 
 
 def _nuslerp_streams(params: dict, shape: tuple[int, ...]) -> int | None:
-    return 1 if _nuslerp_flat(params, shape) else None
+    """Flat: any chunks; row-wise: chunks of whole rows (the columns' Gram matrices add rows)."""
+    if _nuslerp_flat(params, shape):
+        return 1
+    return math.prod(shape[1:]) if params["nuslerp_row_wise"] else None
 
 
 def _nuslerp_rows(params: dict, shape: tuple[int, ...]) -> bool:
@@ -148,30 +149,89 @@ def nuslerp(
     """SLERP of two models, or of their task vectors when a base is given, at t = w_2 / (w_1 +
     w_2), of whole tensors or, not flattened, of their rows (of their columns, row-wise); more
     than two models pairwise in model order  (mergekit's nuslerp)."""
-    dim = None if nuslerp_flatten else (0 if nuslerp_row_wise else -1)
-    if dim is None or len(models[0].shape) < 2:  # flat: on the Gram matrix, streamed
-        g = gram(models, base)
-        coef, acc_w = torch.zeros(len(models), dtype=torch.float64), weight[0]
-        coef[0] = 1.0
-        for k, w in enumerate(weight[1:], start=1):
-            gc = g @ coef
-            s_a, s_b = slerp_coefficients(
-                _pairwise_t(acc_w, w), float(coef @ gc), float(g[k, k]), float(gc[k]),
-                NUSLERP_COLINEAR, 1e-7,
-            )  # fmt: skip
-            coef *= s_a
-            coef[k] += s_b
-            acc_w += w
+    if nuslerp_flatten or len(models[0].shape) < 2:  # flat: on the Gram matrix, streamed
+        coef = _nuslerp_cascade(gram(models, base), weight)
         return combination(coef.tolist(), models, base, out_dtype)
+    if nuslerp_row_wise:  # each column a vector: on the columns' Gram matrices, streamed
+        return _columnwise(models, base, weight, out_dtype)
     vectors = [m.float() for m in models]
     if base is not None:
         base = base.float()
         vectors = [v - base for v in vectors]
     acc, acc_w = vectors[0], weight[0]
     for v, w in zip(vectors[1:], weight[1:], strict=True):
-        acc = slerp_vectors(_pairwise_t(acc_w, w), acc, v, dim)
+        acc = slerp_vectors(_pairwise_t(acc_w, w), acc, v)
         acc_w += w
     return acc + base if base is not None else acc
+
+
+def _nuslerp_coefficients(t: float, aa: Tensor, bb: Tensor, ab: Tensor) -> tuple[Tensor, Tensor]:
+    """(s_a, s_b) with nuslerp(a, b) = s_a a + s_b b, elementwise from float64 tensors of
+    |a|^2, |b|^2 and a.b: mergekit's nuslerp, its norms clamped to 1e-7, linear where
+    1 - cos^2 <= 1e-16."""
+    norm = aa.clamp_min(0).sqrt().clamp_min(1e-7) * bb.clamp_min(0).sqrt().clamp_min(1e-7)
+    cos = (ab / norm).clamp(-1.0, 1.0)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.arccos(torch.where(colinear, 0.0, cos))
+    sin = torch.where(colinear, 1.0, torch.sin(theta))
+    s_a = torch.where(colinear, 1 - t, torch.sin((1 - t) * theta) / sin)
+    s_b = torch.where(colinear, t, torch.sin(t * theta) / sin)
+    return s_a, s_b
+
+
+def _nuslerp_cascade(g: Tensor, weight: list[float]) -> Tensor:
+    """Coefficients c (float64, n x ...) with the pairwise NuSLERP of n vectors (the first with
+    the second, the result with the third, ...) = sum_k c_k v_k, from their Gram matrix g
+    (n x n x ...: one per vector of a tensor's set of vectors)."""
+    coef = torch.zeros(g.shape[1:], dtype=torch.float64)
+    coef[0], acc_w = 1.0, weight[0]
+    for k, w in enumerate(weight[1:], start=1):
+        gc = (g * coef).sum(1)  # g @ coef, per vector
+        s_a, s_b = _nuslerp_coefficients(_pairwise_t(acc_w, w), (coef * gc).sum(0), g[k, k], gc[k])
+        coef = coef * s_a
+        coef[k] += s_b
+        acc_w += w
+    return coef
+
+
+def _columnwise(
+    models: list[Tensor | Blocked], base: Tensor | Blocked | None, weight: list[float],
+    out_dtype: torch.dtype,
+) -> Tensor | Blocked:  # fmt: skip
+    """Row-wise NuSLERP (each column a vector): the columns' Gram matrices summed in float64
+    over chunks of whole rows (a first pass), then each chunk of rows combined with its
+    columns' coefficients in float32. The chunks are the same on every device and, of
+    `Blocked` inputs, lie inside the blocks, so blocks and whole give the same bits."""
+    shape, device, n = models[0].shape, models[0].device, len(models)
+    width = math.prod(shape[1:])
+    parts = spans(math.prod(shape), torch.device("cpu"), width)
+    vectors = [chunks(m, base) for m in models]
+    g = torch.zeros(n, n, width, dtype=torch.float64)
+    for p in parts:
+        x = torch.stack([v(p) for v in vectors]).view(n, -1, width).double()
+        for i in range(n):
+            for j in range(i, n):
+                g[i, j] += (x[i] * x[j]).sum(0).cpu()
+                g[j, i] = g[i, j]
+    coef = _nuslerp_cascade(g, weight).float().to(device)
+    at = None if base is None else flat(base)
+
+    def compute(p: slice) -> Tensor:
+        if at is None:
+            acc = torch.zeros(p.stop - p.start, device=device)
+        else:
+            acc = at[p].to(torch.float32, copy=True)  # not a view: added to below
+        acc = acc.view(-1, width)
+        for c, v in zip(coef, vectors, strict=True):
+            acc += c * v(p).view(-1, width)
+        return acc.view(-1)
+
+    if isinstance(models[0], Blocked):
+        return blocked_result(models[0], out_dtype, parts, compute)
+    out = buffers.empty(math.prod(shape), out_dtype, device)
+    for p in parts:
+        out[p] = compute(p)
+    return out.view(shape)
 
 
 @register("multislerp", uses_base=True, raw_inputs=True, streams=entries)
