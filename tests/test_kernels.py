@@ -162,7 +162,25 @@ def test_della_rank_histogram_every_path(kind, case, monkeypatch):
     assert torch.equal(bits(fast), bits(reference))
 
 
-def test_top_k_recovers_from_a_wrong_prediction(monkeypatch):
+def top_ks(mode, base, models, ks, parts=1):
+    """`kernels.top_ks`, or with parts > 1 `top_ks_of_parts` over that many flat parts of
+    uneven sizes."""
+    if parts == 1:
+        return kernels.top_ks(mode, base, models, 0, ks)
+    n = base.numel()
+    starts = tuple(n * j // parts + 13 * j for j in range(parts))
+    ends = [*starts[1:], n]
+    flats = [t.reshape(-1) for t in (base, *models)]
+
+    def part(k):
+        a, b = starts[k], ends[k]
+        return flats[0][a:b], [f[a:b] for f in flats[1:]]
+
+    return kernels.top_ks_of_parts(mode, part, starts, n, 0, ks)
+
+
+@pytest.mark.parametrize("parts", [1, 3])
+def test_top_k_recovers_from_a_wrong_prediction(parts, monkeypatch):
     """A tiny sample mispredicts the threshold's bucket: the second pass still finds it."""
     base, models = family((300, 400), torch.bfloat16, seed=1)
     n = base.numel()
@@ -172,7 +190,7 @@ def test_top_k_recovers_from_a_wrong_prediction(monkeypatch):
     histograms = []
     histogram = topk._histogram
     monkeypatch.setattr(topk, "_histogram", lambda *a: histograms.append(1) or histogram(*a))
-    assert kernels.top_ks(0, base, models, 0, ks) == expected
+    assert top_ks(0, base, models, ks, parts) == expected
     assert histograms, "the two-entry sample predicted right: the test needs another case"
     magnitude = (models[0].float() - base.float()).abs().reshape(-1)
     for k, (value, cut) in zip(ks, expected):
@@ -192,20 +210,22 @@ def top_k_reference(values: torch.Tensor, k: int) -> tuple[float, int]:
     return value, int(order[:k][values[order[:k]] == value].max()) + 1
 
 
+@pytest.mark.parametrize("parts", [1, 4])
 @pytest.mark.parametrize("mode", [0, 1])
 @pytest.mark.parametrize("ks", [[1, 2], [0, 5000], [999, 1000], [59999, 60000], [17, 30000]])
-def test_top_ks_match_a_sort(mode, ks):
+def test_top_ks_match_a_sort(mode, ks, parts):
     """Many equal values (bfloat16 task vectors), thresholds close together or far apart."""
     base, models = family((200, 300), torch.bfloat16, seed=4)
     deltas = torch.stack([m.float() - base.float() for m in models]).reshape(2, -1)
     mean = (deltas[0] + deltas[1]) / 2
     variance = ((deltas[0] - mean) ** 2 + (deltas[1] - mean) ** 2) / 2  # as SCE in float32
     values = deltas[0].abs() if mode == 0 else variance
-    found = kernels.top_ks(mode, base, models, 0, ks)
+    found = top_ks(mode, base, models, ks, parts)
     assert found == [top_k_reference(values, k) for k in ks]
 
 
-def test_top_k_recovers_from_too_little_room(monkeypatch):
+@pytest.mark.parametrize("parts", [1, 3])
+def test_top_k_recovers_from_too_little_room(parts, monkeypatch):
     """Room for one collected entry per thread: a second pass with enough room."""
     base, models = family((300, 400), torch.bfloat16, seed=1)
     n = base.numel()
@@ -215,12 +235,29 @@ def test_top_k_recovers_from_too_little_room(monkeypatch):
     scan = topk._scan
     monkeypatch.setattr(topk, "_scan", lambda *a: scans.append(a[6]) or scan(*a))
     monkeypatch.setattr(topk, "_capacity", lambda expected, threads: 1)
-    assert kernels.top_ks(0, base, models, 0, ks) == expected
-    assert scans[0] == 1 and scans[1] > 1
+    assert top_ks(0, base, models, ks, parts) == expected
+    assert scans[:parts] == [1] * parts and len(scans) > parts and min(scans[parts:]) > 1
 
 
+@pytest.mark.parametrize("parts", [1, 3])
+def test_top_k_samples_more_where_it_would_collect_too_much(parts, monkeypatch):
+    """Room for few collected entries: a larger sample narrows the range, same result."""
+    base, models = family((300, 400), torch.bfloat16, seed=1)
+    n = base.numel()
+    ks = [n // 50, n // 2]
+    expected = kernels.top_ks(0, base, models, 0, ks)
+    sampled = []
+    sample = topk._sample
+    monkeypatch.setattr(topk, "_sample", lambda *a: sampled.append(len(a[-1])) or sample(*a))
+    monkeypatch.setattr(topk, "COLLECTED", 12 * 500)
+    assert top_ks(0, base, models, ks, parts) == expected
+    first = sum(sampled[:parts])
+    assert first == min(topk.SAMPLE, n // 64) and sum(sampled[parts:]) > 4 * first
+
+
+@pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("where", ["high", "low", "between"])
-def test_top_k_in_a_tie_group_at_either_end_or_between(where, monkeypatch):
+def test_top_k_in_a_tie_group_at_either_end_or_between(where, parts, monkeypatch):
     """The k-th largest sits in a tie group spread over many blocks and both threads' ranges.
     A forced sample puts it at the predicted range's upper end, its lower end (the histogram
     pass's bucket starts at it), or strictly inside; each way gives the stable sort's cut."""
@@ -243,7 +280,7 @@ def test_top_k_in_a_tie_group_at_either_end_or_between(where, monkeypatch):
     for name in ("_cut_equal", "_resolve"):
         fn = getattr(topk, name)
         monkeypatch.setattr(topk, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
-    assert kernels.top_ks(0, base, models, 0, [k]) == [(value, top_k_reference(values, k)[1])]
+    assert top_ks(0, base, models, [k], parts) == [(value, top_k_reference(values, k)[1])]
     assert calls == ["_resolve" if where == "between" else "_cut_equal"]
 
 

@@ -39,7 +39,6 @@ from medmerge.methods.sparsify import (
     Selector,
     Sparsification,
     Sparsify,
-    TopK,
     crumbs_counts,
     dropped,
     l1_factor,
@@ -158,33 +157,21 @@ def _kernel_blocks(
     out_dtype: torch.dtype,
 ) -> Blocked:
     """The kernels' merge of `Blocked` inputs, as `_kernel_plan` and `kernels.merge` compute it
-    on the whole tensor: top-k bounds from torch's histograms over the blocks (`top_k`, the
-    cut position in a further pass), L1 norms from the kernels' per-block sums of every block,
-    then the merge pass block by block, each told its position in the tensor."""
+    on the whole tensor: top-k bounds from the kernels' passes over the blocks
+    (`top_ks_of_parts`), L1 norms from the kernels' per-block sums of every block, then the
+    merge pass block by block, each told its position in the tensor."""
     per_row = math.prod(base.shape[1:])
-    starts = [first * per_row for first, _ in base.blocks]
-    flat_base = flat(base)
-    parts = spans(base.numel(), base.device, plan.row)
+    starts = tuple(first * per_row for first, _ in base.blocks)
 
     def at(k: int) -> kernels.SparsePlan:  # block k's plan: positions from the block's start
         shift = starts[k]
         return plan._replace(offset=shift, keep_cut=plan.keep_cut - shift,
                              drop_cut=plan.drop_cut - shift)  # fmt: skip
 
-    for i, spec in enumerate(specs):
-        if spec.keeps_all:
-            continue
-        if spec.how in (Sparsification.TRIM, Sparsification.CRUMBS):
-            values = flat(models[i])
-            magnitude = lambda p, v=values: (v[p].float() - flat_base[p].float()).abs()  # noqa: E731
-            outliers, kept = _top_counts(spec, base.numel())
-            for value, cut, k in ((plan.keep_value, plan.keep_cut, outliers + kept),
-                                  (plan.drop_value, plan.drop_cut, outliers)):  # fmt: skip
-                top = top_k(magnitude, parts, k)
-                value[i], cut[i] = top.value, _cut(magnitude, parts, top)
-        else:
-            _draw_rule(plan, i, spec)
-        plan.by_probability[i] = spec.rescale == "inverse_density"
+    def part(k: int) -> tuple[Tensor, list[Tensor]]:
+        return base.get(k), [m.get(k) for m in models]
+
+    _sparsifiers(plan, specs, part, starts, base.numel())
     l1 = [i for i, spec in enumerate(specs) if spec.rescale == "l1" and not spec.keeps_all]
     if l1:
         sums = summed_terms(
@@ -203,20 +190,6 @@ def _kernel_blocks(
         return out
 
     return Blocked(base.shape, out_dtype, base.blocks, block)
-
-
-def _cut(values: Chunks, parts: list[slice], top: TopK) -> int:
-    """The position just after the `top.ties`-th entry equal to `top.value` (in flat order):
-    the kernels' form of the same bound."""
-    left = top.ties
-    for p in parts:
-        if left == 0:
-            break
-        at = torch.nonzero(values(p) == top.value).squeeze(1)
-        if len(at) >= left:
-            return p.start + int(at[left - 1]) + 1
-        left -= len(at)
-    return 0
 
 
 def _chunk_by_chunk(
@@ -239,20 +212,7 @@ def _kernel_plan(
     where an `l1` rescale needs a first pass for its norms, that pass's marks of the kept
     entries, which the merge pass then reads (those models' rule MARKED) instead of deciding
     again."""
-    n = base.numel()
-    for i, spec in enumerate(specs):
-        if spec.keeps_all:
-            continue
-        if spec.how in (Sparsification.TRIM, Sparsification.CRUMBS):
-            outliers, kept = _top_counts(spec, n)
-            (top, cut), (upper, upper_cut) = kernels.top_ks(
-                kernels.Statistic.MAGNITUDE, base, models, i, [outliers + kept, outliers]
-            )
-            plan.keep_value[i], plan.keep_cut[i] = top, cut
-            plan.drop_value[i], plan.drop_cut[i] = upper, upper_cut
-        else:
-            _draw_rule(plan, i, spec)
-        plan.by_probability[i] = spec.rescale == "inverse_density"
+    _sparsifiers(plan, specs, lambda k: (base, models), (0,), base.numel())
     l1 = [i for i, spec in enumerate(specs) if spec.rescale == "l1" and not spec.keeps_all]
     if not l1:
         return plan, None
@@ -264,6 +224,26 @@ def _kernel_plan(
         if plan.rule[i] == kernels.Rule.RANKED:
             plan.rule[i] = kernels.Rule.MARKED
     return plan, marks
+
+
+def _sparsifiers(
+    plan: kernels.SparsePlan, specs: list[Sparsify], part: kernels.Part, starts: tuple, n: int
+) -> None:
+    """Into `plan`, each model's sparsifier: top-k bounds (found here, over the tensor's parts:
+    `kernels.top_ks_of_parts`), draws and their rescaling."""
+    for i, spec in enumerate(specs):
+        if spec.keeps_all:
+            continue
+        if spec.how in (Sparsification.TRIM, Sparsification.CRUMBS):
+            outliers, kept = _top_counts(spec, n)
+            (top, cut), (upper, upper_cut) = kernels.top_ks_of_parts(
+                kernels.Statistic.MAGNITUDE, part, starts, n, i, [outliers + kept, outliers]
+            )
+            plan.keep_value[i], plan.keep_cut[i] = top, cut
+            plan.drop_value[i], plan.drop_cut[i] = upper, upper_cut
+        else:
+            _draw_rule(plan, i, spec)
+        plan.by_probability[i] = spec.rescale == "inverse_density"
 
 
 def _top_counts(spec: Sparsify, n: int) -> tuple[int, int]:

@@ -5,8 +5,9 @@ mask and the TIES sign election cost 10-30x the arithmetic of a linear merge. Th
 each pass into one loop over the stored tensors (bfloat16 read as bits, or float32), on every
 core, with no intermediate tensors. By topic:
 
-- `topk`: the exact k-th largest |theta_i - b| or SCE's variance (`top_ks`), and SCE's Select
-  and Calculate in the same pass (`selection_energy`);
+- `topk`: the exact k-th largest |theta_i - b| or SCE's variance (`top_ks`; of a tensor in row
+  blocks, `top_ks_of_parts`), and SCE's Select and Calculate in the same pass
+  (`selection_energy`);
 - `sparse`: the sparse family's merge pass, run from a typed `SparsePlan` (`merge`,
   `kept_sums`);
 - `ranks`: DELLA's per-row rank probabilities, inside the sparse pass;
@@ -57,7 +58,14 @@ from medmerge.methods.kernels.sparse import (
     kept_sums,
     merge,
 )
-from medmerge.methods.kernels.topk import Statistic, count_positive, selection_energy, top_ks
+from medmerge.methods.kernels.topk import (
+    Part,
+    Statistic,
+    count_positive,
+    selection_energy,
+    top_ks,
+    top_ks_of_parts,
+)
 
 __all__ = [
     "ARITY",
@@ -65,6 +73,7 @@ __all__ = [
     "DTYPES",
     "Divisor",
     "Rule",
+    "Part",
     "SparsePlan",
     "Statistic",
     "array",
@@ -82,6 +91,7 @@ __all__ = [
     "merge",
     "selection_energy",
     "top_ks",
+    "top_ks_of_parts",
     "usable",
     "usable_dtypes",
 ]

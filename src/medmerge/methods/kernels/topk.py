@@ -11,13 +11,17 @@ block again; otherwise two 16-bit histograms of the collected entries give it. A
 prediction (rare; the tests force it) costs a histogram pass that finds the range, and a second
 pass. Ties go to the earliest positions.
 
+A tensor too large to hold is given in parts (row blocks, `top_ks_of_parts`): the sample, the
+pass and the rare histogram pass go part by part, and what is kept between parts is the counts
+and the collected entries, which a larger sample keeps few on very large tensors.
+
 The torch twin is `medmerge.methods.sparsify.top_k` (two radix-histogram passes) with
 `Selector`.
 """
 
 from __future__ import annotations
 
-import functools
+from collections.abc import Callable
 from enum import IntEnum
 from typing import NamedTuple
 
@@ -30,7 +34,10 @@ from torch import Tensor
 
 from medmerge.methods.kernels.core import BLOCK, arrays, load
 
-SAMPLE = 1 << 16  # at most this many entries sampled to predict a top-k threshold
+SAMPLE = 1 << 16  # entries sampled to predict a top-k threshold (more on very large tensors)
+COLLECTED = 32 << 20  # bytes of collected entries a sample is made large enough to expect
+# a tensor in parts: part k's (base, models)
+Part = Callable[[int], tuple[Tensor, list[Tensor]]]
 
 
 class Statistic(IntEnum):
@@ -285,7 +292,16 @@ def top_ks(mode: int, base: Tensor, models: list[Tensor], i: int, ks: list[int])
     """[(value, cut)] per k (at most two inner ones): the k largest entries of the statistic
     (a `Statistic`; model i's |d| or the variance) are those above `value` and those equal to
     it before position `cut`. Torch twin: `sparsify.top_k`."""
-    found, _ = _top_ks(mode, base, models, i, ks, with_energy=False)
+    found, _ = _top_ks(mode, lambda k: (base, models), (0,), base.numel(), i, ks, False)
+    return found
+
+
+def top_ks_of_parts(mode: int, part: Part, starts: tuple[int, ...], n: int, i: int, ks: list[int]):
+    """`top_ks` of a tensor of n entries held in consecutive parts (row blocks): `part(k)` gives
+    part k's (base, models), which start at flat position `starts[k]`; each part is asked for
+    again when it is read again, and what is kept between parts does not grow with n (the
+    sample grows to keep the entries collected under `COLLECTED` bytes)."""
+    found, _ = _top_ks(mode, part, starts, n, i, ks, False)
     return found
 
 
@@ -293,15 +309,27 @@ def selection_energy(base: Tensor, models: list[Tensor], k: int) -> tuple[tuple,
     """SCE's Select and Calculate in one pass, for 0 < k < n: the (value, cut) of the k entries
     of largest variance across the models (as `top_ks`), and per model the sum over them of
     d * d (float32 squares summed in float64). Torch twin: `sparse.sce`'s two passes."""
-    (top,), energy = _top_ks(Statistic.VARIANCE, base, models, 0, [k], with_energy=True)
+    part = lambda k: (base, models)  # noqa: E731
+    (top,), energy = _top_ks(Statistic.VARIANCE, part, (0,), base.numel(), 0, [k], True)
     return top, energy
 
 
-def _top_ks(mode, base, models, i, ks, with_energy):
-    """`top_ks`'s thresholds, and with `with_energy` (one k) `selection_energy`'s sums."""
-    base_, models_ = arrays(base, models)
+class _Scanned(NamedTuple):
+    """What `_scan` found in one part: its `Tally`'s counts, equal counts and energy, and the
+    entries it collected (their patterns and flat positions in the tensor, in order)."""
+
+    counts: np.ndarray
+    equal: np.ndarray
+    energy: np.ndarray
+    bits: np.ndarray
+    positions: np.ndarray
+    overflow: int  # the most entries a thread found beyond its room (0: all collected)
+
+
+def _top_ks(mode, part, starts, n, i, ks, with_energy):
+    """`top_ks`'s thresholds over the parts, and with `with_energy` (one k, one part)
+    `selection_energy`'s sums."""
     mode = int(mode)  # one compiled specialisation, whether given an int or a Statistic
-    n = base_.size
     ks = [min(max(k, 0), n) for k in ks]
     inner = sorted({k for k in ks if 0 < k < n})
     found = {0: (float("inf"), 0), n: (-1.0, 0)}
@@ -310,56 +338,54 @@ def _top_ks(mode, base, models, i, ks, with_energy):
     if len(inner) > 2:
         raise ValueError(f"top_ks finds at most two thresholds in one pass, not {ks}")
     threads = numba.get_num_threads()
+    sizes = np.diff([*starts, n])
     size = min(SAMPLE, max(n // 64, 1024))
-    sample = _sample(mode, base_, models_, i, _spots(n, size)).view(np.uint32)
-    ends = []  # per k, the sample ranks that bound it
-    for k in inner:
-        q = 1 - k / n  # the k-th largest's quantile
-        margin = 4 * (size * q * (1 - q)) ** 0.5 + 8  # 4 sigma: wrong 1 time in 15,000
-        ends.append([int(np.clip(size * q + m * margin, 0, size - 1)) for m in (-1, 1)])
-    sample.sort()
-    bounds = sample[ends]  # per k, inclusive float32 patterns
-    collected = sum((sample > low) & (sample < high) for low, high in bounds)
-    capacity = _capacity(collected.mean() * n, threads)
-    step = _range_size(n, threads)
-    blocks = step // BLOCK
+    bounds, inside = _predicted(mode, part, starts, n, i, inner, size)
+    if inside * n * 12 > COLLECTED and size < n:  # a larger sample: a narrower range
+        size = min(n, int(size * (inside * n * 12 / COLLECTED) ** 2 * 1.2))
+        bounds, inside = _predicted(mode, part, starts, n, i, inner, size)
+    capacity = [_capacity(inside * m, threads) for m in sizes]
+    scanned, todo = [None] * len(starts), range(len(starts))
     while True:
-        tally = Tally(
-            counts=np.zeros((threads, len(inner), 2), np.int64),
-            equal=np.zeros((threads, blocks, len(inner), 2), np.int64),
-            bits=np.empty(threads * capacity, np.uint32),
-            positions=np.empty(threads * capacity, np.int64),
-            energy=np.zeros((threads, blocks, len(models_), 3)),
-        )
-        hits = _scan(mode, base_, models_, i, bounds, tally, capacity, with_energy, threads)
-        at_or_above, above = tally.counts.sum(0).T
-        inside = all(above[r] < k <= at_or_above[r] for r, k in enumerate(inner))
-        if inside and hits.max() <= capacity:
+        for k in todo:
+            scanned[k] = _scan_part(mode, part, starts, k, i, bounds, capacity[k], with_energy)
+        at_or_above, above = sum(s.counts.sum(0) for s in scanned).T
+        between = all(above[r] < k <= at_or_above[r] for r, k in enumerate(inner))
+        todo = [k for k, s in enumerate(scanned) if s.overflow]
+        if between and not todo:
             break
-        if inside:
-            capacity = int(hits.max())
+        if between:  # too little room somewhere: those parts again, with enough
+            for k in todo:
+                capacity[k] = scanned[k].overflow
             continue
         # the sample predicted wrong (rare): a histogram pass finds each k's bucket
-        histogram = np.zeros((threads, 1 << 16), np.int64)
-        _histogram(mode, base_, models_, i, histogram, threads)
-        histogram = histogram.sum(0)
-        buckets = [_highest(histogram, k)[0] for k in inner]
+        histograms = []
+        for k in range(len(starts)):
+            base_, models_ = arrays(*part(k))
+            histogram = np.zeros((threads, 1 << 16), np.int64)
+            _histogram(mode, base_, models_, i, histogram, threads)
+            histograms.append(histogram.sum(0))
+        buckets = [_highest(sum(histograms), k)[0] for k in inner]
         bounds[:] = [(b << 16, b << 16 | 0xFFFF) for b in buckets]
-        capacity = int(histogram[list(set(buckets))].sum())
-    bits, positions, equal = tally.bits, tally.positions, tally.equal
+        capacity = [int(h[list(set(buckets))].sum()) for h in histograms]
+        todo = range(len(starts))
+    bits = np.concatenate([s.bits for s in scanned])
+    positions = np.concatenate([s.positions for s in scanned])
+    collected = (bits, positions, np.array([len(bits)]), len(bits))  # one thread's, in order
     for r, k in enumerate(inner):
         low, high = bounds[r]
-        at_high, at_low = equal[:, :, r, 1], equal[:, :, r, 0]
-        above_low = at_or_above[r] - at_low.sum()
-        if k <= above[r] + at_high.sum():  # the k-th largest equals high
+        at_high = [s.equal[:, :, r, 1] for s in scanned]
+        at_low = [s.equal[:, :, r, 0] for s in scanned]
+        above_low = at_or_above[r] - sum(int(e.sum()) for e in at_low)
+        if k <= above[r] + sum(int(e.sum()) for e in at_high):  # the k-th largest equals high
             target = high
-            cut = _cut_equal(mode, base_, models_, i, at_high, high, k - above[r], threads)
+            cut = _cut_in_parts(mode, part, starts, i, at_high, high, k - above[r])
         elif k <= above_low:  # it lies strictly between: among the collected entries
-            rank = k - above[r] - at_high.sum()
-            target, cut = _resolve(bits, positions, hits, capacity, (low, high), rank)
+            rank = k - above[r] - sum(int(e.sum()) for e in at_high)
+            target, cut = _resolve(*collected, (low, high), rank)
         else:
             target = low
-            cut = _cut_equal(mode, base_, models_, i, at_low, low, k - above_low, threads)
+            cut = _cut_in_parts(mode, part, starts, i, at_low, low, k - above_low)
         found[k] = (float(np.uint32(target).view(np.float32)), int(cut))
     result = [found[k] for k in ks]
     if not with_energy:
@@ -367,19 +393,81 @@ def _top_ks(mode, base, models, i, ks, with_energy):
     # the selected entries: those above high; those equal to high, all or those before the
     # cut; those collected inside (low, high) above the k-th largest, or equal to it and
     # before the cut; those equal to low before the cut
-    sums = tally.energy.reshape(threads * blocks, len(models_), 3)  # blocks in position order
+    (tally,) = scanned
+    base, models = part(0)
+    base_, models_ = arrays(base, models)
+    step = _range_size(n, threads)
+    sums = tally.energy.reshape(-1, len(models_), 3)  # blocks in position order
     energy = sums[:, :, 0].sum(0)
     if target == high:
         energy += _before_cut(sums[:, :, 1], base_, models_, target, cut, step)
         return result, energy
     energy += sums[:, :, 1].sum(0)
-    kept = np.concatenate([positions[t * capacity :][: hits[t]] for t in range(threads)])
+    kept = positions
     if target == low:
         energy += _before_cut(sums[:, :, 2], base_, models_, target, cut, step)
     else:
-        patterns = np.concatenate([bits[t * capacity :][: hits[t]] for t in range(threads)])
-        kept = kept[(patterns > target) | ((patterns == target) & (kept < cut))]
+        kept = kept[(bits > target) | ((bits == target) & (kept < cut))]
     return result, energy + _squares_at(base, models, kept)
+
+
+def _predicted(mode, part, starts, n, i, inner, size) -> tuple[np.ndarray, float]:
+    """Per k of `inner`, inclusive float32 patterns (low, high) that a sample of `size`
+    entries predicts to hold the k-th largest; and the fraction of entries predicted strictly
+    inside either range."""
+    spots = _spots(n, size)
+    sample = []
+    for k, (start, stop) in enumerate(zip(starts, [*starts[1:], n], strict=True)):
+        first, last = np.searchsorted(spots, [start, stop])
+        if last > first:
+            base_, models_ = arrays(*part(k))
+            sample.append(_sample(mode, base_, models_, i, spots[first:last] - start))
+    sample = np.concatenate(sample).view(np.uint32)
+    ends = []  # per k, the sample ranks that bound it
+    for k in inner:
+        q = 1 - k / n  # the k-th largest's quantile
+        margin = 4 * (size * q * (1 - q)) ** 0.5 + 8  # 4 sigma: wrong 1 time in 15,000
+        ends.append([int(np.clip(size * q + m * margin, 0, size - 1)) for m in (-1, 1)])
+    sample.sort()
+    bounds = sample[ends]  # per k, inclusive float32 patterns
+    inside = sum((sample > low) & (sample < high) for low, high in bounds)
+    return bounds, float(inside.mean())
+
+
+def _scan_part(mode, part, starts, k, i, bounds, capacity, with_energy) -> _Scanned:
+    """`_scan` of part k, with room for `capacity` collected entries per thread."""
+    threads = numba.get_num_threads()
+    base_, models_ = arrays(*part(k))
+    blocks = _range_size(base_.size, threads) // BLOCK
+    rows = len(bounds)
+    tally = Tally(
+        counts=np.zeros((threads, rows, 2), np.int64),
+        equal=np.zeros((threads, blocks, rows, 2), np.int64),
+        bits=np.empty(threads * capacity, np.uint32),
+        positions=np.empty(threads * capacity, np.int64),
+        energy=np.zeros((threads, blocks, len(models_), 3)),
+    )
+    hits = _scan(mode, base_, models_, i, bounds, tally, capacity, with_energy, threads)
+    if hits.max() > capacity:
+        return _Scanned(tally.counts, tally.equal, tally.energy, None, None, int(hits.max()))
+    mine = [slice(t * capacity, t * capacity + hits[t]) for t in range(threads)]
+    bits = np.concatenate([tally.bits[m] for m in mine])
+    positions = np.concatenate([tally.positions[m] for m in mine]) + starts[k]
+    return _Scanned(tally.counts, tally.equal, tally.energy, bits, positions, 0)
+
+
+def _cut_in_parts(mode, part, starts, i, equal, target, ties) -> int:
+    """The position after the `ties`-th entry equal to target, given each part's `_scan`
+    counts of such entries per block (`equal[k]`): only the part and block that hold it are
+    read again."""
+    threads = numba.get_num_threads()
+    for k, counts in enumerate(equal):
+        if ties > counts.sum():
+            ties -= int(counts.sum())
+            continue
+        base_, models_ = arrays(*part(k))
+        return starts[k] + _cut_equal(mode, base_, models_, i, counts, target, ties, threads)
+    return 0  # unreachable when the counts hold `ties` such entries
 
 
 def _before_cut(sums, base_, models_, target, cut, step) -> np.ndarray:
@@ -405,7 +493,6 @@ def _squares_at(base: Tensor, models: list[Tensor], positions: np.ndarray) -> np
     return np.array([s.sum(dtype=np.float64) for s in squares])
 
 
-@functools.lru_cache(maxsize=16)
 def _spots(n: int, size: int) -> np.ndarray:
     """`size` positions spread evenly over n, jittered so that they do not fall on the same
     columns of every row."""
