@@ -141,6 +141,27 @@ def test_row_blocks_give_the_whole_tensors_bits(case, dtype, mistral, wide, tmp_
     assert_bitwise_equal(state(whole), state(blocks))
 
 
+@pytest.mark.parametrize("method", ["ties", "slerp"])
+def test_a_merge_on_any_device_takes_large_tensors_in_blocks_on_the_cpu(
+    method, wide, device, tmp_path, monkeypatch
+):
+    """A method given the blocks works through them on the CPU whatever the merge's device: a
+    GPU holds none of the tensors over the budget, and they get the CPU's whole-tensor bits."""
+    params = BLOCKWISE[method][1]
+    cfg = merge_config(method, wide, params)
+    whole = state(medmerge.merge(cfg, tmp_path / "whole", progress=False))
+    found = modes(monkeypatch)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    blocks = state(medmerge.merge(cfg, tmp_path / "blocks", device=device, progress=False,
+                                  max_memory="4MB"))  # fmt: skip
+    assert found == ["streams", "streams"]  # the embedding and the head
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        assert torch.equal(whole[name].view(torch.uint8), blocks[name].view(torch.uint8)), name
+    if device.startswith("cuda"):
+        assert torch.cuda.max_memory_allocated() < whole["lm_head.weight"].numel() * 4
+
+
 def test_a_tensor_a_method_cannot_block_merges_whole_under_any_budget(
     mistral, tmp_path, monkeypatch
 ):
@@ -150,8 +171,8 @@ def test_a_tensor_a_method_cannot_block_merges_whole_under_any_budget(
     decided = {}
     row_blocks = engine._row_blocks
 
-    def spy(plan, name, device, budget):
-        decided[name] = row_blocks(plan, name, device, budget)
+    def spy(plan, name, budget):
+        decided[name] = row_blocks(plan, name, budget)
         assert engine._stored_bytes(plan, name) > budget, name  # none is small enough for whole
         return decided[name]
 

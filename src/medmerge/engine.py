@@ -87,9 +87,11 @@ class RowBlocks:
     blocks: Blocks
 
 
-def _row_blocks(plan: MergePlan, name: str, device: torch.device, budget: int) -> RowBlocks | None:
+def _row_blocks(plan: MergePlan, name: str, budget: int) -> RowBlocks | None:
     """How tensor `name` is merged in row blocks of about `budget` bytes of inputs, output and
-    float32 work, where it exceeds that and the method can; None: whole."""
+    float32 work, where it exceeds that and the method can; None: whole. A method given the
+    blocks (`streams`) works through them on the CPU whatever the merge's device (so a GPU's
+    memory is bounded too); one called per block, on the merge's device."""
     method, tensor = plan.method, plan.tensors[name]
     if not _blockable(plan, name) or _stored_bytes(plan, name) <= budget:
         return None
@@ -97,22 +99,19 @@ def _row_blocks(plan: MergePlan, name: str, device: torch.device, budget: int) -
     if shape[0] < 2:
         return None
     chunk_row = method.streams(tensor.params, shape) if method.streams else None
-    if chunk_row and device.type == "cpu":
-        # blocks of whole chunks, as the method works through the whole tensor
+    if chunk_row:  # blocks of whole chunks, as the method works through the whole tensor
         return RowBlocks("streams", _blocks(plan, name, chunk_rows(shape, chunk_row), budget))
     if method.rows and not method.group and method.rows(tensor.params, shape):
         return RowBlocks("rows", _blocks(plan, name, 1, budget))
     return None
 
 
-def _group_blocks(
-    plan: MergePlan, names: list[str], device: torch.device, budget: int
-) -> dict[str, RowBlocks]:
+def _group_blocks(plan: MergePlan, names: list[str], budget: int) -> dict[str, RowBlocks]:
     """Row blocks of every tensor of a group of a group method that takes `Blocked` inputs
-    (`streams`), where the group's inputs and outputs exceed `budget` bytes: each in blocks of
-    about that; none: the group is merged whole."""
+    (`streams`, on the CPU whatever the merge's device), where the group's inputs and outputs
+    exceed `budget` bytes: each in blocks of about that; none: the group is merged whole."""
     method = plan.method
-    if device.type != "cpu" or not method.streams or not all(_blockable(plan, n) for n in names):
+    if not method.streams or not all(_blockable(plan, n) for n in names):
         return {}
     if sum(_stored_bytes(plan, n) for n in names) <= budget:
         return {}
@@ -501,8 +500,8 @@ def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: fl
     share, blocked = opts.max_memory // SHARE, {}
     for group in plan.groups:
         if len(group) > 1:
-            blocked |= _group_blocks(plan, group, dev, share)
-        elif how := _row_blocks(plan, group[0], dev, share):
+            blocked |= _group_blocks(plan, group, share)
+        elif how := _row_blocks(plan, group[0], share):
             blocked[group[0]] = how
     layout = []
     total_in = 0
