@@ -296,8 +296,25 @@ def selection_reference(base, models, k):
     return (value, cut), energy
 
 
-def assert_selection(base, models, k):
-    top, energy = kernels.selection_energy(base, models, k)
+def selection(base, models, k, parts=1):
+    """`kernels.selection_energy`, or with parts > 1 `selection_energy_of_parts` over that
+    many flat parts of whole blocks, of uneven sizes."""
+    if parts == 1:
+        return kernels.selection_energy(base, models, k)
+    n, block = base.numel(), kernels.BLOCK
+    starts = tuple(j * j * block for j in range(parts))
+    assert starts[-1] < n
+    ends = [*starts[1:], n]
+    flats = [t.reshape(-1) for t in (base, *models)]
+
+    def part(j):
+        return flats[0][starts[j] : ends[j]], [f[starts[j] : ends[j]] for f in flats[1:]]
+
+    return kernels.selection_energy_of_parts(part, starts, n, k)
+
+
+def assert_selection(base, models, k, parts=1):
+    top, energy = selection(base, models, k, parts)
     expected_top, expected_energy = selection_reference(base, models, k)
     assert top == expected_top
     np.testing.assert_allclose(energy, expected_energy, rtol=1e-12)
@@ -312,8 +329,19 @@ def test_selection_energy_sums_the_squares_of_the_selected(fraction, models):
     assert_selection(base, tuned, int(fraction * base.numel()))
 
 
+@pytest.mark.parametrize("fraction", [1e-4, 0.3, 0.77, 0.999])
+def test_selection_energy_of_parts_gives_the_whole_tensors_bits(fraction):
+    base, tuned = family((300, 500), torch.bfloat16, models=3, seed=6)
+    k = int(fraction * base.numel())
+    (top, energy), whole = selection(base, tuned, k, 3), selection(base, tuned, k)
+    assert top == whole[0] and energy.tobytes() == whole[1].tobytes()
+
+
+@pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("where", ["high", "low", "between", "wrong"])
-def test_selection_energy_with_the_cut_at_either_end_between_or_mispredicted(where, monkeypatch):
+def test_selection_energy_with_the_cut_at_either_end_between_or_mispredicted(
+    where, parts, monkeypatch
+):
     """A forced sample puts the k-th largest variance, inside a tie group over many blocks, at
     the predicted range's upper end, its lower end, strictly inside, or outside (the
     histogram pass finds it): each way the energies count the selected entries alone."""
@@ -333,9 +361,10 @@ def test_selection_energy_with_the_cut_at_either_end_between_or_mispredicted(whe
     for name in ("_histogram", "_resolve", "_before_cut"):
         fn = getattr(topk, name)
         monkeypatch.setattr(topk, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
-    assert_selection(base, models, k)
+    assert_selection(base, models, k, parts)
     paths = {"high": ["_before_cut"], "low": ["_before_cut"], "between": ["_resolve"]}
-    assert calls == paths.get(where, ["_histogram", "_resolve"])  # its bucket holds others
+    histograms = ["_histogram"] * parts  # a pass over every part
+    assert calls == paths.get(where, [*histograms, "_resolve"])  # its bucket holds others
 
 
 def test_selection_energy_does_not_depend_on_the_thread_count():

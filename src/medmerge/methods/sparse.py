@@ -160,33 +160,46 @@ def _kernel_blocks(
     on the whole tensor: top-k bounds from the kernels' passes over the blocks
     (`top_ks_of_parts`), L1 norms from the kernels' per-block sums of every block, then the
     merge pass block by block, each told its position in the tensor."""
-    per_row = math.prod(base.shape[1:])
-    starts = tuple(first * per_row for first, _ in base.blocks)
-
-    def at(k: int) -> kernels.SparsePlan:  # block k's plan: positions from the block's start
-        shift = starts[k]
-        return plan._replace(offset=shift, keep_cut=plan.keep_cut - shift,
-                             drop_cut=plan.drop_cut - shift)  # fmt: skip
-
-    def part(k: int) -> tuple[Tensor, list[Tensor]]:
-        return base.get(k), [m.get(k) for m in models]
-
+    part, starts = _parts(base, models)
     _sparsifiers(plan, specs, part, starts, base.numel())
     l1 = [i for i, spec in enumerate(specs) if spec.rescale == "l1" and not spec.keeps_all]
     if l1:
-        sums = summed_terms(
-            lambda k: kernels.kept_sum_terms(base.get(k), [m.get(k) for m in models], at(k), False)[
-                0
-            ],  # fmt: skip
-            base,
-        )
+        sums = _kept_sums_of_blocks(base, models, plan, starts, square=False)
         for i in l1:
             plan.factor[i] = l1_factor(*sums[i])
+    return _merge_blocks(base, models, plan, starts, out_dtype)
+
+
+def _parts(base: Blocked, models: list[Blocked]) -> tuple[kernels.Part, tuple[int, ...]]:
+    """The blocks as the kernels' parts (a block's base and models), and their flat starts."""
+    per_row = math.prod(base.shape[1:])
+    starts = tuple(first * per_row for first, _ in base.blocks)
+    return (lambda k: (base.get(k), [m.get(k) for m in models])), starts
+
+
+def _shifted(plan: kernels.SparsePlan, shift: int) -> kernels.SparsePlan:
+    """`plan` for a block that starts at flat position `shift` (positions from its start)."""
+    return plan._replace(offset=shift, keep_cut=plan.keep_cut - shift,
+                         drop_cut=plan.drop_cut - shift)  # fmt: skip
+
+
+def _kept_sums_of_blocks(base, models, plan, starts, square: bool) -> np.ndarray:
+    """`kernels.kept_sums` of `Blocked` inputs: the same per-block terms, summed in order."""
+
+    def terms(k: int) -> np.ndarray:
+        at = [m.get(k) for m in models]
+        return kernels.kept_sum_terms(base.get(k), at, _shifted(plan, starts[k]), square)[0]
+
+    return summed_terms(terms, base)
+
+
+def _merge_blocks(base, models, plan, starts, out_dtype: torch.dtype) -> Blocked:
+    """The kernels' merge pass of `Blocked` inputs, block by block as they are written."""
 
     def block(k: int) -> Tensor:
         inputs = base.get(k)
         out = buffers.empty(inputs.shape, out_dtype)
-        kernels.merge(inputs, [m.get(k) for m in models], at(k), out, None)
+        kernels.merge(inputs, [m.get(k) for m in models], _shifted(plan, starts[k]), out, None)
         return out
 
     return Blocked(base.shape, out_dtype, base.blocks, block)
@@ -451,13 +464,16 @@ def sce(
         # bit patterns of non-negative floats cannot hold (it changes no other value)
         return (sum((d - mean).square_() for d in ds) / len(ds)).abs_()
 
-    fast = not isinstance(base, Blocked) and _kernels(base, models, out_dtype)
+    fast = _kernels(base, models, out_dtype)
     if select_topk >= 1:
         k = n
     elif select_topk <= 0:
         k = 0
     else:  # mergekit's count: of the entries where the task vectors differ at all
-        if fast:
+        if fast and isinstance(base, Blocked):
+            part, starts = _parts(base, models)
+            differing = sum(kernels.count_positive(*part(j)) for j in range(len(starts)))
+        elif fast:
             differing = kernels.count_positive(base, models)
         else:
             differing = sum(int(torch.count_nonzero(variance(deltas(p)))) for p in parts)
@@ -492,23 +508,30 @@ def sce(
 
 
 def _sce_kernels(
-    base: Tensor, models: list[Tensor], k: int, lambda_: float, out_dtype: torch.dtype
-) -> Tensor:
+    base: Tensor | Blocked, models: list, k: int, lambda_: float, out_dtype: torch.dtype
+) -> Tensor | Blocked:
     """SCE on the CPU kernels: the variance top-k and the energies in one pass (or, with every
-    entry or none selected, the energies in a pass of their own), then the merge pass."""
-    n = len(models)
+    entry or none selected, the energies in a pass of their own), then the merge pass; of
+    `Blocked` inputs, each pass block by block, with the same sums in the same order."""
+    n, size, blocked = len(models), base.numel(), isinstance(base, Blocked)
+    part, starts = _parts(base, models) if blocked else ((lambda j: (base, models)), (0,))
     plan = kernels.SparsePlan.keep_all([0.0] * n, variance=True)
-    if 0 < k < base.numel():
-        top, energy = kernels.selection_energy(base, models, k)
+    if 0 < k < size:
+        top, energy = kernels.selection_energy_of_parts(part, starts, size, k)
     else:
-        (top,) = kernels.top_ks(kernels.Statistic.VARIANCE, base, models, 0, [k])
+        (top,) = kernels.top_ks_of_parts(kernels.Statistic.VARIANCE, part, starts, size, 0, [k])
         plan.keep_value[:], plan.keep_cut[:] = top
-        energy = kernels.kept_sums(base, models, plan, square=True)[0][:, 1]
+        if blocked:
+            energy = _kept_sums_of_blocks(base, models, plan, starts, square=True)[:, 1]
+        else:
+            energy = kernels.kept_sums(base, models, plan, square=True)[0][:, 1]
     plan = kernels.SparsePlan.keep_all(
-        _energy_weights(energy, base.numel()), votes=[1.0] * n, variance=True, consensus=True,
+        _energy_weights(energy, size), votes=[1.0] * n, variance=True, consensus=True,
         divisor=Divisor.VOTES_AT_LEAST, lam=np.float32(lambda_),
     )  # fmt: skip
     plan.keep_value[:], plan.keep_cut[:] = top
+    if blocked:
+        return _merge_blocks(base, models, plan, starts, out_dtype)
     out = buffers.empty(base.shape, out_dtype)
     kernels.merge(base, models, plan, out, None)
     return out

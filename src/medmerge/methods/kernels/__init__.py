@@ -63,6 +63,7 @@ from medmerge.methods.kernels.topk import (
     Statistic,
     count_positive,
     selection_energy,
+    selection_energy_of_parts,
     top_ks,
     top_ks_of_parts,
 )
@@ -90,6 +91,7 @@ __all__ = [
     "lerp",
     "merge",
     "selection_energy",
+    "selection_energy_of_parts",
     "top_ks",
     "top_ks_of_parts",
     "usable",

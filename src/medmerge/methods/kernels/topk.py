@@ -21,6 +21,7 @@ The torch twin is `medmerge.methods.sparsify.top_k` (two radix-histogram passes)
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from enum import IntEnum
 from typing import NamedTuple
@@ -309,8 +310,15 @@ def selection_energy(base: Tensor, models: list[Tensor], k: int) -> tuple[tuple,
     """SCE's Select and Calculate in one pass, for 0 < k < n: the (value, cut) of the k entries
     of largest variance across the models (as `top_ks`), and per model the sum over them of
     d * d (float32 squares summed in float64). Torch twin: `sparse.sce`'s two passes."""
-    part = lambda k: (base, models)  # noqa: E731
-    (top,), energy = _top_ks(Statistic.VARIANCE, part, (0,), base.numel(), 0, [k], True)
+    return selection_energy_of_parts(lambda k: (base, models), (0,), base.numel(), k)
+
+
+def selection_energy_of_parts(
+    part: Part, starts: tuple[int, ...], n: int, k: int
+) -> tuple[tuple, np.ndarray]:
+    """`selection_energy` of a tensor in parts (as `top_ks_of_parts`; each part whole blocks
+    of BLOCK entries but the last), with the same sums in the same order as whole."""
+    (top,), energy = _top_ks(Statistic.VARIANCE, part, starts, n, 0, [k], True)
     return top, energy
 
 
@@ -327,7 +335,7 @@ class _Scanned(NamedTuple):
 
 
 def _top_ks(mode, part, starts, n, i, ks, with_energy):
-    """`top_ks`'s thresholds over the parts, and with `with_energy` (one k, one part)
+    """`top_ks`'s thresholds over the parts, and with `with_energy` (one k)
     `selection_energy`'s sums."""
     mode = int(mode)  # one compiled specialisation, whether given an int or a Statistic
     ks = [min(max(k, 0), n) for k in ks]
@@ -392,23 +400,23 @@ def _top_ks(mode, part, starts, n, i, ks, with_energy):
         return result, None
     # the selected entries: those above high; those equal to high, all or those before the
     # cut; those collected inside (low, high) above the k-th largest, or equal to it and
-    # before the cut; those equal to low before the cut
-    (tally,) = scanned
-    base, models = part(0)
-    base_, models_ = arrays(base, models)
-    step = _range_size(n, threads)
-    sums = tally.energy.reshape(-1, len(models_), 3)  # blocks in position order
+    # before the cut; those equal to low before the cut. The sums per block of BLOCK entries,
+    # in position order (the parts hold whole blocks): the same blocks, whole or in parts
+    sums = np.concatenate([
+        s.energy.reshape(-1, *s.energy.shape[2:])[: -(-size // BLOCK)]
+        for s, size in zip(scanned, sizes, strict=True)
+    ])  # fmt: skip
     energy = sums[:, :, 0].sum(0)
     if target == high:
-        energy += _before_cut(sums[:, :, 1], base_, models_, target, cut, step)
+        energy += _before_cut(sums[:, :, 1], part, starts, target, cut)
         return result, energy
     energy += sums[:, :, 1].sum(0)
     kept = positions
     if target == low:
-        energy += _before_cut(sums[:, :, 2], base_, models_, target, cut, step)
+        energy += _before_cut(sums[:, :, 2], part, starts, target, cut)
     else:
         kept = kept[(bits > target) | ((bits == target) & (kept < cut))]
-    return result, energy + _squares_at(base, models, kept)
+    return result, energy + _squares_at(part, starts, kept, len(energy))
 
 
 def _predicted(mode, part, starts, n, i, inner, size) -> tuple[np.ndarray, float]:
@@ -470,27 +478,35 @@ def _cut_in_parts(mode, part, starts, i, equal, target, ties) -> int:
     return 0  # unreachable when the counts hold `ties` such entries
 
 
-def _before_cut(sums, base_, models_, target, cut, step) -> np.ndarray:
+def _before_cut(sums, part, starts, target, cut) -> np.ndarray:
     """Per model, the sum of d * d over the entries equal to `target` before position `cut`,
-    given the per-block sums over all such entries (`sums[block, model]`, blocks in position
-    order, `step // BLOCK` per thread): the blocks before the one that holds position cut - 1,
-    and that one read again."""
-    blocks = step // BLOCK
-    thread = (cut - 1) // step
-    block = (cut - 1 - thread * step) // BLOCK
-    begin = thread * step + block * BLOCK
-    part = np.zeros(len(models_))
-    _equal_energy(base_, models_, np.uint32(target), begin, cut, part)
-    return sums[: thread * blocks + block].sum(0) + part
+    given the per-block sums over all such entries (`sums[block, model]`, blocks of BLOCK
+    entries in position order): the blocks before the one that holds position cut - 1, and
+    that one read again."""
+    block = (cut - 1) // BLOCK
+    k = bisect.bisect_right(starts, block * BLOCK) - 1
+    base_, models_ = arrays(*part(k))
+    own = np.zeros(len(models_))
+    _equal_energy(
+        base_, models_, np.uint32(target), block * BLOCK - starts[k], cut - starts[k], own
+    )
+    return sums[:block].sum(0) + own
 
 
-def _squares_at(base: Tensor, models: list[Tensor], positions: np.ndarray) -> np.ndarray:
-    """Per model, the sum of d * d (float32 squares, summed in float64) at `positions`."""
-    at = torch.from_numpy(positions)
-    origin = base.reshape(-1)[at].float()
+def _squares_at(part, starts, positions: np.ndarray, models: int) -> np.ndarray:
+    """Per model, the sum of d * d (float32 squares, summed in float64) at `positions` (in
+    order)."""
+    squares = [[np.zeros(0, np.float32)] * models]
+    ends = [*starts[1:], np.iinfo(np.int64).max]
+    for k, (start, stop) in enumerate(zip(starts, ends, strict=True)):
+        first, last = np.searchsorted(positions, [start, stop])
+        if last > first:
+            base, models = part(k)
+            at = torch.from_numpy(positions[first:last] - start)
+            origin = base.reshape(-1)[at].float()
+            squares.append([(m.reshape(-1)[at].float() - origin).square().numpy() for m in models])
     # numpy's pairwise float64 sum: its order does not depend on torch's thread count
-    squares = [(m.reshape(-1)[at].float() - origin).square().numpy() for m in models]
-    return np.array([s.sum(dtype=np.float64) for s in squares])
+    return np.array([np.concatenate(s).sum(dtype=np.float64) for s in zip(*squares)])
 
 
 def _spots(n: int, size: int) -> np.ndarray:
