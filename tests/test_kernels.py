@@ -179,17 +179,27 @@ def top_ks(mode, base, models, ks, parts=1):
     return kernels.top_ks_of_parts(mode, part, starts, n, 0, ks)
 
 
+def two_thresholds():
+    """A family, two ks (one of them the median) and their whole-tensor top-k."""
+    base, models = family((300, 400), torch.bfloat16, seed=1)
+    ks = [base.numel() // 50, base.numel() // 2]
+    return base, models, ks, kernels.top_ks(0, base, models, 0, ks)
+
+
+def spied(monkeypatch, name: str, note) -> list:
+    """`topk.<name>` recording `note(*args)` of each call, in order: the list of them."""
+    found, fn = [], getattr(topk, name)
+    monkeypatch.setattr(topk, name, lambda *a: found.append(note(*a)) or fn(*a))
+    return found
+
+
 @pytest.mark.parametrize("parts", [1, 3])
 def test_top_k_recovers_from_a_wrong_prediction(parts, monkeypatch):
     """A tiny sample mispredicts the threshold's bucket: the second pass still finds it."""
-    base, models = family((300, 400), torch.bfloat16, seed=1)
+    base, models, ks, expected = two_thresholds()
     n = base.numel()
-    ks = [n // 50, n // 2]
-    expected = kernels.top_ks(0, base, models, 0, ks)
     monkeypatch.setattr(topk, "SAMPLE", 2)
-    histograms = []
-    histogram = topk._histogram
-    monkeypatch.setattr(topk, "_histogram", lambda *a: histograms.append(1) or histogram(*a))
+    histograms = spied(monkeypatch, "_histogram", lambda *a: 1)
     assert top_ks(0, base, models, ks, parts) == expected
     assert histograms, "the two-entry sample predicted right: the test needs another case"
     magnitude = (models[0].float() - base.float()).abs().reshape(-1)
@@ -227,13 +237,8 @@ def test_top_ks_match_a_sort(mode, ks, parts):
 @pytest.mark.parametrize("parts", [1, 3])
 def test_top_k_recovers_from_too_little_room(parts, monkeypatch):
     """Room for one collected entry per thread: a second pass with enough room."""
-    base, models = family((300, 400), torch.bfloat16, seed=1)
-    n = base.numel()
-    ks = [n // 50, n // 2]
-    expected = kernels.top_ks(0, base, models, 0, ks)
-    scans = []
-    scan = topk._scan
-    monkeypatch.setattr(topk, "_scan", lambda *a: scans.append(a[6]) or scan(*a))
+    base, models, ks, expected = two_thresholds()
+    scans = spied(monkeypatch, "_scan", lambda *a: a[6])
     monkeypatch.setattr(topk, "_capacity", lambda expected, threads: 1)
     assert top_ks(0, base, models, ks, parts) == expected
     assert scans[:parts] == [1] * parts and len(scans) > parts and min(scans[parts:]) > 1
@@ -242,17 +247,12 @@ def test_top_k_recovers_from_too_little_room(parts, monkeypatch):
 @pytest.mark.parametrize("parts", [1, 3])
 def test_top_k_samples_more_where_it_would_collect_too_much(parts, monkeypatch):
     """Room for few collected entries: a larger sample narrows the range, same result."""
-    base, models = family((300, 400), torch.bfloat16, seed=1)
-    n = base.numel()
-    ks = [n // 50, n // 2]
-    expected = kernels.top_ks(0, base, models, 0, ks)
-    sampled = []
-    sample = topk._sample
-    monkeypatch.setattr(topk, "_sample", lambda *a: sampled.append(len(a[-1])) or sample(*a))
+    base, models, ks, expected = two_thresholds()
+    sampled = spied(monkeypatch, "_sample", lambda *a: len(a[-1]))
     monkeypatch.setattr(topk, "COLLECTED", 12 * 500)
     assert top_ks(0, base, models, ks, parts) == expected
     first = sum(sampled[:parts])
-    assert first == min(topk.SAMPLE, n // 64) and sum(sampled[parts:]) > 4 * first
+    assert first == min(topk.SAMPLE, base.numel() // 64) and sum(sampled[parts:]) > 4 * first
 
 
 @pytest.mark.parametrize("parts", [1, 3])
@@ -278,8 +278,7 @@ def test_top_k_in_a_tie_group_at_either_end_or_between(where, parts, monkeypatch
     monkeypatch.setattr(topk, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32))
     calls = []
     for name in ("_cut_equal", "_resolve"):
-        fn = getattr(topk, name)
-        monkeypatch.setattr(topk, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+        spied(monkeypatch, name, lambda *a, name=name: calls.append(name))
     assert top_ks(0, base, models, [k], parts) == [(value, top_k_reference(values, k)[1])]
     assert calls == ["_resolve" if where == "between" else "_cut_equal"]
 
@@ -359,8 +358,7 @@ def test_selection_energy_with_the_cut_at_either_end_between_or_mispredicted(
     monkeypatch.setattr(topk, "_sample", lambda *a: half(a[-1]).astype(np.uint32).view(np.float32))
     calls = []
     for name in ("_histogram", "_resolve", "_before_cut"):
-        fn = getattr(topk, name)
-        monkeypatch.setattr(topk, name, lambda *a, fn=fn, name=name: calls.append(name) or fn(*a))
+        spied(monkeypatch, name, lambda *a, name=name: calls.append(name))
     assert_selection(base, models, k, parts)
     paths = {"high": ["_before_cut"], "low": ["_before_cut"], "between": ["_resolve"]}
     histograms = ["_histogram"] * parts  # a pass over every part

@@ -384,13 +384,13 @@ def _top_ks(mode, part, starts, n, i, ks, with_energy):
         low, high = bounds[r]
         at_high = [s.equal[:, :, r, 1] for s in scanned]
         at_low = [s.equal[:, :, r, 0] for s in scanned]
+        above_high = above[r] + sum(int(e.sum()) for e in at_high)  # above or equal to high
         above_low = at_or_above[r] - sum(int(e.sum()) for e in at_low)
-        if k <= above[r] + sum(int(e.sum()) for e in at_high):  # the k-th largest equals high
+        if k <= above_high:  # the k-th largest equals high
             target = high
             cut = _cut_in_parts(mode, part, starts, i, at_high, high, k - above[r])
         elif k <= above_low:  # it lies strictly between: among the collected entries
-            rank = k - above[r] - sum(int(e.sum()) for e in at_high)
-            target, cut = _resolve(*collected, (low, high), rank)
+            target, cut = _resolve(*collected, (low, high), k - above_high)
         else:
             target = low
             cut = _cut_in_parts(mode, part, starts, i, at_low, low, k - above_low)
@@ -403,8 +403,8 @@ def _top_ks(mode, part, starts, n, i, ks, with_energy):
     # before the cut; those equal to low before the cut. The sums per block of BLOCK entries,
     # in position order (the parts hold whole blocks): the same blocks, whole or in parts
     sums = np.concatenate([
-        s.energy.reshape(-1, *s.energy.shape[2:])[: -(-size // BLOCK)]
-        for s, size in zip(scanned, sizes, strict=True)
+        s.energy.reshape(-1, *s.energy.shape[2:])[: -(-entries // BLOCK)]
+        for s, entries in zip(scanned, sizes, strict=True)
     ])  # fmt: skip
     energy = sums[:, :, 0].sum(0)
     if target == high:
@@ -470,8 +470,8 @@ def _cut_in_parts(mode, part, starts, i, equal, target, ties) -> int:
     read again."""
     threads = numba.get_num_threads()
     for k, counts in enumerate(equal):
-        if ties > counts.sum():
-            ties -= int(counts.sum())
+        if ties > (here := int(counts.sum())):
+            ties -= here
             continue
         base_, models_ = arrays(*part(k))
         return starts[k] + _cut_equal(mode, base_, models_, i, counts, target, ties, threads)
@@ -493,10 +493,10 @@ def _before_cut(sums, part, starts, target, cut) -> np.ndarray:
     return sums[:block].sum(0) + own
 
 
-def _squares_at(part, starts, positions: np.ndarray, models: int) -> np.ndarray:
-    """Per model, the sum of d * d (float32 squares, summed in float64) at `positions` (in
-    order)."""
-    squares = [[np.zeros(0, np.float32)] * models]
+def _squares_at(part, starts, positions: np.ndarray, count: int) -> np.ndarray:
+    """Per model (`count` of them), the sum of d * d (float32 squares, summed in float64) at
+    `positions` (in order)."""
+    squares = [[np.zeros(0, np.float32)] * count]
     ends = [*starts[1:], np.iinfo(np.int64).max]
     for k, (start, stop) in enumerate(zip(starts, ends, strict=True)):
         first, last = np.searchsorted(positions, [start, stop])
