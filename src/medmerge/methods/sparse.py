@@ -21,7 +21,6 @@ writing the output dtype directly.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +45,13 @@ from medmerge.methods.sparsify import (
     top_k,
     trim_count,
 )
-from medmerge.methods.streaming import Blocked, blocked_result, flat, spans, summed_terms
+from medmerge.methods.streaming import (
+    Blocked,
+    chunk_by_chunk,
+    flat,
+    spans,
+    summed_terms,
+)
 
 # ---- combination ---------------------------------------------------------------------------
 
@@ -134,7 +139,7 @@ def sparse_merge(
         ds = [s(f[p].float() - b, p) for s, f in zip(sparsify, flats, strict=True)]
         return b + lambda_ * combine(ds, w, consensus, divisor)
 
-    return _chunk_by_chunk(base, parts, merged, out_dtype)
+    return chunk_by_chunk(base, parts, merged, out_dtype)
 
 
 def _kernels(base: Tensor | Blocked, models: list, out_dtype: torch.dtype) -> bool:
@@ -203,19 +208,6 @@ def _merge_blocks(base, models, plan, starts, out_dtype: torch.dtype) -> Blocked
         return out
 
     return Blocked(base.shape, out_dtype, base.blocks, block)
-
-
-def _chunk_by_chunk(
-    base: Tensor | Blocked, parts: list[slice], merged: Callable[[slice], Tensor], out_dtype
-) -> Tensor | Blocked:
-    """The output of `merged` over the parts, in order: a tensor, or for `Blocked` inputs a
-    `Blocked` result."""
-    if isinstance(base, Blocked):
-        return blocked_result(base, out_dtype, parts, merged)
-    out = buffers.empty(base.numel(), out_dtype, base.device)
-    for p in parts:
-        out[p] = merged(p)
-    return out.view(base.shape)
 
 
 def _kernel_plan(
@@ -504,7 +496,7 @@ def sce(
         combined = combine(selected(select, p), weight, True, Divisor.VOTES_AT_LEAST, votes)
         return flat_base[p].float() + lambda_ * combined
 
-    return _chunk_by_chunk(base, parts, merged, out_dtype)
+    return chunk_by_chunk(base, parts, merged, out_dtype)
 
 
 def _sce_kernels(

@@ -21,12 +21,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medmerge import buffers
 from medmerge.errors import ConfigError
 from medmerge.methods import kernels
 from medmerge.methods.basic import chunks, combination
 from medmerge.methods.registry import entries, register
-from medmerge.methods.streaming import Blocked, blocked_result, flat, spans, summed_terms
+from medmerge.methods.streaming import Blocked, chunk_by_chunk, flat, spans, summed_terms
 
 
 def gram(models: list[Tensor], base: Tensor | None = None) -> Tensor:
@@ -226,12 +225,7 @@ def _columnwise(
             acc += c * v(p).view(-1, width)
         return acc.view(-1)
 
-    if isinstance(models[0], Blocked):
-        return blocked_result(models[0], out_dtype, parts, compute)
-    out = buffers.empty(math.prod(shape), out_dtype, device)
-    for p in parts:
-        out[p] = compute(p)
-    return out.view(shape)
+    return chunk_by_chunk(models[0], parts, compute, out_dtype)
 
 
 @register("multislerp", uses_base=True, raw_inputs=True, streams=entries)

@@ -136,6 +136,19 @@ def blocked_result(
     return Blocked(like.shape, dtype, like.blocks, get)
 
 
+def chunk_by_chunk(
+    like: Tensor | Blocked, parts: list[slice], compute: Callable[[slice], Tensor], dtype
+) -> Tensor | Blocked:
+    """The output shaped as `like` of `compute` over the flat parts, in order, in `dtype`: a
+    tensor on like's device, or for a `Blocked` input a `Blocked` result (`blocked_result`)."""
+    if isinstance(like, Blocked):
+        return blocked_result(like, dtype, parts, compute)
+    out = buffers.empty(like.numel(), dtype, like.device)
+    for p in parts:
+        out[p] = compute(p)
+    return out.view(like.shape)
+
+
 def summed_terms(terms: Callable[[int], np.ndarray], blocked: Blocked) -> np.ndarray:
     """The sum of a kernel's float64 terms (one per kernel block, `terms(k)` those of block k)
     over every block: the same terms in the same order as on the whole tensor, so the same sum,
