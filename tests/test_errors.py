@@ -273,6 +273,6 @@ def test_non_empty_output_is_refused_without_overwrite(mistral, tmp_path):
 
 def test_output_may_not_be_an_input(mistral, tmp_path):
     base, a, b = mistral
-    with pytest.raises(MergeError, match="is the input .*; write the merge to a folder apart"):
+    with pytest.raises(MergeError, match="is the input .*; write to a folder apart"):
         medmerge.merge(cfg(base, [a, b]), b, overwrite=True, progress=False)
     assert torch.isfinite(state(b)["model.norm.weight"]).all()

@@ -178,3 +178,21 @@ def test_an_adapter_of_another_base_is_refused_before_folding(adapter, tmp_path)
 def test_model_plus_something_that_is_not_an_adapter(mistral):
     with pytest.raises(CheckpointError, match="is not a PEFT adapter"):
         resolve(f"{mistral[0]}+{mistral[1]}")
+
+
+def test_an_unreachable_hub_is_one_line(monkeypatch, tmp_path):
+    import huggingface_hub as hf
+    from huggingface_hub import constants
+
+    class ConnectError(Exception):  # the Hub client's own transport error type
+        pass
+
+    def unreachable(*args, **kwargs):
+        raise ConnectError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hf, "model_info", unreachable)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CheckpointError, match="missingdir: no such local folder, and the Hub "
+                       "cannot be reached .*HF_HUB_OFFLINE=1"):  # fmt: skip
+        resolve("missingdir")

@@ -2,22 +2,24 @@
 score is served, concurrent writers cannot both win, and every bad input is one line naming
 the culprit."""
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 import yaml
-from conftest import leftovers, state
+from conftest import leftovers, logits, state
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 import medmerge
 from medmerge.checkpoint import Checkpoint, locked
 from medmerge.cli import app
-from medmerge.errors import CheckpointError, ConfigError, EvalError, MergeError
+from medmerge.errors import CheckpointError, ConfigError, MergeError
 from medmerge.eval.store import ResultStore, model_fingerprint
 from medmerge.eval.suites import load_suite
 from medmerge.records import load_study
@@ -129,17 +131,52 @@ def test_two_concurrent_merges_one_wins_and_its_output_is_whole(mistral, tmp_pat
     assert [p.name for p in leftovers(out)] == ["out"]
 
 
+@contextlib.contextmanager
+def _locked_elsewhere(target):
+    """`target` locked by another process (its pid yielded) for the block."""
+    code = "import sys; from medmerge.checkpoint import locked\nwith locked(sys.argv[1]):\n" \
+        "    print('held', flush=True); sys.stdin.read()"  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        yield proc.pid
+    finally:
+        proc.stdin.close()
+        proc.wait()
+
+
 def test_a_locked_output_or_study_folder_is_refused_naming_the_owner(mistral, tmp_path):
     out = tmp_path / "out"
-    with locked(out), pytest.raises(MergeError, match=f"pid {os.getpid()}"):
+    with _locked_elsewhere(out) as pid, pytest.raises(MergeError, match=f"pid {pid}"):
         medmerge.merge(_config(*mistral), out, progress=False)
     assert not out.exists()
     study = tmp_path / "study"
     study.mkdir()
     config = {"base": str(mistral[0]), "models": [str(mistral[1])], "suite": "paper"}
-    with locked(study), pytest.raises(MergeError, match="being written by another"):
+    with _locked_elsewhere(study), pytest.raises(MergeError, match="being written by another"):
         run_study(config, study, progress=False)
     assert medmerge.merge(_config(*mistral), out, progress=False).is_dir()  # released
+
+
+def test_a_thread_may_take_its_own_lock_again_but_another_thread_may_not(tmp_path):
+    import threading
+
+    refused = []
+
+    def other():
+        try:
+            with locked(tmp_path / "out"):
+                pass
+        except MergeError as e:
+            refused.append(str(e))
+
+    with locked(tmp_path / "out"), locked(tmp_path / "out"):
+        thread = threading.Thread(target=other)
+        thread.start()
+        thread.join()
+    assert refused and f"pid {os.getpid()}" in refused[0]
+    assert not (tmp_path / ".out.lock").exists()
 
 
 # 5. suite name traversal
@@ -346,11 +383,12 @@ def test_an_input_truncated_while_it_is_read_is_an_error_not_a_crash(mistral, tm
         ckpt.read(name)
 
 
-def test_a_corrupt_result_store_and_suite_file_are_one_line_errors(mistral, tmp_path):
+def test_a_corrupt_result_store_is_skipped_and_a_corrupt_suite_file_is_one_line(tmp_path,
+                                                                               caplog):  # fmt: skip
     store = tmp_path / "results.sqlite"
     store.write_bytes(b"not a database" * 100)
-    with pytest.raises(EvalError, match="result store .*results.sqlite cannot be read"):
-        ResultStore(store)
+    assert ResultStore(store).get("fingerprint", {"suite": "x"}) is None  # a miss, no traceback
+    assert "results.sqlite cannot be used" in caplog.text
     folder = write_suite(tmp_path / "suite", n=4, formats=("medqa",))
     data = next(folder.glob("*.jsonl"))
     data.write_bytes(b"\xff\xfe" + data.read_bytes())
@@ -444,3 +482,337 @@ def test_a_legacy_bin_checkpoint_reads_without_mmap(mistral, tmp_path):
     torch.save(tensors, model / "pytorch_model.bin", _use_new_zipfile_serialization=False)
     ckpt = Checkpoint(model)
     assert all(torch.equal(ckpt.read(n), t) for n, t in tensors.items())
+
+
+# ---- round 2 ----
+
+
+# 10. per-layer config lists follow the slices
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_passthrough_that_changes_the_layer_count_keeps_a_loadable_config(tmp_path, arch):
+    from transformers import AutoConfig
+
+    from medmerge.synthetic import tiny_config, write_model
+
+    settings = {
+        "num_hidden_layers": 3,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    }
+    if arch == "qwen3":
+        settings |= {"use_sliding_window": True, "sliding_window": 16, "max_window_layers": 1}
+    model = write_model(tmp_path / "m", tiny_config(arch, **settings), dtype=torch.float32)
+    config = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [{"model": str(model), "layer_range": [0, 2]}]},
+                         {"sources": [{"model": str(model), "layer_range": [1, 3]}]}]}  # fmt: skip
+    out = medmerge.merge(config, tmp_path / "out", progress=False)
+    loaded = AutoConfig.from_pretrained(out, trust_remote_code=False)
+    assert loaded.num_hidden_layers == 4
+    assert loaded.layer_types == ["sliding_attention", "full_attention", "full_attention",
+                                  "sliding_attention"]  # fmt: skip
+    assert torch.isfinite(logits(out)).all()
+
+
+def test_index_lists_of_layers_follow_the_slices(tmp_path):
+    from medmerge.synthetic import tiny_config, write_model
+
+    cfg = tiny_config("qwen2_moe", num_hidden_layers=3, mlp_only_layers=[1])
+    model = write_model(tmp_path / "m", cfg, dtype=torch.float32)
+    config = {"merge_method": "passthrough", "dtype": "float32",
+              "slices": [{"sources": [{"model": str(model), "layer_range": [0, 2]}]},
+                         {"sources": [{"model": str(model), "layer_range": [1, 3]}]}]}  # fmt: skip
+    out = medmerge.merge(config, tmp_path / "out", progress=False)
+    written = json.loads((out / "config.json").read_text())
+    assert written["num_hidden_layers"] == 4
+    assert written["mlp_only_layers"] == [1, 2]  # output layers 1 and 2 are source layer 1
+    assert torch.isfinite(logits(out)).all()
+
+
+# 11. tokenizer settings
+
+
+@pytest.mark.parametrize(
+    ("tokenizer", "fragment"),
+    [
+        ({"source": "union", "pad_to_multiple_of": -64}, "pad_to_multiple_of"),
+        ({"source": "union", "pad_to_multiple_of": 0}, "pad_to_multiple_of"),
+        ({"source": "union", "pad_to_multiple_of": "64"}, "pad_to_multiple_of"),
+        ({"source": "union", "tokens": {"<s>": {"source": {"kind": "model_token",
+          "model": "A", "token_id": "abc"}}}}, "token_id"),
+        ({"source": "union", "tokens": {"<s>": {"source": {"kind": "model_token",
+          "model": "A", "token_id": -1}}}}, "token_id"),
+        ({"source": "union", "tokens": {"<s>": {"source": {"kind": "model_token",
+          "model": "A", "token_id": 999999}}}}, "token_id 999999 is past model"),
+        ({"source": "union", "tokens": {"<s>": {"source": {"kind": "model_token",
+          "model": "A"}}}}, "give token or token_id"),
+    ],
+)  # fmt: skip
+def test_bad_tokenizer_settings_are_one_line_errors(mistral, tmp_path, no_reads, tokenizer,
+                                                    fragment):  # fmt: skip
+    text = json.dumps(tokenizer).replace('"A"', json.dumps(str(mistral[1])))
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(_config(*mistral, tokenizer=json.loads(text))))
+    code, out = _cli("merge", config, tmp_path / "out", "--quiet")
+    assert code == 2 and "Traceback" not in out, out
+    assert fragment in out
+    assert leftovers(tmp_path / "out") == []
+
+
+# 12. materialize's output apart from its inputs
+
+
+@pytest.fixture
+def lora(mistral, tmp_path):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(mistral[0], dtype=torch.float32)
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    get_peft_model(model, config).save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter"
+
+
+@pytest.mark.parametrize("where", ["adapter", "base", "inside", "parent"])
+def test_materialize_never_replaces_its_own_adapter_or_base(mistral, lora, tmp_path, where):
+    import shutil
+
+    base = shutil.copytree(mistral[0], tmp_path / "base")
+    target = {"adapter": lora, "base": base, "inside": base / "sub", "parent": tmp_path}[where]
+    before = {p: p.read_bytes() for p in [*lora.iterdir(), *base.iterdir()]}
+    code, out = _cli("materialize", lora, target, "--base", base, "--overwrite")
+    _one_line_error(code, out, "apart from the inputs")
+    assert {p: p.read_bytes() for p in [*lora.iterdir(), *base.iterdir()]} == before
+
+
+# 14. SIGTERM
+
+
+@pytest.fixture(scope="module")
+def slow_family(tmp_path_factory):
+    """A family of 300 tiny layers: a merge of it takes seconds, long enough to be stopped."""
+    from medmerge.synthetic import tiny_config, write_family
+
+    root = tmp_path_factory.mktemp("slow")
+    return write_family(root, tiny_config("mistral", num_hidden_layers=300), seed=1,
+                        shard_size=2_000_000)  # fmt: skip
+
+
+def _merge_process(config, out, tmp_path):
+    config_file = tmp_path / "merge.yaml"
+    config_file.write_text(yaml.safe_dump_all(config if isinstance(config, list) else [config]))
+    return subprocess.Popen([sys.executable, "-m", "medmerge.cli", "merge", str(config_file),
+                             str(out), "--quiet"], stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def _when_writing(proc, out, pattern: str) -> None:
+    """Wait until the merge process has a temporary folder `pattern` beside `out`."""
+    import time
+
+    for _ in range(6000):
+        if list(out.parent.glob(pattern)) or proc.poll() is not None:
+            break
+        time.sleep(0.01)
+    assert proc.poll() is None, "the merge ended before it could be stopped"
+    time.sleep(0.3)
+
+
+@pytest.mark.parametrize("stages", [1, 2])
+def test_sigterm_during_a_merge_leaves_nothing_behind(slow_family, tmp_path, stages):
+    import signal
+
+    base, a, b = slow_family
+    config = _config(base, a, b)
+    if stages == 2:
+        config = [{**config, "name": "stage"}, _config(base, "stage", b)]
+    out = tmp_path / "out"
+    proc = _merge_process(config, out, tmp_path)
+    _when_writing(proc, out, ".out.parts-*" if stages == 2 else ".out.tmp-*")
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0
+    assert "Traceback" not in err
+    assert leftovers(out) == []
+
+
+def test_a_killed_multi_document_merge_is_swept_by_the_next(slow_family, tmp_path):
+    import signal
+
+    base, a, b = slow_family
+    out = tmp_path / "out"
+    config = [{**_config(base, a, b), "name": "stage"}, _config(base, "stage", b)]
+    proc = _merge_process(config, out, tmp_path)
+    _when_writing(proc, out, ".out.parts-*")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert [p for p in leftovers(out) if ".parts-" in p.name]
+    again = _merge_process(config, out, tmp_path)
+    assert again.wait(timeout=300) == 0, again.stderr.read()
+    assert [p.name for p in leftovers(out)] == ["out"]
+
+
+# 16. caches are optional
+
+
+def test_an_unwritable_or_damaged_cache_does_not_stop_a_merge(mistral, tmp_path, monkeypatch,
+                                                              caplog):  # fmt: skip
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "sha256.json").write_bytes(b"\xff\xfe[1, 2]")  # damaged: not UTF-8, not a dict
+    monkeypatch.setenv("MEDMERGE_CACHE", str(cache))
+    damaged = medmerge.merge(_config(*mistral), tmp_path / "damaged", progress=False)
+    (tmp_path / "file").write_text("x")  # a cache under a file cannot be written, even by root
+    monkeypatch.setenv("MEDMERGE_CACHE", str(tmp_path / "file" / "cache"))
+    unwritable = medmerge.merge(_config(*mistral), tmp_path / "unwritable", progress=False)
+    assert all(torch.equal(v, state(damaged)[k]) for k, v in state(unwritable).items())
+    assert "cannot be written" in caplog.text
+
+
+def test_a_read_only_cache_still_folds_adapters(mistral, lora, tmp_path, monkeypatch):
+    from medmerge import adapters, hashing
+
+    monkeypatch.setattr(hashing, "cache_dir", lambda: tmp_path / "file" / "cache")
+    monkeypatch.setattr(adapters, "cache_dir", lambda: tmp_path / "file" / "cache")
+    (tmp_path / "file").write_text("not a folder")  # the cache cannot be made
+    folded = adapters.fold(lora, mistral[0])
+    assert (folded / "config.json").is_file() and "medmerge-folded-" in str(folded)
+
+
+# 17. two processes folding one adapter
+
+
+def test_two_processes_folding_one_adapter_both_get_it_once(mistral, lora, tmp_path):
+    code = ("import sys; from medmerge.adapters import fold\n"
+            "print(fold(__import__('pathlib').Path(sys.argv[1]), sys.argv[2]))")  # fmt: skip
+    env = {**os.environ, "MEDMERGE_CACHE": str(tmp_path / "cache")}
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(lora), str(mistral[0])], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]  # fmt: skip
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    folders = {out.strip().splitlines()[-1] for out, _ in results}
+    assert len(folders) == 1
+    folded = Path(folders.pop())
+    assert (folded / "config.json").is_file()
+    assert sorted(p.name for p in folded.parent.iterdir()) == [folded.name]
+
+
+# 18. many shards, few file descriptors
+
+
+def test_a_merge_of_more_shards_than_open_files_allowed(mistral, tmp_path):
+    import shutil
+
+    models = [shutil.copytree(mistral[1], tmp_path / f"m{i}") for i in range(24)]
+    shards = sum(len(list(m.glob("*.safetensors"))) for m in models)
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"merge_method": "linear", "dtype": "float32",
+                                      "models": [{"model": str(m), "parameters": {"weight": 1.0}}
+                                                 for m in models]}))  # fmt: skip
+    limit = 128
+    assert shards > limit
+    code = (
+        f"import resource, sys; resource.setrlimit(resource.RLIMIT_NOFILE, ({limit}, {limit}))\n"
+        "from medmerge.cli import app; sys.argv[0] = 'medmerge'; app()"
+    )
+    done = subprocess.run([sys.executable, "-c", code, "merge", str(config),
+                           str(tmp_path / "out"), "--quiet"], capture_output=True, text=True,
+                          timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert torch.allclose(state(tmp_path / "out")["model.norm.weight"],
+                          state(mistral[1])["model.norm.weight"].float())  # fmt: skip
+    assert [p.name for p in leftovers(tmp_path / "out")] == ["out"]
+
+
+# one line, no traceback
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        ({"weight": 10**400}, "must be a finite number"),
+        ({"chat_template": ["a", "b"]}, "chat_template"),
+    ],
+)
+def test_odd_config_values_are_one_line_errors(mistral, tmp_path, no_reads, change, fragment):
+    config = _config(*mistral)
+    if "weight" in change:
+        config["models"][0]["parameters"] = change
+    else:
+        config |= change
+    path = tmp_path / "merge.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, out = _cli("merge", path, tmp_path / "out", "--quiet")
+    assert code == 2 and "Traceback" not in out, out
+    assert fragment in out
+
+
+@pytest.mark.parametrize(
+    ("files", "settings", "fragment"),
+    [
+        ({"chat_template.jinja": b"\xff\xfe{{ x }}"}, {"chat_template": "auto"}, "not UTF-8"),
+        ({"tokenizer_config.json": b"\xff\xfe{}"}, {"chat_template": "chatml"}, "not UTF-8"),
+        ({"tokenizer_config.json": b"[1]"}, {"chat_template": "chatml"}, "JSON object"),
+        ({"tokenizer_config.json": b'{"chat_template": [1, {"x": 2}]}'},
+         {"chat_template": "auto"}, None),
+        ({"tokenizer.json": b""}, {"tokenizer_source": "union"}, "tokenizer in"),
+    ],
+)  # fmt: skip
+def test_damaged_tokenizer_files_are_one_line_errors(mistral, tmp_path, files, settings,
+                                                     fragment):  # fmt: skip
+    base, a, b = mistral
+    bad = _broken_model(tmp_path / "bad", source=a, **files)
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump(_config(bad, a, b, **settings)))
+    code, out = _cli("merge", config, tmp_path / "out", "--quiet")
+    if fragment is None:  # a list of templates without a default one: none
+        assert code == 0, out
+        return
+    _one_line_error(code, out, str(bad), fragment)
+    assert leftovers(tmp_path / "out") == []
+
+
+@pytest.mark.parametrize(
+    ("settings", "fragment"),
+    [
+        ([1, 2], "must be a JSON object"),
+        ({}, "must be a JSON object"),
+        ({"r": 8}, "has rank 2, but adapter_config.json says r 8"),
+        ({"target_modules": ["attention.wq"]}, "match no module"),
+        ({"peft_type": "IA3"}, "LoRA adapters only"),
+    ],
+)
+def test_damaged_adapter_settings_are_one_line_errors(mistral, lora, tmp_path, settings,
+                                                      fragment):  # fmt: skip
+    file = lora / "adapter_config.json"
+    if isinstance(settings, dict) and settings:
+        settings = {**json.loads(file.read_text()), **settings}
+    file.write_text(json.dumps(settings))
+    code, out = _cli("materialize", lora, tmp_path / "out", "--base", mistral[0])
+    _one_line_error(code, out, fragment)
+    assert not (tmp_path / "out").exists()
+
+
+def test_example_checks_its_options_and_keeps_an_edited_example(tmp_path):
+    _one_line_error(*_cli("example", tmp_path / "a", "--arch", "foo"), "--arch foo")
+    _one_line_error(*_cli("example", tmp_path / "b", "--method", "foo"), "foo")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    folder = tmp_path / "c"
+    folder.mkdir()
+    (folder / "merge.yaml").write_text("# my edits\n")
+    _one_line_error(*_cli("example", folder), "merge.yaml exists", "--overwrite")
+    assert (folder / "merge.yaml").read_text() == "# my edits\n"
+    assert sorted(p.name for p in folder.iterdir()) == ["merge.yaml"]
+
+
+def test_an_output_that_is_a_link_is_written_where_it_points(mistral, tmp_path):
+    target = tmp_path / "real"
+    target.mkdir()
+    (tmp_path / "link").symlink_to(target)
+    medmerge.merge(_config(*mistral), tmp_path / "link", progress=False)
+    medmerge.merge(_config(*mistral), tmp_path / "link", progress=False, overwrite=True)
+    assert (tmp_path / "link").is_symlink() and (target / "config.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real"]
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(MergeError, match="which does not exist"):
+        medmerge.merge(_config(*mistral), tmp_path / "dangling", progress=False)

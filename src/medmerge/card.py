@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
@@ -19,10 +20,12 @@ def model_card(provenance: dict, config_yaml: str, name: str) -> str:
         tags=["merge", "medmerge", provenance["merge_method"]],
     )
     rows = "\n".join(
-        f"| {i['role']} | `{_model_id(i)}` | {i.get('revision') or 'local'} |" for i in inputs
+        f"| {i['role']} | {text(_model_id(i))} | {text(i.get('revision') or 'local')} |"
+        for i in inputs
     )
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall("`+", config_yaml)), default=0))
     body = f"""
-# {name}
+# {text(name)}
 
 A merge of {len(inputs)} models with **{provenance["merge_method"]}**, made by
 [medmerge](https://pypi.org/project/medmerge/) {__version__} (seed {provenance["seed"]}, output
@@ -37,11 +40,18 @@ dtype {provenance["dtype"]}). Every input's files are listed with their SHA-256 
 
 ## Merge config
 
-```yaml
+{fence}yaml
 {config_yaml.rstrip()}
-```
+{fence}
 """
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
+
+
+def text(value: object) -> str:
+    """A user's string (a folder or task name) as literal Markdown text on one line: no
+    markup, table cell or code fence of its own."""
+    flat = " ".join(str(value).split())
+    return re.sub(r"([\\`*_\[\]<>|~])", r"\\\1", flat)
 
 
 def _model_id(record: dict) -> str:
@@ -58,7 +68,7 @@ def add_scores(folder: Path, study: str, protocol: dict, tasks: dict) -> None:
         for metric, value in score.metrics.items():
             err = score.stderr.get(metric)
             shown_err = "" if err is None else f"{err:.4f}"
-            rows.append(f"| {task} | {metric} | {value:.4f} | {shown_err} | {score.n} |")
+            rows.append(f"| {text(task)} | {metric} | {value:.4f} | {shown_err} | {score.n} |")
             results.append(
                 EvalResult(
                     task_type="text-generation",
@@ -71,10 +81,12 @@ def add_scores(folder: Path, study: str, protocol: dict, tasks: dict) -> None:
     card.data.eval_results = results
     card.data.model_name = folder.name
     shown = ", ".join(
-        f"{k} {v}" for k, v in protocol.items() if k in ("suite", "num_fewshot", "limit", "seed")
+        f"{k} {text(v)}"
+        for k, v in protocol.items()
+        if k in ("suite", "num_fewshot", "limit", "seed")
     )
     card.text += (
-        f"\n## Scores (study {study})\n\n{shown}; lm-evaluation-harness.\n\n"
+        f"\n## Scores (study {text(study)})\n\n{shown}; lm-evaluation-harness.\n\n"
         "| task | metric | value | stderr | n |\n|---|---|---|---|---|\n" + "\n".join(rows) + "\n"
     )
     card.save(folder / "README.md")

@@ -26,9 +26,12 @@ import math
 import mmap
 import os
 import re
+import resource
 import shutil
 import tempfile
+import threading
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -69,6 +72,16 @@ TOKENIZER_FILES = (
     "added_tokens.json",
     "chat_template.jinja",
 )
+# every file besides the weights that medmerge reads from a model folder, or copies out of it
+METADATA_FILES = (
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    SAFE_INDEX,
+    BIN_INDEX,
+    "chat_template.json",
+    *TOKENIZER_FILES,
+)
 # Names under which an untied output head would be stored, and the embeddings it is tied to.
 LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
 EMBEDDING_PATTERN = re.compile(r"(embed_tokens|embed_in|wte|word_embeddings)\.weight$")
@@ -85,6 +98,40 @@ class TensorInfo:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+def metadata_file(folder: str | os.PathLike, name: str) -> Path | None:
+    """`folder/name`, a file besides the weights, where it exists; None where it does not.
+
+    Such files are copied into merged models, so one that links out of its folder (a
+    `tokenizer.model` linked to a private key) would be published with the merge: a link may
+    point only inside the folder, or, for a Hub cache snapshot, into its repository's blobs."""
+    path = Path(folder) / name
+    if not path.is_file():
+        return None
+    real = path.resolve()
+    if not any(real.is_relative_to(place) for place in _own_places(Path(folder))):
+        raise CheckpointError(
+            f"{path} links to {real}, outside its model folder; medmerge copies such files into "
+            "merged models, so it reads them only from inside the folder: copy the file in "
+            "place of the link"
+        )
+    return path
+
+
+def _own_places(folder: Path) -> list[Path]:
+    """Where a model folder's files may lie: the folder, and a Hub snapshot's blobs."""
+    places = [folder.resolve()]
+    for f in {Path(os.path.abspath(folder)), folder.resolve()}:
+        if f.parent.name == "snapshots":  # HF cache: repo/snapshots/<commit>/ -> repo/blobs/
+            places.append((f.parent.parent / "blobs").resolve())
+    return places
+
+
+def check_metadata(folder: str | os.PathLike) -> None:
+    """Refuse a model or adapter folder any of whose known non-weight files links outside it."""
+    for name in METADATA_FILES:
+        metadata_file(folder, name)
 
 
 class Checkpoint:
@@ -104,6 +151,7 @@ class Checkpoint:
                 "it into its base first (`medmerge materialize ADAPTER_DIR OUT_DIR`) and merge "
                 "that, or set `materialize_adapters: true` in the merge config."
             )
+        check_metadata(self.path)
         config_file = self.path / "config.json"
         if not config_file.is_file():
             raise CheckpointError(f"{config_file} is missing: a model folder needs its config.json")
@@ -126,7 +174,6 @@ class Checkpoint:
                     f"{file.name} of {self.path}; the checkpoint is damaged (re-download it)"
                 )
             self.tensors.update(found)
-        self._fds: dict[Path, int] = {}
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.path)!r})"
@@ -167,19 +214,19 @@ class Checkpoint:
         if info.start < 0:
             whole = self._bin_shards[info.file][self.resolve(name)]
             return (whole[slice(*rows)] if rows else whole).clone()
-        fd = self._fd(info.file)
-        if os.fstat(fd).st_size < info.end:  # a map past the end would kill the process
-            raise CheckpointError(
-                f"{info.file} was truncated while it was read (tensor {name!r} ends at byte "
-                f"{info.end}); do not change a model's files during a merge"
-            )
         row_bytes = math.prod(info.shape[1:]) * info.dtype.itemsize
         first = info.start + start * row_bytes
         nbytes = math.prod(shape) * info.dtype.itemsize
-        if nbytes and first % info.dtype.itemsize == 0:
-            data = _mapped(fd, first, nbytes)
-        else:  # an empty tensor, or one a typed view of a map cannot start at
-            data = _copied(fd, first, nbytes, f"{info.file} tensor {name!r}")
+        with _FILES.open(info.file) as fd:
+            if os.fstat(fd).st_size < info.end:  # a map past the end would kill the process
+                raise CheckpointError(
+                    f"{info.file} was truncated while it was read (tensor {name!r} ends at byte "
+                    f"{info.end}); do not change a model's files during a merge"
+                )
+            if nbytes >= MAP_BYTES and first % info.dtype.itemsize == 0:
+                data = _mapped(fd, first, nbytes)
+            else:  # a small tensor (a map holds a file descriptor), or an unaligned one
+                data = _copied(fd, first, nbytes, f"{info.file} tensor {name!r}")
         return data.view(info.dtype).reshape(shape)
 
     def advise(self, name: str) -> None:
@@ -187,22 +234,12 @@ class Checkpoint:
         will come in an order its readahead cannot guess); nothing is mapped or held here."""
         info = self.info(name)
         if info.start >= 0 and hasattr(os, "posix_fadvise"):
-            os.posix_fadvise(self._fd(info.file), info.start, info.end - info.start,
-                             os.POSIX_FADV_WILLNEED)  # fmt: skip
-
-    def _fd(self, file: Path) -> int:
-        fd = self._fds.get(file)
-        if fd is None:  # reads come from the engine's reader thread and, by row blocks, its own
-            fd = os.open(file, os.O_RDONLY)
-            if (kept := self._fds.setdefault(file, fd)) != fd:
-                os.close(fd)
-                fd = kept
-        return fd
+            with _FILES.open(info.file) as fd:
+                os.posix_fadvise(fd, info.start, info.end - info.start, os.POSIX_FADV_WILLNEED)
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        """Close this checkpoint's shard files that no read is using."""
+        _FILES.close(self.files)
 
     def _weight_files(self) -> list[Path]:
         for index_name in (SAFE_INDEX, BIN_INDEX):
@@ -246,6 +283,70 @@ class Checkpoint:
                 raise CheckpointError(f"{index} names shard {shard!r}, which is missing")
             files.append(file)
         return files
+
+
+# tensors of at least this many bytes are mapped, smaller ones copied: a map saves a copy of a
+# large tensor, but holds a file descriptor of its own while the tensor lives (60 models' norm
+# vectors would hold 60 each)
+MAP_BYTES = 1 << 20
+
+
+def raise_open_files_limit() -> None:
+    """Let this process open as many files as the system allows it (the soft limit raised to
+    the hard one): every tensor mapped from a shard holds a descriptor while it is merged."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):
+            pass  # kept as it is: the pool of open shards bounds itself by the soft limit
+
+
+class _OpenFiles:
+    """Shard files open for reading, shared by every checkpoint of the process: at most
+    `limit` of them stay open when no read uses them (least recently used closed first), so a
+    merge of 60 models of 6 shards each does not exhaust the process's file descriptors.
+    A tensor mapped from a shard holds its own descriptor (mmap duplicates it) until freed."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._open: OrderedDict[Path, list[int]] = OrderedDict()  # file -> [fd, readers]
+
+    @property
+    def limit(self) -> int:
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        return max(4, min(64, soft // 8))
+
+    @contextmanager
+    def open(self, file: Path) -> Iterator[int]:
+        with self._lock:
+            entry = self._open.get(file)
+            if entry is None:
+                self._evict(self.limit - 1)
+                entry = self._open[file] = [os.open(file, os.O_RDONLY), 0]
+            self._open.move_to_end(file)
+            entry[1] += 1
+        try:
+            yield entry[0]
+        finally:
+            with self._lock:
+                entry[1] -= 1
+                self._evict(self.limit)
+
+    def close(self, files) -> None:
+        with self._lock:
+            for file in files:
+                entry = self._open.get(file)
+                if entry is not None and entry[1] == 0:
+                    os.close(self._open.pop(file)[0])
+
+    def _evict(self, keep: int) -> None:
+        idle = [f for f, (_, readers) in self._open.items() if readers == 0]
+        for file in idle[: max(0, len(self._open) - keep)]:
+            os.close(self._open.pop(file)[0])
+
+
+_FILES = _OpenFiles()
 
 
 # config keys that must be whole numbers where present (the model's shape)
@@ -541,8 +642,9 @@ def _copied(fd: int, start: int, nbytes: int, what: str) -> torch.Tensor:
 def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary folder beside `out_dir`; on success its files are synced to disk and
     it replaces `out_dir` by renaming. One process at a time writes a destination (`locked`);
-    temporary folders a killed writer left beside it are removed first."""
-    out = Path(os.path.abspath(out_dir))
+    what a killed writer left beside it is removed first (`sweep`). An `out_dir` that is a
+    link to a folder is that folder."""
+    out = _output_path(out_dir)
     if out.exists() and not out.is_dir():
         raise MergeError(f"output path {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -551,9 +653,9 @@ def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
         out.parent.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as e:
         raise MergeError(f"output folder {out}: {out.parent} is not a folder") from e
+    stages = holds(out)  # a multi-document merge's final stage: its stages' folder is live
     with locked(out):
-        for stale in out.parent.glob(f".{out.name}.tmp-*"):  # no live writer: we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
+        remove_leftovers(out, stages=not stages)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
         umask = os.umask(0)
         os.umask(umask)
@@ -579,6 +681,61 @@ def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
         _sync_folder(out.parent)
 
 
+def _output_path(out_dir: str | os.PathLike) -> Path:
+    """The absolute output folder; a link is followed to the folder it names."""
+    out = Path(os.path.abspath(out_dir))
+    if out.is_symlink():
+        if not out.exists():
+            raise MergeError(f"output folder {out} is a link to {os.readlink(out)}, which does "
+                             "not exist; give a folder, or a link to one")  # fmt: skip
+        out = out.resolve()
+    return out
+
+
+def refuse_output_near(out_dir: str | os.PathLike, inputs) -> None:
+    """Refuse an output folder that is, contains or lies inside one of the folders `inputs`
+    (replacing it would delete them)."""
+    target = _output_path(out_dir)
+    for folder in sorted({Path(f) for f in inputs}):
+        real = folder.resolve()
+        where = (
+            "is" if real == target
+            else "contains" if real.is_relative_to(target)
+            else "lies inside" if target.is_relative_to(real)
+            else None
+        )  # fmt: skip
+        if where:
+            raise MergeError(
+                f"output folder {out_dir} {where} the input {folder}; write to a folder apart "
+                "from the inputs"
+            )
+
+
+LEFTOVER = re.compile(r"\.(?P<name>.+)\.(?:tmp-[^.]*|parts-[^.]*|lock)")
+
+
+def remove_leftovers(target: Path, stages: bool = True) -> None:
+    """Remove the temporary folders that writers of `target` killed before they finished left
+    beside it (`.NAME.tmp-*`, and with `stages` a multi-document merge's `.NAME.parts-*`); the
+    caller holds `target`'s lock."""
+    target = Path(os.path.abspath(target))
+    for pattern in [f".{target.name}.tmp-*"] + [f".{target.name}.parts-*"] * stages:
+        for stale in target.parent.glob(pattern):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def sweep(folder: Path) -> None:
+    """Remove what killed writers left in `folder`: temporary folders of outputs no process
+    is writing, and their lock files (a live writer's are kept)."""
+    names = {m["name"] for p in folder.glob(".*") if (m := LEFTOVER.fullmatch(p.name))}
+    for name in sorted(names):
+        try:
+            with locked(folder / name):  # released: the lock file is removed too
+                remove_leftovers(folder / name)
+        except MergeError:
+            continue  # being written now
+
+
 def _sync(folder: Path) -> None:
     """Flush every file under `folder`, then the folders, to disk: a folder renamed into place
     after a power loss then holds whole files."""
@@ -602,34 +759,65 @@ def _sync_folder(folder: Path) -> None:
         os.close(fd)
 
 
+_HELD: dict[Path, tuple[int, int]] = {}  # lock files held here: (thread, times taken)
+
+
+def _lock_path(target: str | os.PathLike) -> Path:
+    target = Path(os.path.abspath(target))
+    return target.parent / f".{target.name}.lock"
+
+
+def holds(target: str | os.PathLike) -> bool:
+    """Whether this thread holds the lock of `target`."""
+    return _HELD.get(_lock_path(target), (None,))[0] == threading.get_ident()
+
+
 @contextmanager
-def locked(target: Path) -> Iterator[None]:
+def locked(target: Path, wait: bool = False) -> Iterator[None]:
     """Hold the lock of `target` (a file `.NAME.lock` beside it, holding the owner's pid): a
-    second writer gets an error naming the first. The kernel drops the lock of a process that
-    dies, so a lock is never stale."""
-    path = target.parent / f".{target.name}.lock"
+    second writer gets an error naming the first, or with `wait` waits for it. The kernel drops
+    the lock of a process that dies, so a lock is never stale; the thread that holds a lock may
+    take it again (a multi-document merge's final stage)."""
+    target, path = Path(os.path.abspath(target)), _lock_path(target)
+    me = threading.get_ident()
+    if holds(target):
+        _HELD[path] = (me, _HELD[path][1] + 1)
+        try:
+            yield
+        finally:
+            _HELD[path] = (me, _HELD[path][1] - 1)
+        return
+    fd = _lock_file(path, target, wait)
+    _HELD[path] = (me, 1)
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        del _HELD[path]
+        path.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _lock_file(path: Path, target: Path, wait: bool) -> int:
+    """An open descriptor of lock file `path`, locked by this process."""
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise MergeError(
-                f"{target} is being written by another medmerge process (pid {owner}); wait "
-                "for it to finish, or write elsewhere"
-            ) from None
+            if not wait:
+                os.close(fd)
+                raise MergeError(
+                    f"{target} is being written by another medmerge process (pid {owner}); wait "
+                    "for it to finish, or write elsewhere"
+                ) from None
+            fcntl.flock(fd, fcntl.LOCK_EX)
         try:  # the file may have been unlinked by its last owner between open and lock
             same = os.fstat(fd).st_ino == os.stat(path).st_ino
         except FileNotFoundError:
             same = False
         if same:
-            break
-        os.close(fd)
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        path.unlink(missing_ok=True)
+            return fd
         os.close(fd)

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import logging
+import signal
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
 import typer
-import yaml
 
 from medmerge.errors import MedmergeError
 
@@ -27,8 +27,10 @@ class DType(str, Enum):
 
 
 def _run(fn, *args, **kwargs):
-    """Call the API; a user error becomes one red line and exit code 2, not a traceback."""
+    """Call the API; a user error becomes one red line and exit code 2, not a traceback.
+    SIGTERM stops it as Ctrl-C does, so what it was writing is removed as it unwinds."""
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         return fn(*args, **kwargs)
     except MedmergeError as e:
@@ -38,6 +40,10 @@ def _run(fn, *args, **kwargs):
         where = f": {e.filename}" if e.filename else ""
         typer.secho(f"error: {e.strerror or e}{where}", fg="red", err=True)
         raise typer.Exit(2) from e
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 @app.command()
@@ -89,13 +95,15 @@ def merge(
 @app.command()
 def check(
     models: Annotated[
-        list[str], typer.Argument(help="the models to merge (2 or more): folders or Hub IDs")
+        list[str], typer.Argument(help="the models to merge: folders, Hub IDs or MODEL+ADAPTER")
     ],
     base: Annotated[str, typer.Option(help="the common base model")],
     json_out: Annotated[
         Path | None, typer.Option("--json", help="write the report as JSON")
     ] = None,
-    plot: Annotated[Path | None, typer.Option(help="write the cosine/sign heatmap PNG")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="write the cosine/sign heatmap (.png, .pdf, .svg, ...)")
+    ] = None,
     topk: Annotated[float, typer.Option(help="fraction for the top-k overlap")] = 0.05,
     device: Annotated[Device, typer.Option(help="where the statistics are computed")] = Device.cpu,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
@@ -163,7 +171,7 @@ def materialize(
     from medmerge.references import folder
 
     adapter_dir = _run(folder, adapter)
-    named = base or adapter_base(adapter_dir)  # a folder or Hub ID
+    named = base or _run(adapter_base, adapter_dir)  # a folder or Hub ID
     out = _run(
         run,
         adapter_dir,
@@ -291,45 +299,15 @@ def example(
     out_dir: Annotated[Path, typer.Argument(help="folder to create")],
     arch: Annotated[str, typer.Option(help="mistral (GQA) or llama (tied embeddings)")] = "mistral",
     method: Annotated[str, typer.Option(help="merge method of merge.yaml")] = "task_arithmetic",
-    overwrite: Annotated[bool, typer.Option(help="replace existing example models")] = False,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing example")] = False,
 ) -> None:
     """Write a tiny base, two fine-tunes of it, a merge config, a small local suite and a study
     config for them into OUT_DIR (random weights and questions: a smoke test of the workflow)."""
-    from medmerge.methods import get_method
-    from medmerge.study import PAPER_MERGES
-    from medmerge.synthetic import tiny_config, write_family, write_suite
+    from medmerge.synthetic import write_example
 
-    base, a, b = _run(
-        # fine-tunes far from their base (deltas half the weights' size), so that merges differ
-        write_family,
-        out_dir / "models",
-        tiny_config(arch),
-        shard_size=40_000,
-        delta=0.5,
-        overwrite=overwrite,
-    )
-    chosen = _run(get_method, method)
-    per_model = {"weight": 0.5} if "weight" in chosen.per_model else {}
-    config = {
-        "merge_method": method,
-        **({"base_model": str(base.resolve())} if chosen.takes_base(2) else {}),
-        "models": [{"model": str(m.resolve()), "parameters": dict(per_model)} for m in (a, b)],
-        **({"parameters": {"t": 0.5}} if "t" in chosen.defaults else {}),
-        "dtype": "bfloat16",
-    }
-    (out_dir / "merge.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    suite = write_suite(out_dir / "suite", n=40, formats=("medqa", "mmlu", "hellaswag"))
-    study = {
-        "name": "example",
-        "base": str(base.resolve()),
-        "models": [str(a.resolve()), str(b.resolve())],
-        "suite": str(suite.resolve()),
-        "protocol": {"num_fewshot": 2, "dtype": "float32"},
-        "merges": PAPER_MERGES,
-    }
-    (out_dir / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    _run(write_example, out_dir, arch=arch, method=method, overwrite=overwrite)
     typer.echo(
-        f"models in {out_dir / 'models'}, suite in {suite}\nnext: medmerge merge "
+        f"models in {out_dir / 'models'}, suite in {out_dir / 'suite'}\nnext: medmerge merge "
         f"{out_dir / 'merge.yaml'} {out_dir / 'merged'}\n  or: medmerge study "
         f"{out_dir / 'study.yaml'} --out {out_dir / 'study'}"
     )

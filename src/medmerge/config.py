@@ -31,11 +31,20 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 
 from medmerge.errors import ConfigError
 from medmerge.references import reference_string
@@ -46,6 +55,21 @@ Scalar = bool | int | float | str
 # a model: a folder, `org/name[@revision]`, `MODEL+ADAPTER`, or mergekit's {model, lora} form
 Reference = Annotated[str, BeforeValidator(reference_string)]
 DType = Literal["float32", "float16", "bfloat16", "float64"]
+PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,99}")
+
+
+def plain_name(value: str) -> str:
+    """A name medmerge makes a file or folder name of: letters, digits and `_.+-`, never a path
+    (`../x`, `/x`) or a hidden file (`.x`)."""
+    if not PLAIN_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a plain name: use letters, digits and _ . + - (at most 100, "
+            "starting with a letter or digit); it becomes a file or folder name"
+        )
+    return value
+
+
+Name = Annotated[str, AfterValidator(plain_name)]
 
 
 class Strict(BaseModel):
@@ -90,15 +114,36 @@ class OutputModule(Strict):
     parameters: Parameters = {}
 
 
+class ZeroEmbedding(Strict):
+    """A token's embedding: zeros."""
+
+    kind: Literal["zero"]
+
+
+class ModelTokenEmbedding(Strict):
+    """A token's embedding: model `model`'s row of `token`, or its row `token_id`."""
+
+    kind: Literal["model_token"]
+    model: str
+    token: str | None = None
+    token_id: Annotated[int, Field(strict=True, ge=0)] | None = None
+
+    @model_validator(mode="after")
+    def _one_token(self):
+        if (self.token is None) == (self.token_id is None):
+            raise ValueError("give token or token_id (one of them)")
+        return self
+
+
 class TokenEmbedding(Strict):
-    source: str | dict | None = None
+    source: str | ZeroEmbedding | ModelTokenEmbedding | None = None
     force: bool = False
 
 
 class TokenizerConfig(Strict):
     source: Reference = "union"
     tokens: dict[str, TokenEmbedding] | None = None
-    pad_to_multiple_of: int | None = None
+    pad_to_multiple_of: Annotated[int, Field(strict=True, ge=1)] | None = None
 
 
 class MergeConfig(Strict):
@@ -113,7 +158,7 @@ class MergeConfig(Strict):
     tokenizer_source: Reference | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
-    name: str | None = None  # a document's name in a multi-document file
+    name: Name | None = None  # a document's name in a multi-document file (a folder's name)
     materialize_adapters: bool = False  # fold LoRA adapter entries into their base on the fly
 
     @model_validator(mode="before")
@@ -154,6 +199,7 @@ _SCHEMAS: dict[tuple, type[BaseModel]] = {
     ("modules", str, "slices", int, "sources", int): InputSlice,
     ("tokenizer",): TokenizerConfig,
     ("tokenizer", "tokens", str): TokenEmbedding,
+    ("tokenizer", "tokens", str, "source"): ModelTokenEmbedding,
 }
 
 

@@ -38,7 +38,12 @@ from medmerge.checkpoint import (
     Checkpoint,
     ShardWriter,
     atomic_folder,
+    locked,
+    metadata_file,
     parse_size,
+    raise_open_files_limit,
+    refuse_output_near,
+    remove_leftovers,
 )
 from medmerge.config import MergeConfig, load_configs
 from medmerge.errors import ConfigError, MergeError, NonFiniteCosts
@@ -378,30 +383,33 @@ def merge(
     except ValueError as e:
         raise ConfigError(str(e)) from e
     configs = load_configs(config, strict=strict)
+    raise_open_files_limit()
     if len(configs) == 1:
         return _merge_one(configs[0], out_dir, overwrite, opts)
-    out = Path(out_dir)
+    out = Path(os.path.abspath(out_dir))
     order, final = _stages(configs)
     keep = intermediate_dir is not None
     out.parent.mkdir(parents=True, exist_ok=True)
-    parts = (
-        Path(intermediate_dir)
-        if keep
-        else Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
-    )
-    try:
-        folders: dict[str, str] = {}
-        for cfg in order:
-            cfg = _with_models(cfg, folders)
-            target = out if cfg is final or cfg.name == final.name else parts / cfg.name
-            log.info("merge stage %s -> %s", cfg.name or "(final)", target)
-            replace = overwrite or (target != out and not keep)  # a temporary folder's own
-            _merge_one(cfg, target, replace, opts)
-            if cfg.name:
-                folders[cfg.name] = str(target)
-    finally:
-        if not keep:
-            shutil.rmtree(parts, ignore_errors=True)
+    with locked(out):  # the stages' temporary folder is this output's, swept under its lock
+        remove_leftovers(out)
+        parts = (
+            Path(intermediate_dir)
+            if keep
+            else Path(tempfile.mkdtemp(prefix=f".{out.name}.parts-", dir=out.parent))
+        )
+        try:
+            folders: dict[str, str] = {}
+            for cfg in order:
+                cfg = _with_models(cfg, folders)
+                target = out if cfg is final or cfg.name == final.name else parts / cfg.name
+                log.info("merge stage %s -> %s", cfg.name or "(final)", target)
+                replace = overwrite or (target != out and not keep)  # a temporary folder's own
+                _merge_one(cfg, target, replace, opts)
+                if cfg.name:
+                    folders[cfg.name] = str(target)
+        finally:
+            if not keep:
+                shutil.rmtree(parts, ignore_errors=True)
     return out
 
 
@@ -492,7 +500,10 @@ def _merge_one(cfg: MergeConfig, out_dir, overwrite: bool, opts: Options) -> Pat
 
 def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: float) -> Path:
     out = Path(out_dir)
-    _refuse_output_near_inputs(out, plan)
+    # an input replaced would be deleted: a model, an adapter or model it was folded from, the
+    # tokenizer source
+    inputs = {c.path for c in plan.checkpoints} | {plan.tokenizer}
+    refuse_output_near(out, inputs | {p.path for s in plan.sources for p in s.parts})
     dev, seed = torch.device(opts.device), opts.seed
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
@@ -559,27 +570,6 @@ def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: fl
     return out
 
 
-def _refuse_output_near_inputs(out: Path, plan: MergePlan) -> None:
-    """Refuse an output folder that is, contains or lies inside an input: a model, an adapter
-    or model it was folded from, the tokenizer source (replacing it would delete them)."""
-    folders = {c.path for c in plan.checkpoints} | {plan.tokenizer}
-    folders |= {part.path for source in plan.sources for part in source.parts}
-    target = out.resolve()
-    for folder in sorted(folders):
-        real = folder.resolve()
-        where = (
-            "is" if real == target
-            else "contains" if real.is_relative_to(target)
-            else "lies inside" if target.is_relative_to(real)
-            else None
-        )  # fmt: skip
-        if where:
-            raise MergeError(
-                f"output folder {out} {where} the input {folder}; write the merge to a folder "
-                "apart from its inputs"
-            )
-
-
 def set_chat_template(folder: Path, template: str) -> None:
     """Give the tokenizer in `folder` this chat template (in both places transformers reads)."""
     (folder / "chat_template.jinja").write_text(template)
@@ -618,13 +608,13 @@ def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, run: dict):
         plan.vocabulary.tokenizer.save_pretrained(folder)
     else:
         for name in TOKENIZER_FILES:
-            if (tok / name).is_file():
-                shutil.copy2(tok / name, folder / name)
+            if found := metadata_file(tok, name):
+                shutil.copy2(found, folder / name)
     if plan.chat_template is not None:
         set_chat_template(folder, plan.chat_template)
     for src in (tok, plan.checkpoints[plan.reference].path):
-        if (src / "generation_config.json").is_file():
-            shutil.copy2(src / "generation_config.json", folder / "generation_config.json")
+        if found := metadata_file(src, "generation_config.json"):
+            shutil.copy2(found, folder / "generation_config.json")
             break
     (folder / "merge_config.yaml").write_text(plan.config.to_yaml())
     provenance = {

@@ -2,17 +2,21 @@
 
 The cache (a JSON file under the medmerge cache folder, `$MEDMERGE_CACHE` or
 `~/.cache/medmerge`) is keyed by absolute path, size and modification time, so a rewritten file is
-hashed again while an unchanged 5 GB shard costs nothing the second time.
+hashed again while an unchanged 5 GB shard costs nothing the second time. It is optional: a
+cache that cannot be read is empty, one that cannot be written is skipped (one warning).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import threading
 from pathlib import Path
+
+log = logging.getLogger("medmerge")
 
 _CHUNK = 16 * 1024 * 1024
 _lock = threading.Lock()
@@ -28,9 +32,13 @@ def _cache_file() -> Path:
 
 def _load_cache() -> dict[str, str]:
     try:
-        return json.loads(_cache_file().read_text())
-    except (OSError, json.JSONDecodeError):
+        cache = json.loads(_cache_file().read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # missing, unreadable, not UTF-8 or not JSON: empty
         return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+_unwritable: set[Path] = set()  # caches already warned about
 
 
 def _store(key: str, digest: str) -> None:
@@ -38,11 +46,20 @@ def _store(key: str, digest: str) -> None:
         cache = _load_cache()
         cache[key] = digest
         path = _cache_file()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sha256-")
-        with os.fdopen(fd, "w") as f:
-            json.dump(cache, f)
-        os.replace(tmp, path)  # atomic, so concurrent processes never read half a file
+        tmp = None
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".sha256-")
+            with os.fdopen(fd, "w") as f:
+                json.dump(cache, f)
+            os.replace(tmp, path)  # atomic, so concurrent processes never read half a file
+        except OSError as e:
+            if tmp is not None:
+                Path(tmp).unlink(missing_ok=True)
+            if path not in _unwritable:
+                _unwritable.add(path)
+                log.warning("the hash cache %s cannot be written (%s); hashing without it",
+                            path, e.strerror or e)  # fmt: skip
 
 
 def sha256_file(path: str | os.PathLike) -> str:

@@ -14,6 +14,7 @@ a filter matches a substring of the tensor's name.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import re
@@ -25,7 +26,7 @@ import torch
 
 from medmerge import references, vocab
 from medmerge.chat_templates import CHAT_TEMPLATES
-from medmerge.checkpoint import EMBEDDING_PATTERN, Checkpoint
+from medmerge.checkpoint import EMBEDDING_PATTERN, Checkpoint, metadata_file
 from medmerge.config import (
     ConditionalParameter,
     InputSlice,
@@ -34,7 +35,7 @@ from medmerge.config import (
     ParameterValue,
     load_config,
 )
-from medmerge.errors import ConfigError, IncompatibleModelsError
+from medmerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
 from medmerge.methods import REQUIRED, MergeMethod, Param, config_name, get_method
 from medmerge.vocab import Vocabulary, is_vocabulary_tensor
 
@@ -178,6 +179,8 @@ def _plan(cfg, method, slices, checkpoints, index, dtype, strict) -> MergePlan:
     ref = checkpoints[reference]
     _check_architecture(checkpoints, reference)
     tokenizer, vocabulary = _tokenizer(cfg, checkpoints, index, base, reference)
+    if cfg.chat_template is not None:  # the output's template is written into its settings
+        chat_template_of(tokenizer)
     layouts = _layouts(slices, checkpoints, index, ref)
     tensors: dict[str, OutputTensor] = {}
     known = {config_name(p.name): p for p in method.params}
@@ -194,11 +197,11 @@ def _plan(cfg, method, slices, checkpoints, index, dtype, strict) -> MergePlan:
         grouped = method.group(floats, ref.config, {n: tensors[n].params for n in floats})
     else:
         grouped = [[n] for n in floats]
-    out_config = dict(ref.config)
+    out_config = copy.deepcopy(ref.config)
     if not all(sl.whole for sl in slices):
-        out_config["num_hidden_layers"] = sum(
-            s.sources[0].layer_range[1] - s.sources[0].layer_range[0] for s in slices
-        )
+        layers = [(checkpoints[index[sl.sources[0].model]], layer) for sl in slices
+                  for layer in range(*sl.sources[0].layer_range)]  # fmt: skip
+        _slice_config(_layer_config(out_config), layers)
     if vocabulary is not None:
         for config in (out_config, out_config.get("text_config")):
             if isinstance(config, dict) and "vocab_size" in config:
@@ -206,6 +209,34 @@ def _plan(cfg, method, slices, checkpoints, index, dtype, strict) -> MergePlan:
     return MergePlan(cfg, method, checkpoints, base, reference, tensors, grouped + others,
                      _output_dtype(cfg, ref, dtype), out_config, index, tokenizer,
                      _chat_template(cfg.chat_template, checkpoints), vocabulary)  # fmt: skip
+
+
+# per-layer config lists that name layers by index rather than one entry per layer
+LAYER_INDEX_KEYS = ("mlp_only_layers",)
+
+
+def _layer_config(config: dict) -> dict:
+    """The part of a model's config that describes its layers: a multimodal model's
+    `text_config`, else the config itself."""
+    text = config.get("text_config")
+    return text if isinstance(text, dict) and "num_hidden_layers" in text else config
+
+
+def _slice_config(config: dict, layers: list[tuple[Checkpoint, int]]) -> None:
+    """Make `config` (the layers' part, in place) describe output layers `layers` (each a
+    source checkpoint and its layer): the layer count, and every per-layer list (`layer_types`,
+    `no_rope_layers`, ...: a list of one entry per layer, or of layer indices) taken from
+    each output layer's source, so that transformers accepts the stacked model."""
+    config["num_hidden_layers"] = len(layers)
+    for key in list(config):
+        if "layer" not in key or not isinstance(config[key], list):
+            continue
+        sources = [(_layer_config(c.config).get(key), i) for c, i in layers]
+        if all(isinstance(v, list) and len(v) == _num_layers(c) for (v, _), (c, _) in
+               zip(sources, layers, strict=True)):  # fmt: skip
+            config[key] = [v[i] for v, i in sources]
+        elif key in LAYER_INDEX_KEYS and all(isinstance(v, list) for v, _ in sources):
+            config[key] = [j for j, (v, i) in enumerate(sources) if i in v]
 
 
 def _check_architecture(checkpoints: list[Checkpoint], reference: int) -> None:
@@ -550,19 +581,34 @@ def _chat_template(value: str | None, checkpoints: list[Checkpoint]) -> str | No
 
 
 def chat_template_of(folder: Path) -> str | None:
-    """A model folder's chat template: chat_template.jinja, or tokenizer_config.json's."""
-    if (folder / "chat_template.jinja").is_file():
-        return (folder / "chat_template.jinja").read_text().strip() or None
-    config = folder / "tokenizer_config.json"
-    if not config.is_file():
+    """A model folder's chat template: chat_template.jinja, or tokenizer_config.json's (of a
+    list of named templates, the default one)."""
+    jinja = metadata_file(folder, "chat_template.jinja")
+    if jinja is not None:
+        return _text(jinja).strip() or None
+    config = metadata_file(folder, "tokenizer_config.json")
+    if config is None:
         return None
     try:
-        template = json.loads(config.read_text()).get("chat_template")
-    except (json.JSONDecodeError, AttributeError):
-        return None
+        template = json.loads(_text(config))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{config} is not valid JSON ({e}); re-download it") from e
+    if not isinstance(template, dict):
+        raise CheckpointError(f"{config} must be a JSON object (the tokenizer's settings)")
+    template = template.get("chat_template")
     if isinstance(template, list):  # named templates: the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
     return template.strip() if isinstance(template, str) and template.strip() else None
+
+
+def _text(file: Path) -> str:
+    try:
+        return file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(
+            f"{file} is not UTF-8 text (byte {e.start}); re-save it as UTF-8"
+        ) from e
 
 
 def _output_dtype(cfg: MergeConfig, ref: Checkpoint, override: str | None) -> torch.dtype:

@@ -153,6 +153,12 @@ def _hub(text: str) -> Resolved:
         raise CheckpointError(f"model {text}: Hub model {repo} has no revision {revision}") from e
     except hf.errors.HfHubHTTPError as e:
         raise CheckpointError(f"model {text}: the Hub could not be read ({e})") from e
+    except Exception as e:  # no network (the client's own error types): not here, nor reachable
+        raise CheckpointError(
+            f"model {text}: no such local folder, and the Hub cannot be reached "
+            f"({type(e).__name__}: {e}); give a local folder, or set HF_HUB_OFFLINE=1 to use "
+            "the Hugging Face cache"
+        ) from e
     _check_files(text, repo, revision, path)
     return Resolved(text, path, repo, path.name)
 

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medmerge import references
+from medmerge import loaders, references
 from medmerge.checkpoint import EMBEDDING_PATTERN, LM_HEAD_NAMES, Checkpoint
+from medmerge.config import ZeroEmbedding
 from medmerge.errors import ConfigError, IncompatibleModelsError
 from medmerge.methods.streaming import CHUNK, Blocked, take_rows
 
@@ -167,14 +168,13 @@ def build(cfg, checkpoints: list[Checkpoint], index: dict[str, int], base: int |
     pad = block.pad_to_multiple_of if block else None
     if pad:
         size = -(-size // pad) * pad
-    fills = _fills(tokens, rows, forced, index, base, vocabs)
+    sizes = {i: c.info(c.resolve(embed)).shape[0] for i, c in enumerate(checkpoints)}
+    fills = _fills(tokens, rows, forced, index, base, vocabs, sizes)
     return Vocabulary(tokenizer, rebuilt, tokens, size, rows, fills), folder
 
 
 def _load(folder: Path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(folder, use_fast=True)  # no remote code: data only
+    return loaders.tokenizer(folder)
 
 
 def _has_tokenizer(folder: Path) -> bool:
@@ -217,13 +217,13 @@ def _union(toks: dict, first: int):
     return out
 
 
-def _fills(tokens, rows, forced, index, base, vocabs) -> dict[int, Fill]:
+def _fills(tokens, rows, forced, index, base, vocabs, sizes) -> dict[int, Fill]:
     """Per output id that needs one (a model lacks it, or the config sets it), its fill."""
     fills = {}
     for i, token in enumerate(tokens):
         spec = forced.get(token)
         if spec is not None and spec.source is not None:
-            fills[i] = _configured(token, i, spec, index, rows, vocabs)
+            fills[i] = _configured(token, i, spec, index, rows, vocabs, sizes)
             continue
         have = [m for m, r in rows.items() if r[i] >= 0]
         if len(have) == len(rows) and spec is None:
@@ -241,35 +241,35 @@ def _fills(tokens, rows, forced, index, base, vocabs) -> dict[int, Fill]:
     return fills
 
 
-def _configured(token: str, i: int, spec, index: dict[str, int], rows, vocabs) -> Fill:
+def _configured(token: str, i: int, spec, index: dict[str, int], rows, vocabs, sizes) -> Fill:
     """A `tokens:` entry's fill: {source: MODEL}, {source: {kind: zero}}, or {source: {kind:
-    model_token, model: MODEL, token: T | token_id: N}}."""
+    model_token, model: MODEL, token: T | token_id: N}} (validated by `config`)."""
     source = spec.source
     where = f"tokenizer.tokens[{token!r}]"
-    if isinstance(source, dict) and source.get("kind") == "zero":
+    if isinstance(source, ZeroEmbedding):
         return Fill(force=spec.force)
-    ref = source.get("model") if isinstance(source, dict) else source
+    ref = source if isinstance(source, str) else source.model
     if ref not in index:
         raise ConfigError(
             f"{where} names model {ref}, which is not in the merge; name one of {', '.join(index)}"
         )
     model = index[ref]
-    if not isinstance(source, dict):
+    if isinstance(source, str):
         if rows[model][i] < 0:
             raise ConfigError(f"{where}: model {ref} has no token {token!r}; name another source")
         return Fill(model=model, force=spec.force)
-    if source.get("kind") != "model_token" or ("token" in source) == ("token_id" in source):
-        raise ConfigError(
-            f"{where}: a source is a model, {{kind: zero}}, or {{kind: model_token, model, "
-            "token or token_id}}"
-        )
-    if "token_id" in source:
-        row = int(source["token_id"])
+    if source.token_id is not None:
+        row = source.token_id
+        if row >= sizes[model]:
+            raise ConfigError(
+                f"{where}: token_id {row} is past model {ref}'s {sizes[model]} embedding rows; "
+                "give an id below that"
+            )
     else:
         vocab = vocabs[model]
-        if source["token"] not in vocab:
-            raise ConfigError(f"{where}: token {source['token']!r} is not in model {ref}")
-        row = vocab[source["token"]]
+        if source.token not in vocab:
+            raise ConfigError(f"{where}: token {source.token!r} is not in model {ref}")
+        row = vocab[source.token]
     return Fill(model=model, row=row, force=spec.force)
 
 

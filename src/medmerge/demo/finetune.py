@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from medmerge import loaders
 from medmerge.checkpoint import atomic_folder
 
 log = logging.getLogger("medmerge")
@@ -75,11 +76,11 @@ def finetune(
     """Fine-tune `base` on `texts` for `epochs` passes (steps of `rows_per_step` packed rows of
     `seq_len` tokens; matrix products in bfloat16 autocast, weights and optimizer in float32);
     write the checkpoint to `out_dir` (atomically). Returns the training record."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, get_cosine_schedule_with_warmup
+    from transformers import get_cosine_schedule_with_warmup
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = loaders.causal_lm(base, torch.float32)
+    tokenizer = loaders.tokenizer(base)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.get_input_embeddings().weight.requires_grad_(False)

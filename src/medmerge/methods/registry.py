@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import reprlib
 import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -72,8 +73,7 @@ class Param:
                     number = float(raw)
                 except ValueError:
                     number = None
-            ok = isinstance(number, (int, float)) and not isinstance(number, bool)
-            if ok and math.isfinite(number) and (kind is float or float(number).is_integer()):
+            if _finite(number) and (kind is float or float(number).is_integer()):
                 return kind(number)
             what = "a finite number" if kind is float else "an integer"
         elif kind is bool:
@@ -93,8 +93,20 @@ class Param:
         else:
             return raw
         raise ConfigError(
-            f"parameter {config_name(self.name)!r} ({where}) must be {what}, got {raw!r}"
+            f"parameter {config_name(self.name)!r} ({where}) must be {what}, got "
+            f"{reprlib.repr(raw)}"
         )
+
+
+def _finite(number: object) -> bool:
+    """Whether `number` is a number a float holds (not a bool, NaN, inf or 1 followed by 400
+    zeros)."""
+    if not isinstance(number, (int, float)) or isinstance(number, bool):
+        return False
+    try:
+        return math.isfinite(float(number))
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)
