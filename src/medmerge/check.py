@@ -11,6 +11,11 @@ and returns a `CheckReport` (a pydantic model; its JSON schema is the report's d
   entries both models change, overlap of their top-k% magnitude entries, norm ratio; summarised
   per layer and per tensor type;
 - recommendations, each with the figure that triggered it.
+
+Bad arguments (a `topk` outside (0, 1], a model listed twice, an unusable device, JSON or plot
+path) are `ConfigError`s raised before any model is read. What check finds in the models,
+unreadable folders and NaN or inf weights included, goes into the report: a tensor with NaN or
+inf in any model is left out of every statistic, so no figure is computed from it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
+import os
 import re
 from itertools import combinations
 from pathlib import Path
@@ -30,6 +37,7 @@ from medmerge import references
 from medmerge.architectures import tensor_type
 from medmerge.checkpoint import Checkpoint
 from medmerge.errors import CheckpointError, ConfigError
+from medmerge.methods import largest_magnitude
 from medmerge.methods.sparsify import top_k_mask
 from medmerge.plan import chat_template_of
 from medmerge.vocab import differences, is_vocabulary_tensor, some_tokens
@@ -107,6 +115,10 @@ def layer_of(name: str) -> str:
 
 
 def _open(reference: str, findings: list[Finding]) -> Checkpoint | None:
+    if Path(reference).is_file():  # else it would be taken for a Hub ID
+        detail = f"{reference} is a file; a model is a folder with config.json and its weights"
+        findings.append(Finding(check=f"readable: {reference}", ok=False, detail=detail))
+        return None
     try:
         return Checkpoint(references.folder(reference))
     except CheckpointError as e:
@@ -115,23 +127,33 @@ def _open(reference: str, findings: list[Finding]) -> Checkpoint | None:
 
 
 def _tokenizer_identity(folder: Path) -> str | None:
-    """A hash of the vocabulary and special tokens, or None without tokenizer files."""
+    """A hash of the vocabulary and special tokens, or None without tokenizer files; a
+    CheckpointError naming the file where tokenizer.json cannot be read."""
     parts = []
     tok = folder / "tokenizer.json"
     if tok.is_file():
-        data = json.loads(tok.read_text())
-        parts.append(json.dumps(data.get("model", {}).get("vocab"), sort_keys=True))
-        parts.append(
-            json.dumps(sorted((t["id"], t["content"]) for t in data.get("added_tokens", [])))
-        )
+        try:
+            raw = tok.read_bytes()
+            if not raw.strip():
+                raise ValueError("the file is empty")
+            data = json.loads(raw)
+            if not isinstance(data, dict):
+                raise TypeError(f"it holds a JSON {type(data).__name__}, not an object")
+            parts.append(json.dumps(data.get("model", {}).get("vocab"), sort_keys=True).encode())
+            added = sorted((t["id"], t["content"]) for t in data.get("added_tokens", []))
+            parts.append(json.dumps(added).encode())
+        except (ValueError, TypeError, AttributeError, KeyError) as e:  # not JSON, not UTF-8...
+            raise CheckpointError(
+                f"{tok} is not a readable tokenizer.json ({e}); re-save the model's tokenizer"
+            ) from e
     elif (folder / "tokenizer.model").is_file():
-        parts.append((folder / "tokenizer.model").read_bytes().hex())
+        parts.append((folder / "tokenizer.model").read_bytes())
     else:
         return None
     for name in ("special_tokens_map.json",):
         if (folder / name).is_file():
-            parts.append((folder / name).read_text())
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+            parts.append((folder / name).read_bytes())
+    return hashlib.sha256(b"\n".join(parts)).hexdigest()[:16]
 
 
 def _shape(ckpt: Checkpoint, name: str) -> tuple:
@@ -142,9 +164,15 @@ def _shape(ckpt: Checkpoint, name: str) -> tuple:
 def _vocabularies(base: Checkpoint, models: list[Checkpoint]) -> list[Finding]:
     """Each model's vocabulary against the base's (tokens added and missing, special tokens),
     and their chat templates. Different vocabularies merge with a tokenizer setting."""
-    out = []
-    ids = {c.path: _tokenizer_identity(c.path) for c in [base, *models]}
-    if None in ids.values():
+    out, ids, unreadable = [], {}, set()
+    for c in [base, *models]:
+        try:
+            ids[c.path] = _tokenizer_identity(c.path)
+        except CheckpointError as e:
+            ids[c.path] = None
+            unreadable.add(c.path)
+            out.append(Finding(check=f"tokenizer of {c.path}", ok=False, detail=str(e)))
+    if any(i is None and p not in unreadable for p, i in ids.items()):
         detail = "some models have no tokenizer files; cannot compare"
         out.append(Finding(check="tokenizer", ok=True, detail=detail))
     for m in models:
@@ -277,10 +305,7 @@ def check(
     progress: bool = True,
 ) -> CheckReport:
     """Check that `models` can be merged with `base` and how their task vectors agree."""
-    if not models:
-        raise ConfigError("check needs at least one model besides the base")
-    if not 0 < topk <= 1:
-        raise ConfigError(f"topk is a fraction of the entries, in (0, 1]; got {topk}")
+    dev = _refuse_bad_arguments(models, topk, json_path, plot_path, device)
     findings: list[Finding] = []
     base_ckpt = _open(str(base), findings)
     ckpts = [_open(str(m), findings) for m in models]
@@ -302,7 +327,6 @@ def check(
         return _finish(report, json_path, plot_path)
     findings += _compatibility(base_ckpt, ckpts)
     report.compatibility = findings
-    report.compatible = all(f.ok for f in findings)
     names = [
         n
         for n in base_ckpt.names()
@@ -316,12 +340,27 @@ def check(
     type_acc = {p: {} for p in pairs}
     base_sq: dict[str, float] = {}
     delta_sq = [dict() for _ in ckpts]
-    dev = torch.device(device)
+    damaged: list[tuple[Checkpoint, str]] = []  # (model, tensor) with NaN or inf values
+    # tensors not compared (a vocabulary of other size, extra ones) are only checked for NaN
+    others = [
+        (c, n)
+        for c in [base_ckpt, *ckpts]
+        for n in sorted(set(c.names()) - {c.resolve(k) for k in names})
+        if c.info(n).dtype.is_floating_point
+    ]
     total = sum(base_ckpt.info(n).nbytes for n in names) * (len(ckpts) + 1)
+    total += sum(c.info(n).nbytes for c, n in others)
     with tqdm(total=total, unit="B", unit_scale=True, desc="check", disable=not progress) as bar:
+        for c, name in others:
+            _read(c, name, damaged)
+            bar.update(c.info(name).nbytes)
         for name in names:
-            b = base_ckpt.read(name).to(dev, torch.float32)
-            deltas = [c.read(name).to(dev, torch.float32) - b for c in ckpts]
+            seen = len(damaged)
+            b = _read(base_ckpt, name, damaged).to(dev, torch.float32)
+            deltas = [_read(c, name, damaged).to(dev, torch.float32) - b for c in ckpts]
+            bar.update(base_ckpt.info(name).nbytes * (len(ckpts) + 1))
+            if len(damaged) > seen:  # its sums would be NaN: left out of every statistic
+                continue
             layer = layer_of(name)
             if b.dim() >= 2:  # lineage on matrices: norm vectors (~1, rarely tuned) hide change
                 base_sq[layer] = base_sq.get(layer, 0.0) + float(b.pow(2).sum())
@@ -336,10 +375,11 @@ def check(
                     type_acc[p].setdefault(tensor_type(name), _Acc()),
                 ):
                     acc.add(da, db, topk)
-            bar.update(base_ckpt.info(name).nbytes * (len(ckpts) + 1))
     for c in [base_ckpt, *ckpts]:
         c.close()
-    for i, c in enumerate(ckpts):
+    findings += _finite_findings([base_ckpt, *ckpts], damaged)
+    report.compatible = all(f.ok for f in findings)
+    for i, c in enumerate(ckpts if base_sq else []):  # none without a weight matrix compared
         overall = (sum(delta_sq[i].values()) / max(sum(base_sq.values()), 1e-30)) ** 0.5
         report.lineage.append(
             ModelLineage(
@@ -350,6 +390,8 @@ def check(
             )
         )
     for p in pairs:
+        if not overall_acc[p].top_total:  # no tensor compared: no figure to show
+            continue
         report.pairs.append(
             PairReport(
                 model_a=str(ckpts[p[0]].path),
@@ -362,6 +404,75 @@ def check(
         )
     report.recommendations = _recommend(report)
     return _finish(report, json_path, plot_path)
+
+
+def _refuse_bad_arguments(
+    models: list, topk: float, json_path, plot_path, device: str
+) -> torch.device:
+    """Raise a ConfigError for arguments that cannot work, before any model is read; the device."""
+    if not models:
+        raise ConfigError("check needs at least one model besides the base")
+    if not 0 < topk <= 1:
+        raise ConfigError(f"--topk is a fraction of the entries, in (0, 1]; got {topk}")
+    seen: dict = {}
+    for m in models:
+        key = Path(m).resolve() if Path(m).is_dir() else str(m)
+        if key in seen:
+            raise ConfigError(f"model {m} is listed twice (also as {seen[key]}); list it once")
+        seen[key] = m
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ConfigError(f"--device {device} is not a torch device; use cpu or cuda") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            "--device cuda was asked for but torch sees no CUDA GPU; use --device cpu"
+        )
+    for flag, path in (("--json", json_path), ("--plot", plot_path)):
+        if not path:
+            continue
+        folder = Path(path).absolute().parent
+        if Path(path).is_dir():
+            raise ConfigError(f"{flag} {path} is a folder; give a file name")
+        if not folder.is_dir():
+            raise ConfigError(f"{flag} {path}: folder {folder} does not exist; create it first")
+        if not os.access(folder, os.W_OK):
+            raise ConfigError(f"{flag} {path}: folder {folder} is not writable; write elsewhere")
+    if plot_path:
+        if len(models) < 2:
+            raise ConfigError("--plot draws a pair of models: give two or more, or leave it out")
+        formats = _plot_formats()
+        if Path(plot_path).suffix[1:].lower() not in formats:
+            raise ConfigError(
+                f"--plot {plot_path}: matplotlib writes files ending in "
+                f"{', '.join('.' + f for f in formats)}; name the plot with one of them"
+            )
+    return dev
+
+
+def _read(ckpt: Checkpoint, name: str, damaged: list) -> torch.Tensor:
+    """One tensor as stored; (ckpt, name) goes into `damaged` if it has NaN or inf (one fast
+    pass over the stored bits, the merge engine's test)."""
+    t = ckpt.read(name)
+    if t.dtype.is_floating_point and not math.isfinite(largest_magnitude(t)):
+        damaged.append((ckpt, name))
+    return t
+
+
+def _finite_findings(ckpts: list[Checkpoint], damaged: list) -> list[Finding]:
+    """Per model, whether its floating tensors are finite, naming the first that are not."""
+    out = []
+    for c in ckpts:
+        names = [n for d, n in damaged if d is c]
+        detail = "no NaN or inf"
+        if names:
+            shown = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+            detail = (
+                f"NaN or inf in {len(names)} tensor(s): {shown}; the model is damaged "
+                "(re-download or re-save it); those tensors are left out of the statistics"
+            )
+        out.append(Finding(check=f"finite weights of {c.path}", ok=not names, detail=detail))
+    return out
 
 
 def _finish(report: CheckReport, json_path, plot_path) -> CheckReport:
@@ -491,15 +602,28 @@ def _fmt(x: float | None) -> str:
 # ---- plot ----------------------------------------------------------------------------------
 
 
-def heatmap(report: CheckReport, path: str | Path) -> Path:
-    """Layers x tensor type heatmaps of task-vector cosine and sign agreement (first pair)."""
+def _pyplot():
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
-        raise CheckpointError("plots need matplotlib: pip install 'medmerge[plot]'") from e
+        raise ConfigError("plots need matplotlib: pip install 'medmerge[plot]'") from e
+    return plt
+
+
+def _plot_formats() -> list[str]:
+    """The file suffixes (no dot) matplotlib's canvas can write."""
+    _pyplot()
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return sorted(FigureCanvasBase.get_supported_filetypes())
+
+
+def heatmap(report: CheckReport, path: str | Path) -> Path:
+    """Layers x tensor type heatmaps of task-vector cosine and sign agreement (first pair)."""
+    plt = _pyplot()
     pair = report.pairs[0]
     types = [t for t in ("q", "k", "v", "o", "gate", "up", "down", "norms")]
     layers = sorted({layer_of(n) for n in pair.per_tensor} - {"other"}, key=int)
@@ -530,6 +654,10 @@ def heatmap(report: CheckReport, path: str | Path) -> Path:
         fig.colorbar(im, ax=ax)
     fig.suptitle(f"{Path(pair.model_a).name} vs {Path(pair.model_b).name}")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=110)
+    except RuntimeError as e:  # a format whose writer is missing, e.g. .pgf without LaTeX
+        raise ConfigError(f"--plot {path}: matplotlib cannot write it here ({e})") from e
+    finally:
+        plt.close(fig)
     return Path(path)
