@@ -78,3 +78,23 @@ def leftovers(out: Path) -> list[Path]:
     return [
         p for p in out.parent.iterdir() if p.name == out.name or p.name.startswith(f".{out.name}.")
     ]
+
+
+def cli(*args) -> tuple[int, str]:
+    """`medmerge ARGS` in this process: its exit code and output."""
+    from typer.testing import CliRunner
+
+    from medmerge.cli import app
+
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return result.exit_code, result.output
+
+
+def one_line_error(code: int, output: str, *fragments: str) -> None:
+    """Assert a user error: exit code 2, no traceback, one `error:` line holding `fragments`."""
+    assert code == 2, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, output
+    for fragment in fragments:
+        assert fragment in errors[0], errors[0]

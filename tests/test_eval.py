@@ -2,10 +2,12 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import pytest
+import yaml
 from conftest import state
 from safetensors.torch import save_file
 
@@ -85,22 +87,23 @@ def test_local_suite_results_cache_and_fingerprint(mistral, suite, tmp_path, cou
 def test_forced_answers_score_one(mistral, tmp_path):
     """Relabel every question with the answer the model prefers: accuracy must be 1.0."""
     base = mistral[0]
-    formats = ("medqa", "mmlu", "medmcqa", "pubmedqa")
+    formats = ("medqa", "mmlu", "medmcqa", "pubmedqa", "hellaswag")
     folder = write_suite(tmp_path / "suite", n=16, seed=3, formats=formats)
     first = run(base, folder, tmp_path / "r.sqlite", num_fewshot=0)
-    label_field = {
-        "medqa": "label",
-        "mmlu": "answer",
-        "medmcqa": "cop",
-        "pubmedqa": "final_decision",
+    answer = {  # each format's label field and value; hellaswag's upstream task takes strings
+        "medqa": ("label", int),
+        "mmlu": ("answer", int),
+        "medmcqa": ("cop", int),
+        "pubmedqa": ("final_decision", ["yes", "no", "maybe"].__getitem__),
+        "hellaswag": ("label", str),
     }
     for fmt in formats:
         preds = {s["doc_id"]: s["pred"] for s in first.samples[f"tiny_{fmt}"]}
         path = folder / f"{fmt}.jsonl"
         records = [json.loads(line) for line in path.read_text().splitlines()]
+        field, value = answer[fmt]
         for i, r in enumerate(records):
-            p = preds[i]
-            r[label_field[fmt]] = ["yes", "no", "maybe"][p] if fmt == "pubmedqa" else p
+            r[field] = value(preds[i])
         path.write_text("".join(json.dumps(r) + "\n" for r in records))
     forced = run(base, folder, tmp_path / "r.sqlite", num_fewshot=0)
     for fmt in formats:
@@ -132,9 +135,78 @@ def test_bad_suite_records_name_file_and_line(tmp_path, line, pattern):
         load_suite(folder)
 
 
-def test_local_task_yaml_reuses_the_upstream_prompts(tmp_path):
-    import yaml
+@pytest.mark.parametrize(
+    ("fmt", "field", "value"),
+    [("medqa", "label", "1"), ("medqa", "label", True), ("mmlu", "answer", "2"),
+     ("mmlu", "answer", 2.0), ("medmcqa", "cop", "0")],
+)  # fmt: skip
+def test_answer_indices_must_be_json_integers(tmp_path, fmt, field, value):
+    """lm-eval's medqa, mmlu and medmcqa tasks compare the label as it is: "1" is never right."""
+    folder = write_suite(tmp_path / "suite", n=4, formats=(fmt,))
+    path = folder / f"{fmt}.jsonl"
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    records[1][field] = value
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    expected = rf"{fmt}.jsonl:2: invalid {fmt} record: {field}: must be a JSON integer, not "
+    with pytest.raises(ConfigError, match=expected + re.escape(json.dumps(value)) + ".*quotes"):
+        load_suite(folder)
 
+
+@pytest.mark.parametrize("second", ["tiny_medqa", "TINY_MEDQA"])
+def test_a_task_name_used_twice_is_refused(tmp_path, second):
+    folder = write_suite(tmp_path / "suite", n=4, formats=("medqa", "mmlu"))
+    manifest = yaml.safe_load((folder / "suite.yaml").read_text())
+    manifest["tasks"][1]["name"] = second
+    (folder / "suite.yaml").write_text(yaml.safe_dump(manifest))
+    with pytest.raises(ConfigError, match=rf"suite.yaml .*two tasks are named '{second}'"):
+        load_suite(folder)
+    with pytest.raises(ConfigError, match="names a task twice"):
+        load_suite("paper", ["pubmedqa", "pubmedqa"])
+
+
+# the caches are optional
+
+
+def test_a_store_that_cannot_be_made_is_skipped_with_one_warning(mistral, suite, tmp_path,
+                                                                 caplog):  # fmt: skip
+    (tmp_path / "file").write_text("not a folder")
+    store = tmp_path / "file" / "results.sqlite"
+    first = run(mistral[0], suite, store, num_fewshot=0, tasks=["tiny_medqa"])
+    again = run(mistral[0], suite, store, num_fewshot=0, tasks=["tiny_medqa"])
+    assert not first.cached and not again.cached and again.tasks == first.tasks
+    assert caplog.text.count("results.sqlite cannot be used") == 1
+
+
+@pytest.mark.parametrize("row", ["{damaged", '{"tasks": 3}', "[1, 2]"])
+def test_a_damaged_store_row_is_evaluated_again_and_replaced(mistral, suite, tmp_path, counted,
+                                                             row):  # fmt: skip
+    import sqlite3
+
+    store = tmp_path / "results.sqlite"
+    first = run(mistral[0], suite, store, num_fewshot=0, tasks=["tiny_medqa"])
+    with sqlite3.connect(store) as db:
+        db.execute("UPDATE results SET result = ?", (row,))
+    db.close()
+    again = run(mistral[0], suite, store, num_fewshot=0, tasks=["tiny_medqa"])
+    assert not again.cached and again.tasks == first.tasks and len(counted) == 2
+    assert run(mistral[0], suite, store, num_fewshot=0, tasks=["tiny_medqa"]).cached
+
+
+def test_evaluation_works_with_a_cache_that_cannot_be_written(mistral, tmp_path, monkeypatch,
+                                                              caplog):  # fmt: skip
+    (tmp_path / "file").write_text("not a folder")
+    monkeypatch.setenv("MEDMERGE_CACHE", str(tmp_path / "file" / "cache"))
+    folder = write_suite(tmp_path / "suite", n=4, formats=("medqa",))
+    resolved = load_suite(folder)
+    assert not resolved.include_path.startswith(str(tmp_path / "file"))
+    assert (Path(resolved.include_path) / "tiny_medqa.yaml").is_file()
+    result = ev.evaluate(mistral[0], suite=folder, num_fewshot=0, dtype="float32")  # no store
+    assert 0.0 <= result.tasks["tiny_medqa"].metrics["acc"] <= 1.0
+    assert "cannot write the suite's task files" in caplog.text
+    assert "results.sqlite cannot be used" in caplog.text
+
+
+def test_local_task_yaml_reuses_the_upstream_prompts(tmp_path):
     folder = write_suite(tmp_path / "suite", n=4, formats=("medqa", "mmlu"))
     suite = load_suite(folder)
     cfg = yaml.safe_load((Path(suite.include_path) / "tiny_medqa.yaml").read_text())

@@ -12,21 +12,17 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import leftovers, logits, state
+from conftest import cli, leftovers, logits, one_line_error, state
 from safetensors.torch import save_file
-from typer.testing import CliRunner
 
 import medmerge
 from medmerge.checkpoint import Checkpoint, locked
-from medmerge.cli import app
 from medmerge.errors import CheckpointError, ConfigError, MergeError
 from medmerge.eval.store import ResultStore, model_fingerprint
 from medmerge.eval.suites import load_suite
 from medmerge.records import load_study
 from medmerge.study import run_study
 from medmerge.synthetic import write_suite
-
-runner = CliRunner()
 
 
 def _config(base, a, b, **extra) -> dict:
@@ -40,20 +36,6 @@ def _config(base, a, b, **extra) -> dict:
         "dtype": "float32",
         **extra,
     }
-
-
-def _cli(*args) -> tuple[int, str]:
-    result = runner.invoke(app, [str(a) for a in args])
-    return result.exit_code, result.output
-
-
-def _one_line_error(code: int, output: str, *fragments: str) -> None:
-    assert code == 2, output
-    assert "Traceback" not in output
-    errors = [line for line in output.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, output
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
 
 
 # 1. code from a suite
@@ -349,7 +331,7 @@ def test_damaged_model_files_are_one_line_errors(mistral, tmp_path, files, fragm
     bad = _broken_model(tmp_path / "bad", source=mistral[1], **files)
     config = tmp_path / "merge.yaml"
     config.write_text(yaml.safe_dump(_config(mistral[0], bad, mistral[2])))
-    _one_line_error(*_cli("merge", config, tmp_path / "out", "--quiet"), str(bad), *fragments)
+    one_line_error(*cli("merge", config, tmp_path / "out", "--quiet"), str(bad), *fragments)
     assert leftovers(tmp_path / "out") == []
 
 
@@ -362,13 +344,13 @@ def test_an_output_under_a_file_and_a_full_disk_are_one_line_errors(mistral, tmp
     config = tmp_path / "merge.yaml"
     config.write_text(yaml.safe_dump(_config(*mistral)))
     (tmp_path / "file").write_text("x")
-    _one_line_error(*_cli("merge", config, tmp_path / "file" / "out", "--quiet"), "not a folder")
+    one_line_error(*cli("merge", config, tmp_path / "file" / "out", "--quiet"), "not a folder")
 
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "shard")
 
     monkeypatch.setattr(checkpoint.ShardWriter, "write", full)
-    _one_line_error(*_cli("merge", config, tmp_path / "out", "--quiet"), "No space left")
+    one_line_error(*cli("merge", config, tmp_path / "out", "--quiet"), "No space left")
     assert leftovers(tmp_path / "out") == []
 
 
@@ -400,8 +382,8 @@ def test_check_errors_are_one_line(mistral, tmp_path):
     base, a, b = mistral
     (tmp_path / "file").write_text("x")
     json_out = tmp_path / "file" / "r.json"
-    _one_line_error(*_cli("check", a, b, "--base", base, "--json", json_out, "--quiet"), "file")
-    _one_line_error(*_cli("check", a, "--base", base, "--topk", 5, "--quiet"), "topk")
+    one_line_error(*cli("check", a, b, "--base", base, "--json", json_out, "--quiet"), "file")
+    one_line_error(*cli("check", a, "--base", base, "--topk", 5, "--quiet"), "topk")
 
 
 def test_a_truncated_adapter_or_wrong_base_is_one_line(mistral, tmp_path):
@@ -415,11 +397,11 @@ def test_a_truncated_adapter_or_wrong_base_is_one_line(mistral, tmp_path):
     from medmerge.synthetic import tiny_config, write_model
 
     other = write_model(tmp_path / "other", tiny_config("mistral", hidden_size=32))
-    code, out = _cli("materialize", tmp_path / "adapter", tmp_path / "o", "--base", other)
-    _one_line_error(code, out, "does not fit", "another base")
+    code, out = cli("materialize", tmp_path / "adapter", tmp_path / "o", "--base", other)
+    one_line_error(code, out, "does not fit", "another base")
     weights.write_bytes(weights.read_bytes()[:100])
-    code, out = _cli("materialize", tmp_path / "adapter", tmp_path / "o", "--base", mistral[0])
-    _one_line_error(code, out, "adapter_model.safetensors cannot be read")
+    code, out = cli("materialize", tmp_path / "adapter", tmp_path / "o", "--base", mistral[0])
+    one_line_error(code, out, "adapter_model.safetensors cannot be read")
 
 
 def test_a_damaged_run_record_is_redone(mistral, tmp_path, monkeypatch):
@@ -464,7 +446,7 @@ def test_every_output_file_is_synced_before_the_rename(mistral, tmp_path, monkey
 
 def test_small_range_checks(mistral, tmp_path):
     base, a, _ = mistral
-    _one_line_error(*_cli("eval", a, "--num-fewshot", -3), "num_fewshot")
+    one_line_error(*cli("eval", a, "--num-fewshot", -3), "num_fewshot")
     from medmerge.check import check
 
     report = check(base, [base], progress=False)  # one model, identical to the base
@@ -553,7 +535,7 @@ def test_bad_tokenizer_settings_are_one_line_errors(mistral, tmp_path, no_reads,
     text = json.dumps(tokenizer).replace('"A"', json.dumps(str(mistral[1])))
     config = tmp_path / "merge.yaml"
     config.write_text(yaml.safe_dump(_config(*mistral, tokenizer=json.loads(text))))
-    code, out = _cli("merge", config, tmp_path / "out", "--quiet")
+    code, out = cli("merge", config, tmp_path / "out", "--quiet")
     assert code == 2 and "Traceback" not in out, out
     assert fragment in out
     assert leftovers(tmp_path / "out") == []
@@ -580,8 +562,8 @@ def test_materialize_never_replaces_its_own_adapter_or_base(mistral, lora, tmp_p
     base = shutil.copytree(mistral[0], tmp_path / "base")
     target = {"adapter": lora, "base": base, "inside": base / "sub", "parent": tmp_path}[where]
     before = {p: p.read_bytes() for p in [*lora.iterdir(), *base.iterdir()]}
-    code, out = _cli("materialize", lora, target, "--base", base, "--overwrite")
-    _one_line_error(code, out, "apart from the inputs")
+    code, out = cli("materialize", lora, target, "--base", base, "--overwrite")
+    one_line_error(code, out, "apart from the inputs")
     assert {p: p.read_bytes() for p in [*lora.iterdir(), *base.iterdir()]} == before
 
 
@@ -742,7 +724,7 @@ def test_odd_config_values_are_one_line_errors(mistral, tmp_path, no_reads, chan
         config |= change
     path = tmp_path / "merge.yaml"
     path.write_text(yaml.safe_dump(config))
-    code, out = _cli("merge", path, tmp_path / "out", "--quiet")
+    code, out = cli("merge", path, tmp_path / "out", "--quiet")
     assert code == 2 and "Traceback" not in out, out
     assert fragment in out
 
@@ -764,11 +746,11 @@ def test_damaged_tokenizer_files_are_one_line_errors(mistral, tmp_path, files, s
     bad = _broken_model(tmp_path / "bad", source=a, **files)
     config = tmp_path / "merge.yaml"
     config.write_text(yaml.safe_dump(_config(bad, a, b, **settings)))
-    code, out = _cli("merge", config, tmp_path / "out", "--quiet")
+    code, out = cli("merge", config, tmp_path / "out", "--quiet")
     if fragment is None:  # a list of templates without a default one: none
         assert code == 0, out
         return
-    _one_line_error(code, out, str(bad), fragment)
+    one_line_error(code, out, str(bad), fragment)
     assert leftovers(tmp_path / "out") == []
 
 
@@ -788,19 +770,19 @@ def test_damaged_adapter_settings_are_one_line_errors(mistral, lora, tmp_path, s
     if isinstance(settings, dict) and settings:
         settings = {**json.loads(file.read_text()), **settings}
     file.write_text(json.dumps(settings))
-    code, out = _cli("materialize", lora, tmp_path / "out", "--base", mistral[0])
-    _one_line_error(code, out, fragment)
+    code, out = cli("materialize", lora, tmp_path / "out", "--base", mistral[0])
+    one_line_error(code, out, fragment)
     assert not (tmp_path / "out").exists()
 
 
 def test_example_checks_its_options_and_keeps_an_edited_example(tmp_path):
-    _one_line_error(*_cli("example", tmp_path / "a", "--arch", "foo"), "--arch foo")
-    _one_line_error(*_cli("example", tmp_path / "b", "--method", "foo"), "foo")
+    one_line_error(*cli("example", tmp_path / "a", "--arch", "foo"), "--arch foo")
+    one_line_error(*cli("example", tmp_path / "b", "--method", "foo"), "foo")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
     folder = tmp_path / "c"
     folder.mkdir()
     (folder / "merge.yaml").write_text("# my edits\n")
-    _one_line_error(*_cli("example", folder), "merge.yaml exists", "--overwrite")
+    one_line_error(*cli("example", folder), "merge.yaml exists", "--overwrite")
     assert (folder / "merge.yaml").read_text() == "# my edits\n"
     assert sorted(p.name for p in folder.iterdir()) == ["merge.yaml"]
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import one_line_error
 from markdown_it import MarkdownIt
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -40,12 +41,7 @@ def _medmerge(*args, stdin: str = "y\ny\ny\n", timeout: int = 300):
 
 
 def _one_line_error(proc, *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in errors[0], errors[0]
+    one_line_error(proc.returncode, proc.stdout + proc.stderr, *fragments)
 
 
 # 1. names from configs

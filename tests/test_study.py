@@ -1,10 +1,17 @@
-"""Studies of tiny models over a local suite: grid expansion, resume, report, Ray executor."""
+"""Studies of tiny models over a local suite: grid expansion and run names, resume (and redo
+when the suite changes), report (perplexity too), Ray executor."""
 
 import csv
+import json
 import struct
+from pathlib import Path
 
 import pytest
+import yaml
+from conftest import cli, one_line_error
 
+from medmerge.card import text as markdown_text
+from medmerge.errors import ConfigError
 from medmerge.records import expand, load_records, load_study
 from medmerge.report import mcnemar, write_report
 from medmerge.study import run_study
@@ -114,7 +121,7 @@ def test_study_end_to_end_resume_and_report(study_config, tmp_path, monkeypatch)
     found = [r for r in card.data.eval_results if (r.dataset_name, r.metric_type) == (task, metric)]
     assert [r.metric_value for r in found] == [value]
     assert "## Scores (study tiny)" in card.text
-    assert f"| {task} | {metric} | {value:.4f} |" in card.text
+    assert f"| {markdown_text(task)} | {metric} | {value:.4f} |" in card.text
 
     report = (folder / "report.md").read_text()
     assert report.startswith("# Study report: tiny\n")
@@ -190,3 +197,156 @@ def test_ray_executor_matches_local(study_config, tmp_path):
     fa = {r.run.name: r.fingerprint for r in load_records(local)}
     fb = {r.run.name: r.fingerprint for r in load_records(distributed)}
     assert fa == fb
+
+
+# run names are file names: unique, plain, never a reference row's
+
+
+def _names(config, merges) -> list[str]:
+    return [r.name for r in expand(load_study({**config, "merges": merges}))][3:]
+
+
+LINEAR = {"method": "linear", "parameters": {"weight": 0.5}}
+
+
+def test_unnamed_merges_are_numbered_past_every_name_given(study_config):
+    names = _names(study_config, [LINEAR, LINEAR, {**LINEAR, "name": "linear-2"}])
+    assert names == ["linear", "linear-3", "linear-2"]
+    # case-blind, as macOS and Windows compare file names
+    assert _names(study_config, [LINEAR, {**LINEAR, "name": "Linear"}]) == ["linear-2", "Linear"]
+
+
+def test_grid_names_are_plain_file_names_whatever_the_keys_and_values(study_config):
+    long = [[0.123456789] * 16, [0.123456789] * 15 + [0.5]]
+    merges = [{"method": "linear", "parameters": {"../../x": [0.1, 0.2]}},
+              {"method": "linear", "parameters": {"weight": long}}]  # fmt: skip
+    names = _names(study_config, merges)
+    assert len(set(names)) == 4
+    for name in names:
+        assert "/" not in name and "\\" not in name and len(name) <= 100, name
+        assert (Path("runs") / f"{name}.json").parent == Path("runs")
+    assert names[0] == "linear-.._.._x0.1"  # the key's characters replaced like a value's
+
+
+@pytest.mark.parametrize(
+    ("merges", "message"),
+    [
+        ([{**LINEAR, "name": "parent_a"}], "'parent_a' is a reference row's"),
+        ([{**LINEAR, "name": "base"}], "'base' is a reference row's"),
+        ([{**LINEAR, "name": "x"}, {**LINEAR, "name": "X"}], "two runs are named 'X'"),
+        ([{**LINEAR, "name": "x", "parameters": {"weight": [0.5, 0.5]}}],
+         "two runs are named 'x-weight0.5'"),
+    ],
+)  # fmt: skip
+def test_clashing_run_names_are_refused_before_any_work(study_config, tmp_path, merges, message):
+    config = tmp_path / "study.yaml"
+    config.write_text(yaml.safe_dump({**study_config, "merges": merges}))
+    out = tmp_path / "s"
+    one_line_error(*cli("study", config, "--out", out), message)
+    assert not out.exists()
+
+
+# a changed suite redoes the study; stale records are never mixed into the report
+
+
+def _relabel(path, field="label"):
+    """Every answer moved to the next option; returns the new labels."""
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in records:
+        r[field] = (r[field] + 1) % 4
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return [r[field] for r in records]
+
+
+def test_a_changed_suite_redoes_the_runs_and_stale_records_are_left_out(
+    study_config, tmp_path, monkeypatch
+):
+    import medmerge.study as st
+
+    suite = write_suite(tmp_path / "suite", n=8, seed=2, formats=("medqa",))
+    config = {**study_config, "suite": str(suite), "merges": study_config["merges"][:1]}
+    folder = run_study(config, tmp_path / "s", progress=False, report=False)
+    first = {r.run.name: r for r in load_records(folder)}
+    done = []
+    real = st.execute_run
+
+    def counting(run, study, out):
+        done.append(run.name)
+        return real(run, study, out)
+
+    monkeypatch.setattr(st, "execute_run", counting)
+    labels = _relabel(suite / "medqa.jsonl")
+    run_study(config, folder, progress=False, report=False)
+    assert done == ["base", "parent_a", "parent_b", "linear"]
+    for name, record in first.items():  # the same answers chosen, scored on the new labels
+        preds = {s["doc_id"]: s["pred"] for s in record.result["samples"]["tiny_medqa"]}
+        expected = sum(preds[i] == y for i, y in enumerate(labels)) / len(labels)
+        now = next(r for r in load_records(folder) if r.run.name == name)
+        assert now.result["tasks"]["tiny_medqa"]["metrics"]["acc"] == pytest.approx(expected)
+
+    # an added task and merge: every run redone, the report has the new column (no KeyError)
+    write_suite(tmp_path / "more", n=8, seed=3, formats=("mmlu",))
+    (suite / "mmlu.jsonl").write_text((tmp_path / "more" / "mmlu.jsonl").read_text())
+    manifest = yaml.safe_load((suite / "suite.yaml").read_text())
+    manifest["tasks"].append({"name": "tiny_mmlu", "format": "mmlu", "test": "mmlu.jsonl"})
+    (suite / "suite.yaml").write_text(yaml.safe_dump(manifest))
+    config["merges"] = study_config["merges"][:2]
+    done.clear()
+    run_study(config, folder, progress=False)
+    assert len(done) == 6
+    assert "| model | tiny_medqa | tiny_mmlu | mean |" in (folder / "report.md").read_text()
+
+    # changed again and stopped after the base: the others are stale, named, not reported
+    _relabel(suite / "mmlu.jsonl", "answer")
+
+    def stopped_after_base(run, study, out):
+        if run.name != "base":
+            raise KeyboardInterrupt("simulated kill")
+        return real(run, study, out)
+
+    monkeypatch.setattr(st, "execute_run", stopped_after_base)
+    with pytest.raises(KeyboardInterrupt):
+        run_study(config, folder, progress=False)
+    assert [r.run.name for r in load_records(folder)] == ["base"]
+    write_report(folder)
+    report = (folder / "report.md").read_text()
+    assert "| base |" in report and "| parent_a |" not in report
+    assert "stale" in report and "parent_a, parent_b, linear, task_arithmetic-weight0.5" in report
+
+
+# suites without accuracy tasks
+
+
+@pytest.mark.parametrize("formats", [("perplexity",), ("medqa", "perplexity")])
+def test_perplexity_tasks_are_reported_lower_is_better(study_config, tmp_path, formats):
+    suite = write_suite(tmp_path / "suite", n=6, seed=5, formats=formats)
+    config = {**study_config, "suite": str(suite), "merges": study_config["merges"][:1]}
+    folder = run_study(config, tmp_path / "s", progress=False)
+    records = load_records(folder)
+    report = (folder / "report.md").read_text()
+    assert "Perplexity (lower is better)" in report
+    header = ("| model | tiny_perplexity word_perplexity | tiny_perplexity byte_perplexity | "
+              "tiny_perplexity bits_per_byte |")  # fmt: skip
+    assert header in report
+    rows = {line.split(" | ")[0].removeprefix("| "): line for line in report.splitlines()
+            if line.startswith("| ") and "perplexity" not in line}  # fmt: skip
+    word = {r.run.name: r.result["tasks"]["tiny_perplexity"]["metrics"]["word_perplexity"]
+            for r in records}  # fmt: skip
+    best = min(word, key=word.get)
+    assert f"| {best} | **{word[best]:.4g}** |" in report
+    assert all(name in rows for name in word)
+    assert ("| model | tiny_medqa | mean |" in report) == ("medqa" in formats)
+    assert ("McNemar" in report) == ("medqa" in formats)
+    assert "Cost per merge" in report and (folder / "table.tex").is_file()
+
+
+@pytest.mark.parametrize(
+    ("store", "fragment"),
+    [("notes.txt", "must name a SQLite file"), ("bashrc.db", "is not a SQLite database")],
+)
+def test_a_result_store_path_must_name_a_sqlite_file(mistral, tmp_path, store, fragment):
+    (tmp_path / "bashrc.db").write_text("export PATH=...")
+    with pytest.raises(ConfigError, match=fragment):
+        load_study({"base": str(mistral[0]), "models": [str(mistral[1])],
+                    "result_store": str(tmp_path / store)})  # fmt: skip
+    assert (tmp_path / "bashrc.db").read_text() == "export PATH=..."

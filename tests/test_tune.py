@@ -1,11 +1,15 @@
 """`medmerge tune` on tiny models and local suites: the search finds a known optimum, resumes
-after a kill as if never stopped, keeps its test part for the final step, runs on Ray, and
-refuses bad input before any merge."""
+after a kill as if never stopped (and refuses to resume with another space, objective or
+suite), keeps its test part for the final step, runs on Ray, and refuses bad input before any
+merge."""
 
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 import yaml
+from conftest import cli, one_line_error
 
 import medmerge.tune as tune
 from medmerge.errors import ConfigError
@@ -222,3 +226,206 @@ def test_bad_input_is_refused_before_any_merge(inputs, tmp_path, monkeypatch, ch
     with pytest.raises(ConfigError, match=message):
         tune.run_tune(_config(inputs, **change), tmp_path / "t", progress=False)
     assert not (tmp_path / "t" / "models").exists()
+
+
+# a resumed search keeps the config that drew its trials
+
+
+@pytest.fixture(scope="module")
+def finished(inputs, tmp_path_factory):
+    """A finished search of two trials, over a copy of the suite of its own."""
+    root = tmp_path_factory.mktemp("finished")
+    suite = shutil.copytree(inputs[4], root / "suite")
+    cfg = _config(inputs, suite, search={"trials": 2, "seed": 3})
+    return tune.run_tune(cfg, root / "t", progress=False), cfg
+
+
+OTHER_RANGE = {**SPACE, "per_model": [{"weight": {"low": 0.2, "high": 1.0}}, SPACE["per_model"][1]]}
+
+
+@pytest.mark.parametrize(
+    ("change", "key"),
+    [
+        ({"spaces": [OTHER_RANGE]}, "spaces"),
+        ({"spaces": [SPACE, {"method": "ties", "parameters": {"weight": 0.5}}]}, "spaces"),
+        ({"objective": {"kind": "worst"}}, "objective.kind"),
+        ({"search": {"trials": 2, "seed": 4}}, "search.seed"),
+        ({"search": {"trials": 2, "seed": 3, "sampler": "cmaes"}}, "search.sampler"),
+        ({"split": {"dev": 0.6}}, "split.dev"),
+        ({"protocol": {"num_fewshot": 1, "dtype": "float32"}}, "protocol.num_fewshot"),
+        ({"name": "other"}, "name"),
+    ],
+)
+def test_a_search_resumed_with_another_space_or_objective_is_refused(
+    finished, monkeypatch, change, key
+):
+    folder, cfg = finished
+    before = (folder / "tune.yaml").read_bytes()
+    monkeypatch.setattr(tune, "evaluate_run", lambda *a: pytest.fail("evaluated"))
+    with pytest.raises(ConfigError, match=rf"holds a search whose {key} differ.*--out.*tune.yaml"):
+        tune.run_tune({**cfg, **change}, folder, progress=False)
+    assert (folder / "tune.yaml").read_bytes() == before
+
+
+def test_a_search_resumed_on_changed_questions_is_refused(finished, monkeypatch):
+    folder, cfg = finished
+    data = Path(cfg["suite"]) / "medqa.jsonl"
+    original = data.read_text()
+    record = json.loads(original.splitlines()[0])
+    data.write_text(json.dumps(record | {"label": (record["label"] + 1) % 4}) + "\n"
+                    + "\n".join(original.splitlines()[1:]) + "\n")  # fmt: skip
+    monkeypatch.setattr(tune, "evaluate_run", lambda *a: pytest.fail("evaluated"))
+    try:
+        with pytest.raises(ConfigError, match="whose suite content differ"):
+            tune.run_tune(cfg, folder, progress=False)
+    finally:
+        data.write_text(original)
+
+
+class Resumed(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"search": {"trials": 5, "seed": 3, "concurrent": 2}},
+        {"final_top": 2},
+        {"keep_models": True},
+        {"baselines": [{"method": "linear", "parameters": {"weight": 0.5}}]},
+        {"protocol": {"num_fewshot": 0, "dtype": "float32", "batch_size": 2}},
+    ],
+)
+def test_a_search_resumes_with_more_trials_or_another_final_step(finished, monkeypatch, change):
+    folder, cfg = finished
+
+    def resumed(*args):
+        raise Resumed  # past the check, tune.yaml rewritten
+
+    monkeypatch.setattr(tune, "split_suite", resumed)
+    with pytest.raises(Resumed):
+        tune.run_tune({**cfg, **change}, folder, progress=False)
+    key = next(iter(change))
+    expected = tune.TuneConfig.model_validate({**cfg, **change}).model_dump(mode="json")[key]
+    assert yaml.safe_load((folder / "tune.yaml").read_text())[key] == expected
+
+
+def test_a_damaged_search_file_is_a_one_line_error(inputs, tmp_path, monkeypatch):
+    folder = tmp_path / "t"
+    folder.mkdir()
+    (folder / "optuna.sqlite3").write_bytes(b"not a database" * 100)
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump(_config(inputs)))
+    monkeypatch.setattr(tune, "evaluate_run", lambda *a: pytest.fail("evaluated"))
+    one_line_error(*cli("tune", config, "--out", folder), "t/optuna.sqlite3 cannot be read",
+                    "move it away", "--out")  # fmt: skip
+    assert not (folder / "tune.yaml").exists()
+
+
+@pytest.mark.parametrize("trials", ["0", "-3"])
+def test_trials_below_one_are_refused_up_front(inputs, tmp_path, trials):
+    config = tmp_path / "tune.yaml"
+    config.write_text(yaml.safe_dump(_config(inputs)))
+    out = tmp_path / "t"
+    code, output = cli("tune", config, "--out", out, "--trials", trials)
+    one_line_error(code, output, f"--trials {trials}: trials: Input should be greater than or")
+    assert not out.exists()
+
+
+def test_no_feasible_trial_leaves_no_best_yaml(inputs, tmp_path):
+    import optuna
+
+    from medmerge.records import Run, RunRecord
+    from medmerge.tune_report import write_tune_report
+
+    (tmp_path / "best.yaml").write_text("an earlier search's best")
+    result = {"tasks": {"t": {"n": 1, "metrics": {"acc": 1.0}, "stderr": {"acc": 0.0}}},
+              "samples": {"t": [{"doc_id": 0, "acc": 1.0}]}}  # fmt: skip
+    base = RunRecord(run=Run(name="base", kind="base", model="m"), fingerprint="f",
+                     eval_seconds=0.0, eval_cached=False, result=result)  # fmt: skip
+    cfg = tune.TuneConfig.model_validate(_config(inputs))
+    write_tune_report(tmp_path, optuna.create_study(), [base], cfg)
+    assert not (tmp_path / "best.yaml").exists()
+    assert "No trial met the constraints" in (tmp_path / "report.md").read_text()
+
+
+# the objective is accuracy
+
+
+@pytest.fixture(scope="module")
+def perplexity_suites(tmp_path_factory):
+    root = tmp_path_factory.mktemp("perplexity")
+    return {"mixed": write_suite(root / "mixed", n=12, formats=("medqa", "perplexity")),
+            "alone": write_suite(root / "alone", n=12, formats=("perplexity",))}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("suite", "change", "message"),
+    [
+        ("mixed", {"constraints": [{"task": "tiny_perplexity", "max_drop": 1.0}]},
+         "constraint names task 'tiny_perplexity', which is not an accuracy task"),
+        ("mixed", {"objective": {"kind": "weighted", "weights": {"tiny_perplexity": 1.0}}},
+         "objective weight names task 'tiny_perplexity'"),
+        ("mixed", {"objective": {"kind": "weighted", "weights": {"tiny_medqa": 0.0}}},
+         "weights must sum to more than 0"),
+        ("mixed", {"objective": {"kind": "weighted", "weights": {"tiny_medqa": -1.0}}},
+         "weights.tiny_medqa: Input should be greater than or equal to 0"),
+        ("alone", {}, "has no accuracy task"),
+    ],
+)  # fmt: skip
+def test_objectives_and_constraints_need_accuracy_tasks(
+    inputs, perplexity_suites, tmp_path, monkeypatch, suite, change, message
+):
+    monkeypatch.setattr(tune, "evaluate_run", lambda *a: pytest.fail("evaluated"))
+    with pytest.raises(ConfigError, match=message):
+        tune.run_tune(_config(inputs, perplexity_suites[suite], **change), tmp_path / "t",
+                      progress=False)  # fmt: skip
+    assert not (tmp_path / "t").exists()
+
+
+def test_a_study_without_accuracy_tasks_is_refused_as_a_baseline(
+    inputs, perplexity_suites, tmp_path, monkeypatch
+):
+    from medmerge.study import run_study
+
+    grid = {**_config(inputs, perplexity_suites["alone"]),
+            "merges": [{"method": "linear", "parameters": {"weight": 0.5}}]}  # fmt: skip
+    for key in ("search", "spaces", "final_top"):
+        del grid[key]
+    study = run_study(grid, tmp_path / "study", progress=False, report=False)
+    monkeypatch.setattr(tune, "evaluate_run", lambda *a: pytest.fail("evaluated"))
+    with pytest.raises(ConfigError, match="study .* has no accuracy task to choose its best"):
+        tune.run_tune(_config(inputs, study=str(study)), tmp_path / "t", progress=False)
+
+
+KILLED = """
+import json, os, signal, sys
+import medmerge.engine, medmerge.eval, medmerge.tune
+where = sys.argv[2]
+if where == "merge":  # killed while the first trial's merge is being written
+    medmerge.engine._write_metadata = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+else:  # killed after the first trial's merge, before its evaluation
+    real = medmerge.eval.evaluate
+    def evaluate(model, **kwargs):
+        if "trial-" in str(model):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(model, **kwargs)
+    medmerge.eval.evaluate = evaluate
+medmerge.tune.run_tune(json.loads(sys.argv[1]), sys.argv[3], progress=False)
+"""
+
+
+@pytest.mark.parametrize("where", ["merge", "eval"])
+def test_a_search_killed_during_a_trial_leaves_nothing_after_resuming(inputs, tmp_path, where):
+    import subprocess
+    import sys
+
+    cfg, folder = _config(inputs, search={"trials": 2, "seed": 3}), tmp_path / "t"
+    proc = subprocess.run([sys.executable, "-c", KILLED, json.dumps(cfg), where, str(folder)],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == -9, proc.stderr
+    left = sorted(p.name.split("tmp-")[0] for p in (folder / "models").iterdir())
+    assert left == ([".trial-0.", ".trial-0.lock"] if where == "merge" else ["trial-0"])
+    tune.run_tune(cfg, folder, progress=False)
+    assert sorted(p.name for p in (folder / "models").iterdir()) == []
+    assert len(_trials(folder)) == 2

@@ -158,7 +158,7 @@ class MergeConfig(Strict):
     tokenizer_source: Reference | None = None
     tokenizer: TokenizerConfig | None = None
     chat_template: str | None = None
-    name: Name | None = None  # a document's name in a multi-document file (a folder's name)
+    name: str | None = None  # a document's name in a multi-document file (`plain_name`)
     materialize_adapters: bool = False  # fold LoRA adapter entries into their base on the fly
 
     @model_validator(mode="before")

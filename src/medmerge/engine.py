@@ -45,7 +45,7 @@ from medmerge.checkpoint import (
     refuse_output_near,
     remove_leftovers,
 )
-from medmerge.config import MergeConfig, load_configs
+from medmerge.config import MergeConfig, load_configs, plain_name
 from medmerge.errors import ConfigError, MergeError, NonFiniteCosts
 from medmerge.hashing import sha256_file
 from medmerge.methods import largest_magnitude
@@ -416,6 +416,12 @@ def merge(
 def _stages(configs: list[MergeConfig]) -> tuple[list[MergeConfig], MergeConfig]:
     """The configs in an order where each comes after those it names as models, and the final
     one: the one without a name, else the one no other names."""
+    for c in configs:
+        if c.name:
+            try:  # the folder its merge is written to
+                plain_name(c.name)
+            except ValueError as e:
+                raise ConfigError(f"a multi-document merge config's name {e}") from e
     names = {c.name for c in configs if c.name}
     unnamed = [c for c in configs if not c.name]
     if len(unnamed) > 1 or len(names) != len(configs) - len(unnamed):

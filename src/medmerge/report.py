@@ -8,7 +8,12 @@
   per task) and `sensitivity_<method>_<parameter>.png` for every swept parameter;
 - a cost table (merge seconds, peak memory, evaluation seconds) and, for each merge and task, a
   paired exact McNemar test against the better parent on that task (per-question results), so
-  that differences of one standard error are not over-read.
+  that differences of one standard error are not over-read;
+- a perplexity table (lower is better) for the suite's perplexity tasks: a suite of perplexity
+  tasks alone gets that table and the costs.
+
+Only the records of the study as it is configured now are reported: a record stored under an
+older config or suite content is named as stale and left out of every table.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from pathlib import Path
 
 from scipy.stats import binomtest
 
-from medmerge.records import RunRecord, load_records, load_study
+from medmerge.errors import ConfigError
+from medmerge.records import RunRecord, load_study, stored_records
 
 PLOT_STYLE = {
     "figure.facecolor": "white",
@@ -35,18 +41,31 @@ PLOT_STYLE = {
 }
 
 
-def accuracy_tasks(records: list[RunRecord]) -> list[str]:
+PERPLEXITY = ("word_perplexity", "byte_perplexity", "bits_per_byte")  # lower is better
+
+
+def tasks_with(records: list[RunRecord], metric: str) -> list[str]:
+    """The tasks that report `metric`, in the order the records give them."""
     tasks: list[str] = []
     for r in records:
         for task, score in r.result["tasks"].items():
-            if "acc" in score["metrics"] and task not in tasks:
+            if metric in score["metrics"] and task not in tasks:
                 tasks.append(task)
     return tasks
 
 
-def acc(record: RunRecord, task: str) -> tuple[float, float | None]:
+def accuracy_tasks(records: list[RunRecord]) -> list[str]:
+    return tasks_with(records, "acc")
+
+
+def metric(record: RunRecord, task: str, name: str) -> tuple[float, float | None]:
+    """A task's metric and its standard error (None where lm-eval gives none)."""
     score = record.result["tasks"][task]
-    return score["metrics"]["acc"], score["stderr"].get("acc")
+    return score["metrics"][name], score["stderr"].get(name)
+
+
+def acc(record: RunRecord, task: str) -> tuple[float, float | None]:
+    return metric(record, task, "acc")
 
 
 def mean_acc(record: RunRecord, tasks: list[str]) -> tuple[float, float]:
@@ -114,50 +133,73 @@ def write_csv(records: list[RunRecord], path: Path) -> None:
                     )
 
 
+def _cell(value: float, se: float | None, scale: float = 100.0, spec: str = ".2f") -> str:
+    v = f"{scale * value:{spec}}"
+    return v if se is None else f"{v} ± {scale * se:{spec}}"
+
+
 def _cells(records, tasks):
     """Formatted `acc +- stderr` cells with the best of each column marked."""
     best = {t: max(acc(r, t)[0] for r in records) for t in tasks}
     best["mean"] = max(mean_acc(r, tasks)[0] for r in records)
     rows = []
     for r in records:
-        cells = []
-        for t in tasks:
-            v, se = acc(r, t)
-            cells.append(
-                (
-                    f"{100 * v:.2f} ± {100 * se:.2f}" if se is not None else f"{100 * v:.2f}",
-                    v == best[t],
-                )
-            )
+        cells = [(_cell(*acc(r, t)), acc(r, t)[0] == best[t]) for t in tasks]
         m, mse = mean_acc(r, tasks)
-        cells.append((f"{100 * m:.2f} ± {100 * mse:.2f}", m == best["mean"]))
+        cells.append((_cell(m, mse), m == best["mean"]))
         rows.append((r.run.name, cells))
     return rows
 
 
-def markdown_table(records, tasks) -> str:
-    lines = ["| model | " + " | ".join(tasks) + " | mean |", "|---|" + "---|" * (len(tasks) + 1)]
-    for name, cells in _cells(records, tasks):
+def _perplexity_cells(records, tasks):
+    """Every perplexity metric of every perplexity task, the lowest of each column marked."""
+    columns = [(t, m) for t in tasks for m in PERPLEXITY]
+    best = {c: min(metric(r, *c)[0] for r in records) for c in columns}
+    rows = [
+        (
+            r.run.name,
+            [(_cell(*metric(r, *c), 1.0, ".4g"), metric(r, *c)[0] == best[c]) for c in columns],
+        )
+        for r in records
+    ]
+    return [f"{t} {m}" for t, m in columns], rows
+
+
+def _markdown(header: list[str], rows) -> str:
+    lines = ["| model | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for name, cells in rows:
         shown = [f"**{c}**" if bold else c for c, bold in cells]
         lines.append(f"| {name} | " + " | ".join(shown) + " |")
     return "\n".join(lines)
 
 
-def latex_table(records, tasks) -> str:
+def markdown_table(records, tasks) -> str:
+    return _markdown([*tasks, "mean"], _cells(records, tasks))
+
+
+def perplexity_table(records, tasks) -> str:
+    return _markdown(*_perplexity_cells(records, tasks))
+
+
+def _latex(header: list[str], rows) -> str:
     def esc(s):
         return s.replace("_", r"\_")
 
     lines = [
-        r"\begin{tabular}{l" + "c" * (len(tasks) + 1) + "}",
+        r"\begin{tabular}{l" + "c" * len(header) + "}",
         r"\toprule",
-        "Model & " + " & ".join(esc(t) for t in tasks) + r" & Mean \\",
+        "Model & " + " & ".join(esc(t) for t in header) + r" \\",
         r"\midrule",
     ]
-    for name, cells in _cells(records, tasks):
+    for name, cells in rows:
         shown = [(r"\textbf{%s}" if bold else "%s") % c.replace("±", r"$\pm$") for c, bold in cells]
         lines.append(esc(name) + " & " + " & ".join(shown) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}"]
     return "\n".join(lines) + "\n"
+
+
+def latex_table(records, tasks) -> str:
+    return _latex([*tasks, "Mean"], _cells(records, tasks))
 
 
 def _plt():
@@ -213,7 +255,8 @@ def fig_delta(records, tasks, path: Path) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks, rotation=15)
     ax.set_ylabel("accuracy minus base (points)")
     ax.set_title("Accuracy difference versus the base, per task")
-    ax.legend(fontsize=7, ncol=2, loc="best")
+    if others:  # a study stopped after its base has no bars yet
+        ax.legend(fontsize=7, ncol=2, loc="best")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -297,12 +340,52 @@ def identical_weights(records: list[RunRecord]) -> list[list[str]]:
 def write_report(folder: str | Path) -> Path:
     """Render the report of a study folder from its stored run records."""
     folder = Path(folder)
-    records = load_records(folder)
+    study = load_study(folder / "study.yaml")
+    records, stale = stored_records(folder)
     if not any(r.run.kind == "base" for r in records):
-        raise FileNotFoundError(f"{folder} has no finished base run to report on")
-    tasks = accuracy_tasks(records)
+        raise ConfigError(
+            f"study {folder} has no finished base run under its current config and suite"
+            + (f" ({len(stale)} stored runs are stale)" if stale else "")
+            + "; run the study to (re)do it"
+        )
+    tasks, perplexity = accuracy_tasks(records), tasks_with(records, "word_perplexity")
     write_csv(records, folder / "results.csv")
-    (folder / "table.tex").write_text(latex_table(records, tasks))
+    md = [f"# Study report: {study.name}", "", protocol_line(records, study.suite), ""]
+    if stale:
+        md += [
+            f"Left out as stale (stored under an older config or suite; rerun the study to "
+            f"redo them): {', '.join(stale)}.",
+            "",
+        ]
+    figures: dict[str, str] = {}
+    if tasks:
+        (folder / "table.tex").write_text(latex_table(records, tasks))
+        md += ["Accuracy (%) ± standard error, best per column in bold.", ""]
+        md += [markdown_table(records, tasks), ""]
+    if perplexity:
+        if not tasks:
+            (folder / "table.tex").write_text(_latex(*_perplexity_cells(records, perplexity)))
+        md += ["Perplexity (lower is better), best per column in bold.", ""]
+        md += [perplexity_table(records, perplexity), ""]
+    same = identical_weights(records)
+    if same:
+        md += ["Rows with identical weights (same fingerprint), so identical scores:", ""]
+        md += [f"- {', '.join(names)}" for names in same]
+        md += [""]
+    if tasks:
+        figures = _figures(records, tasks, folder)
+    for file, title in figures.items():
+        md += [f"## {title}", "", f"![{title}]({file})", ""]
+    md += _costs(records)
+    if tasks:
+        md += _significance(records, tasks)
+    (folder / "report.md").write_text("\n".join(md) + "\n")
+    (folder / "report.html").write_text(_html("\n".join(md), folder, figures))
+    return folder / "report.md"
+
+
+def _figures(records: list[RunRecord], tasks: list[str], folder: Path) -> dict[str, str]:
+    """The accuracy figures, written into `folder`: file name -> title."""
     figures = {
         "fig2_ranking.png": "Models ranked by mean accuracy",
         "fig3_delta_vs_base.png": "Accuracy difference versus the base",
@@ -316,27 +399,11 @@ def write_report(folder: str | Path) -> Path:
         name = f"sensitivity_{method}_{param}.png"
         if fig_sensitivity(records, tasks, method, param, folder / name):
             figures[name] = f"{method}: accuracy versus {param}"
-    sig = significance(records, tasks)
-    costs = [r for r in records if r.run.kind == "merge"]
-    study = load_study(folder / "study.yaml")
+    return figures
+
+
+def _costs(records: list[RunRecord]) -> list[str]:
     md = [
-        f"# Study report: {study.name}",
-        "",
-        protocol_line(records, study.suite),
-        "",
-        "Accuracy (%) ± standard error, best per column in bold.",
-        "",
-        markdown_table(records, tasks),
-        "",
-    ]
-    same = identical_weights(records)
-    if same:
-        md += ["Rows with identical weights (same fingerprint), so identical scores:", ""]
-        md += [f"- {', '.join(names)}" for names in same]
-        md += [""]
-    for file, title in figures.items():
-        md += [f"## {title}", "", f"![{title}]({file})", ""]
-    md += [
         "## Cost per merge",
         "",
         "| model | method | merge s | peak memory MB | eval s |",
@@ -345,9 +412,14 @@ def write_report(folder: str | Path) -> Path:
     md += [
         f"| {r.run.name} | {r.run.method} | {r.merge_seconds} | {r.merge_peak_rss_mb} | "
         f"{r.eval_seconds} |"
-        for r in costs
+        for r in records
+        if r.run.kind == "merge"
     ]
-    md += [
+    return md
+
+
+def _significance(records: list[RunRecord], tasks: list[str]) -> list[str]:
+    md = [
         "",
         "## Is the difference real? Merge versus the better parent, per task",
         "",
@@ -361,11 +433,9 @@ def write_report(folder: str | Path) -> Path:
         f"| {s['model']} | {s['task']} | {s['versus']} | {s['delta_points']:+.2f} | "
         f"{s['only_merge_right']} | {s['only_parent_right']} | {s['p_value']:.3g}"
         f"{' *' if s['p_value'] < 0.05 else ''} |"
-        for s in sig
+        for s in significance(records, tasks)
     ]
-    (folder / "report.md").write_text("\n".join(md) + "\n")
-    (folder / "report.html").write_text(_html("\n".join(md), folder, figures))
-    return folder / "report.md"
+    return md
 
 
 def _html(markdown: str, folder: Path, figures: dict[str, str]) -> str:

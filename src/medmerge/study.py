@@ -11,8 +11,6 @@ is cuda); the local executor needs no Ray.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -25,7 +23,7 @@ import psutil
 import yaml
 from tqdm.auto import tqdm
 
-from medmerge.checkpoint import locked
+from medmerge.checkpoint import locked, sweep
 from medmerge.errors import ConfigError
 from medmerge.records import (
     Run,
@@ -34,7 +32,9 @@ from medmerge.records import (
     expand,
     load_study,
     read_record,
+    run_hash,
     save_record,
+    suite_hash,
 )
 
 log = logging.getLogger("medmerge")
@@ -79,17 +79,6 @@ class PeakRSS:
         self._stop.set()
         self._thread.join()
         self.mb = self.peak / 2**20
-
-
-def _run_hash(run: Run, study: StudyConfig) -> str:
-    key = {
-        "run": run.model_dump(),
-        "suite": study.suite,
-        "tasks": study.tasks,
-        "protocol": study.protocol.model_dump(),
-        "merge": study.merge.model_dump(),
-    }
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def execute_run(run: Run, study: StudyConfig, folder: str) -> RunRecord:
@@ -154,14 +143,24 @@ def run_study(
 ) -> Path:
     """Run (or resume) a study into `out`; returns the folder. Writes the report at the end."""
     study = load_study(config)
+    runs = expand(study)  # names checked (unique, plain) before anything is written
     folder = Path(out or f"studies/{study.name}")
+    suite = suite_hash(study, "study config")
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder):  # one process at a time runs a study folder
-        _run_locked(study, folder, executor, report, progress)
+        _run_locked(study, runs, suite, folder, executor, report, progress)
     return folder
 
 
-def _run_locked(study: StudyConfig, folder: Path, executor: str, report: bool, progress: bool):
+def _run_locked(
+    study: StudyConfig,
+    runs: list[Run],
+    suite: str,
+    folder: Path,
+    executor: str,
+    report: bool,
+    progress: bool,
+):
     (folder / "runs").mkdir(parents=True, exist_ok=True)
     (folder / "models").mkdir(exist_ok=True)
     (folder / "study.yaml").write_text(
@@ -171,18 +170,13 @@ def _run_locked(study: StudyConfig, folder: Path, executor: str, report: bool, p
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     try:
-        for leftover in (folder / "models").glob(".*.tmp-*"):
-            log.info("removing half-written merge %s", leftover)
-            shutil.rmtree(leftover, ignore_errors=True)
-        runs = expand(study)
-        todo = []
-        for run in runs:
-            if not _done(folder / "runs" / f"{run.name}.json", _run_hash(run, study)):
-                todo.append(run)
+        sweep(folder / "models")  # half-written merges of a killed run, their locks
+        hashes = {run.name: run_hash(run, study, suite) for run in runs}
+        todo = [r for r in runs if not _done(folder / "runs" / f"{r.name}.json", hashes[r.name])]
         check_merges(todo)
         log.info("study %s: %d runs, %d to do", study.name, len(runs), len(todo))
         if executor == "ray":
-            _run_ray(todo, study, folder)
+            _run_ray(todo, study, folder, hashes)
         else:
             with tqdm(
                 total=len(runs),
@@ -196,7 +190,7 @@ def _run_locked(study: StudyConfig, folder: Path, executor: str, report: bool, p
                         f"{run.name}: {'merge+eval' if run.kind == 'merge' else 'eval'}"
                     )
                     record = execute_run(run, study, str(folder))
-                    save_record(folder, record, _run_hash(run, study))
+                    save_record(folder, record, hashes[run.name])
                     log.info(
                         "run %s done (merge %s s, eval %s s%s)",
                         run.name,
@@ -241,7 +235,7 @@ def _done(path: Path, run_hash: str) -> bool:
         return False
 
 
-def _run_ray(todo: list[Run], study: StudyConfig, folder: Path) -> None:
+def _run_ray(todo: list[Run], study: StudyConfig, folder: Path, hashes: dict[str, str]) -> None:
     try:
         import ray
     except ImportError as e:
@@ -255,5 +249,5 @@ def _run_ray(todo: list[Run], study: StudyConfig, folder: Path) -> None:
         ready, _ = ray.wait(list(pending), num_returns=1)
         run = pending.pop(ready[0])
         record = ray.get(ready[0])
-        save_record(folder, record, _run_hash(run, study))
+        save_record(folder, record, hashes[run.name])
         log.info("run %s done on ray", run.name)

@@ -31,7 +31,8 @@ A parameter is a constant, a float range (`low`, `high`, `log`), an integer rang
 (`type: int`), `choices`, or a float range with `gradient: N` (N values over the layers, as
 mergekit interpolates a list). With several spaces the method is itself a choice.
 
-The folder holds `tune.yaml`, `optuna.sqlite3` (the search: a rerun resumes it), `suites/`
+The folder holds `tune.yaml`, `optuna.sqlite3` (the search: a rerun with the same config
+resumes it; one with another search space, objective, suite or protocol is refused), `suites/`
 (the dev and test parts), `results.sqlite` (the evaluation store: merged weights that hash the
 same as an earlier trial's reuse its evaluation), `heldout.json`, `best.yaml` and `report.md`
 with its figures. Each trial's sampler is seeded by the seed and the number of trials finished
@@ -46,16 +47,17 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import optuna
+import sqlalchemy.exc
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medmerge.checkpoint import locked
+from medmerge.checkpoint import locked, sweep
 from medmerge.config import Reference, read_yaml
 from medmerge.errors import ConfigError
-from medmerge.eval.suites import SuiteManifest, load_suite
+from medmerge.eval.suites import Suite, SuiteManifest, load_suite
 from medmerge.methods import config_name, get_method
 from medmerge.records import (
     MergeOptions,
@@ -110,7 +112,15 @@ class MethodSpace(BaseModel):
 class Objective(BaseModel):
     model_config = ConfigDict(extra="forbid")
     kind: Literal["mean", "weighted", "worst"] = "mean"
-    weights: dict[str, float] | None = None
+    weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
+
+    @model_validator(mode="after")
+    def _weights(self):
+        if self.kind == "weighted" and not self.weights:
+            raise ValueError("kind weighted needs `weights: {task: w}`")
+        if self.weights is not None and not sum(self.weights.values()) > 0:
+            raise ValueError("the weights must sum to more than 0 (give some task a weight > 0)")
+        return self
 
 
 class Constraint(BaseModel):
@@ -160,28 +170,36 @@ def load_tune(config: str | Path | dict | TuneConfig) -> TuneConfig:
     if isinstance(config, TuneConfig):
         cfg = config
     else:
-        try:
-            cfg = TuneConfig.model_validate(read_mapping(config, "tune config"))
-        except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
-                for err in e.errors()
-            )
-            raise ConfigError(f"invalid tune config: {problems}") from e
+        cfg = _validated(TuneConfig, read_mapping(config, "tune config"), "invalid tune config")
     for space in cfg.spaces:
         _check_space(space, len(cfg.models))
-    tasks = _suite_tasks(cfg)
+    scored = _suite(cfg).accuracy_tasks
+    if not scored:
+        raise ConfigError(
+            f"tune config: suite {cfg.suite} has no accuracy task (perplexity alone), and the "
+            "objective is accuracy; add a multiple-choice task to the suite or to `tasks`"
+        )
     named = [(c.task, "constraint") for c in cfg.constraints]
     named += [(t, "objective weight") for t in (cfg.objective.weights or {})]
     for task, what in named:
-        if task not in tasks:
+        if task not in scored:
             raise ConfigError(
-                f"tune config: the {what} names task {task!r}, which the suite does not have "
-                f"(its tasks: {', '.join(tasks)})"
+                f"tune config: the {what} names task {task!r}, which is not an accuracy task of "
+                f"the suite (its accuracy tasks: {', '.join(scored)})"
             )
-    if cfg.objective.kind == "weighted" and not cfg.objective.weights:
-        raise ConfigError("tune config: objective kind weighted needs `weights: {task: w}`")
     return cfg
+
+
+def _validated(model: type[BaseModel], data: Any, what: str) -> Any:
+    """`model` validated from `data`; a ConfigError naming each bad key otherwise."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
+            for err in e.errors()
+        )
+        raise ConfigError(f"{what}: {problems}") from e
 
 
 def _check_space(space: MethodSpace, models: int) -> None:
@@ -209,13 +227,13 @@ def _check_space(space: MethodSpace, models: int) -> None:
                     raise ConfigError(f"tune space {space.method}: {where}.{key}: {problem}") from e
 
 
-def _suite_tasks(cfg: TuneConfig) -> list[str]:
+def _suite(cfg: TuneConfig) -> Suite:
     if cfg.suite == "paper":
         raise ConfigError(
             "tune needs a local suite (a folder with suite.yaml) to split into dev and test "
             "parts; the paper suite's Hub datasets cannot be split offline"
         )
-    return load_suite(cfg.suite, cfg.tasks).tasks
+    return load_suite(cfg.suite, cfg.tasks)
 
 
 # ---- the dev and test parts ----
@@ -398,9 +416,9 @@ class Reseeded(optuna.samplers.BaseSampler):
 class _Search:
     """One tune folder's search: the Optuna study in SQLite, the dev part, the base's scores."""
 
-    def __init__(self, cfg: TuneConfig, folder: Path, suites: dict[str, Path]):
+    def __init__(self, cfg: TuneConfig, folder: Path, suites: dict[str, Path],
+                 storage: optuna.storages.RDBStorage):  # fmt: skip
         self.cfg, self.folder, self.suites = cfg, folder, suites
-        storage = optuna.storages.RDBStorage(f"sqlite:///{folder / 'optuna.sqlite3'}")
         self.study = optuna.create_study(
             study_name=cfg.name,
             storage=storage,
@@ -418,9 +436,24 @@ class _Search:
         for t in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
             storage.set_trial_user_attr(t._trial_id, "interrupted", True)
             storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+        self._sweep()
         base = Run(name="base", kind="base", model=cfg.base)
         record = self.evaluate(base, "dev", None)
         self.base_dev = accuracies(record.result)
+
+    def _sweep(self) -> None:
+        """Remove what a killed search left in `models/`: half-written merges and their locks,
+        and the merged models of trials that did not finish (a finished trial's model is kept
+        only by the final step)."""
+        models = self.folder / "models"
+        sweep(models)
+        complete = {t.number for t in self.study.get_trials(
+            deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}  # fmt: skip
+        for left in models.glob("trial-*"):
+            number = left.name.removeprefix("trial-")
+            if not (number.isdigit() and int(number) in complete):
+                log.info("removing the model of unfinished trial %s", left.name)
+                shutil.rmtree(left, ignore_errors=True)
 
     def evaluate(self, run: Run, part: str, limit: int | None, keep: bool = False) -> RunRecord:
         return evaluate_run(run, self.cfg, str(self.folder), str(self.suites[part]), limit,
@@ -550,7 +583,8 @@ def run_tune(
     write the report; returns the folder."""
     cfg = load_tune(config)
     if trials is not None:
-        cfg.search.trials = trials
+        search = {**cfg.search.model_dump(), "trials": trials}
+        cfg = cfg.model_copy(update={"search": _validated(Search, search, f"--trials {trials}")})
     # local paths made absolute: Ray Tune runs each trial in a folder of its own
     local = {k: str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v
              for k, v in (("base", cfg.base), ("suite", cfg.suite))}  # fmt: skip
@@ -561,11 +595,15 @@ def run_tune(
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder):
         _check_merges(cfg)
+        suite_hash = _suite(cfg).content_hash
+        storage = _storage(folder)
+        _check_resume(cfg, folder, storage, suite_hash)
         (folder / "models").mkdir(exist_ok=True)
         (folder / "tune.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"),
                                                          sort_keys=False))  # fmt: skip
         suites = split_suite(cfg.suite, folder / "suites", cfg.split.dev, cfg.split.seed)
-        search = _Search(cfg, folder, suites)
+        search = _Search(cfg, folder, suites, storage)
+        search.study.set_user_attr("suite", suite_hash)
         if executor == "ray":
             search.run_ray(cfg.search.trials)
         else:
@@ -575,6 +613,60 @@ def run_tune(
 
         write_tune_report(folder, search.study, heldout, cfg)
     return folder
+
+
+def _storage(folder: Path) -> optuna.storages.RDBStorage:
+    """The folder's Optuna storage, read once through; a damaged file is a ConfigError."""
+    path = folder / "optuna.sqlite3"
+    try:
+        storage = optuna.storages.RDBStorage(f"sqlite:///{path}")
+        optuna.get_all_study_summaries(storage)
+    except (sqlalchemy.exc.SQLAlchemyError, RuntimeError) as e:
+        raise ConfigError(
+            f"{path} cannot be read as an Optuna search ({type(e).__name__}); move it away to "
+            "search anew in this folder, or give a new folder with --out"
+        ) from e
+    return storage
+
+
+# what a resumed search may change: how many trials, how they run, what the final step judges
+RESUMABLE = ("search.trials", "search.concurrent", "protocol.batch_size", "protocol.device",
+             "merge.device", "baselines", "study", "final_top", "keep_models")  # fmt: skip
+
+
+def _check_resume(cfg: TuneConfig, folder: Path, storage, suite_hash: str) -> None:
+    """A folder's trials were drawn from its `tune.yaml` and scored on its suite: resuming
+    them with another space, objective, split, protocol, models or suite content would mix
+    incomparable trials (or fail in Optuna), so it is refused before `tune.yaml` is
+    rewritten. More trials and another final step are fine."""
+    summaries = [s for s in optuna.get_all_study_summaries(storage) if s.n_trials]
+    if not summaries:
+        return
+    stored = folder / "tune.yaml"
+    fix = f"search anew in a new folder (--out), or resume with the config in {stored}"
+    try:
+        before = _search_defining(_validated(TuneConfig, read_mapping(stored, "tune config"),
+                                             f"invalid {stored}"))  # fmt: skip
+    except ConfigError as e:
+        raise ConfigError(f"{folder} holds a search, but: {e}; {fix}") from e
+    changed = [k for k, v in _search_defining(cfg).items() if before[k] != v]
+    if any(s.user_attrs.get("suite", suite_hash) != suite_hash for s in summaries):
+        changed.append("suite content")
+    if changed:
+        raise ConfigError(
+            f"{folder} holds a search whose {', '.join(changed)} differ from this config's; "
+            f"its trials cannot be resumed with this config: {fix}"
+        )
+
+
+def _search_defining(cfg: TuneConfig) -> dict:
+    """The config's keys (`search.seed`, `spaces`, ...) less those a resumed search may change
+    (`RESUMABLE`)."""
+    flat = {}
+    for key, value in cfg.model_dump(mode="json").items():
+        for sub, v in value.items() if isinstance(value, dict) else [("", value)]:
+            flat[f"{key}.{sub}" if sub else key] = v
+    return {k: v for k, v in flat.items() if k not in RESUMABLE}
 
 
 def _check_merges(cfg: TuneConfig) -> None:
@@ -605,6 +697,11 @@ def _baselines(cfg: TuneConfig) -> list[Run]:
         if not merges:
             raise ConfigError(f"tune config: study {cfg.study} has no finished merge")
         tasks = accuracy_tasks(merges)
+        if not tasks:
+            raise ConfigError(
+                f"tune config: study {cfg.study} has no accuracy task to choose its best merge "
+                "by; leave `study` out"
+            )
         best = max(merges, key=lambda r: mean_acc(r, tasks)[0])
         runs.append(best.run.model_copy(update={"name": f"study-{best.run.name}"}))
     return runs

@@ -65,6 +65,8 @@ def write_tune_report(folder: Path, study, heldout: list[RunRecord], cfg) -> Pat
     best = next((r for r in heldout if r.run.name.startswith("trial-")), None)
     if best is not None:
         (folder / "best.yaml").write_text(yaml.safe_dump(best.run.merge_config, sort_keys=False))
+    else:  # no trial met the constraints: an earlier run's best.yaml is not this search's
+        (folder / "best.yaml").unlink(missing_ok=True)
     figures = _figures(folder, study, complete)
     importances = _importances(study, complete)
     text, rows = verdict(heldout, tasks)

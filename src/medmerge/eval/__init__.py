@@ -16,7 +16,7 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from medmerge import references
 from medmerge.errors import EvalError
@@ -192,11 +192,8 @@ def evaluate(
     }
     fingerprint = model_fingerprint(model_dir)
     results_db = ResultStore(store)
-    hit = results_db.get(fingerprint, protocol) if use_cache else None
-    if hit is not None:
-        log.info("evaluation of %s found in the result store", model_dir)
-        result = EvalResult(**{**hit, "model": reference, "cached": True})
-    else:
+    result = _stored(results_db, fingerprint, protocol, reference) if use_cache else None
+    if result is None:
         result = _run(
             lm_eval,
             TaskManager,
@@ -211,6 +208,21 @@ def evaluate(
         results_db.put(fingerprint, protocol, result.model_dump(exclude={"cached"}))
     if out:
         Path(out).write_text(result.model_dump_json(indent=2))
+    return result
+
+
+def _stored(store: ResultStore, fingerprint: str, protocol: dict, reference: str):
+    """The stored result of this model and protocol, or None (also for a row that no longer
+    validates as a result: evaluated again and replaced)."""
+    hit = store.get(fingerprint, protocol)
+    if hit is None:
+        return None
+    try:
+        result = EvalResult.model_validate({**hit, "model": reference, "cached": True})
+    except ValidationError:
+        store.damaged()
+        return None
+    log.info("evaluation of %s found in the result store", reference)
     return result
 
 

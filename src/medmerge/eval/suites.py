@@ -14,13 +14,16 @@ tasks:
 Records use the upstream datasets' field names, so an export of the real dataset drops in. Each
 task becomes an lm-eval task YAML that `include`s the upstream task's own YAML, so the prompt
 functions (and so the prompts) are exactly the paper's; only the data source is replaced by
-`dataset_path: json` with local `data_files`.
+`dataset_path: json` with local `data_files`. The generated YAML goes to the medmerge cache
+(`suites/`), or to a private temporary folder where the cache cannot be written.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import tempfile
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -30,6 +33,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from medmerge.config import read_yaml
 from medmerge.errors import ConfigError
 from medmerge.hashing import cache_dir
+
+log = logging.getLogger("medmerge")
 
 Format = Literal["medqa", "medqa_cloze", "pubmedqa", "mmlu", "medmcqa", "hellaswag", "perplexity"]
 
@@ -65,7 +70,9 @@ MEDQA_CLOZE = {
     "metadata": {"version": 1.0},
 }
 
-Label4 = Annotated[int, Field(ge=0, le=3)]
+# strict: medqa, mmlu and medmcqa hand the label to lm-eval as it is, and a string "1" (or true)
+# is then never the right answer. Hellaswag's upstream YAML converts its label with int().
+Label4 = Annotated[int, Field(ge=0, le=3, strict=True)]
 
 
 class _Record(BaseModel):
@@ -158,6 +165,18 @@ class SuiteManifest(BaseModel):
     name: Name
     tasks: list[TaskSpec]
 
+    @field_validator("tasks")
+    @classmethod
+    def _unique_names(cls, tasks):
+        """Each task becomes `NAME.yaml`: a second task of a name would replace the first.
+        Compared case-blind, as macOS and Windows compare file names."""
+        seen: set[str] = set()
+        for task in tasks:
+            if task.name.casefold() in seen:
+                raise ValueError(f"two tasks are named {task.name!r}; give each its own name")
+            seen.add(task.name.casefold())
+        return tasks
+
 
 class Suite(BaseModel):
     """A resolved suite: lm-eval task names, and (local suites) the folder of generated YAML."""
@@ -167,6 +186,11 @@ class Suite(BaseModel):
     include_path: str | None = None  # folder of generated task YAML, for lm-eval's TaskManager
     content_hash: str  # identifies the exact data and prompts, for the result store
     local: bool
+    perplexity: list[str] = []  # the tasks scored by perplexity (lower is better), not accuracy
+
+    @property
+    def accuracy_tasks(self) -> list[str]:
+        return [t for t in self.tasks if t not in self.perplexity]
 
 
 def validate_records(path: Path, fmt: str) -> int:
@@ -189,14 +213,23 @@ def validate_records(path: Path, fmt: str) -> int:
         try:
             model.model_validate(record)
         except ValidationError as e:
-            problems = "; ".join(
-                f"{'.'.join(map(str, err['loc'])) or 'record'}: {err['msg']}" for err in e.errors()
-            )
+            problems = "; ".join(_problem(err) for err in e.errors())
             raise ConfigError(f"{path}:{line_no}: invalid {fmt} record: {problems}") from e
         count += 1
     if count == 0:
         raise ConfigError(f"suite data file {path} has no records")
     return count
+
+
+def _problem(err: dict) -> str:
+    """One validation error of a record, with the fix where the type is wrong."""
+    where = ".".join(map(str, err["loc"])) or "record"
+    if err["type"] == "int_type":
+        return (
+            f"{where}: must be a JSON integer, not {json.dumps(err['input'])}; write the "
+            "number without quotes or decimals (e.g. 1)"
+        )
+    return f"{where}: {err['msg']}"
 
 
 def _upstream_dir() -> Path:
@@ -245,6 +278,8 @@ def _task_yaml(spec: TaskSpec, folder: Path, suite: str) -> dict:
 
 def load_suite(suite: str | Path, tasks: list[str] | None = None) -> Suite:
     """`paper`, or a local suite folder; optionally restricted to some tasks."""
+    if tasks and len(set(tasks)) < len(tasks):
+        raise ConfigError(f"the task list {tasks} names a task twice; name each once")
     if str(suite) == "paper":
         names = tasks or list(PAPER_TASKS)
         unknown = set(names) - set(PAPER_TASKS)
@@ -288,15 +323,42 @@ def load_suite(suite: str | Path, tasks: list[str] | None = None) -> Suite:
             validate_records(folder / rel, spec.format)
             h.update((folder / rel).read_bytes())
     digest = h.hexdigest()[:16]
-    out = cache_dir() / "suites" / f"{manifest.name}-{digest}"
-    out.mkdir(parents=True, exist_ok=True)
-    for spec in specs:
-        text = yaml.safe_dump(_task_yaml(spec, folder, manifest.name), sort_keys=False)
-        (out / f"{spec.name}.yaml").write_text(text)
+    files = {f"{spec.name}.yaml": _task_yaml(spec, folder, manifest.name) for spec in specs}
     return Suite(
         name=manifest.name,
         tasks=[s.name for s in specs],
-        include_path=str(out),
+        include_path=str(_write_task_yaml(f"{manifest.name}-{digest}", files)),
         content_hash=digest,
         local=True,
+        perplexity=[s.name for s in specs if s.format == "perplexity"],
     )
+
+
+_FALLBACK: dict[str, Path] = {}  # suite folder name -> its temporary folder, one per process
+
+
+def _write_task_yaml(name: str, files: dict[str, dict]) -> Path:
+    """Write a suite's task YAML under the cache (`suites/NAME`); where the cache cannot be
+    written (read-only, a path under a file), into a private temporary folder instead, with one
+    warning: the cache only saves rewriting a few small files."""
+    out = cache_dir() / "suites" / name
+    try:
+        _write_files(out, files)
+    except OSError as e:
+        if name not in _FALLBACK:
+            _FALLBACK[name] = Path(tempfile.mkdtemp(prefix="medmerge-suite-"))
+            log.warning(
+                "cannot write the suite's task files under %s (%s); using %s instead",
+                out,
+                e.strerror or e,
+                _FALLBACK[name],
+            )
+        out = _FALLBACK[name]
+        _write_files(out, files)
+    return out
+
+
+def _write_files(folder: Path, files: dict[str, dict]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, cfg in files.items():
+        (folder / name).write_text(yaml.safe_dump(cfg, sort_keys=False))
