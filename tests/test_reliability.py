@@ -528,6 +528,7 @@ def test_index_lists_of_layers_follow_the_slices(tmp_path):
           "model": "A", "token_id": 999999}}}}, "token_id 999999 is past model"),
         ({"source": "union", "tokens": {"<s>": {"source": {"kind": "model_token",
           "model": "A"}}}}, "give token or token_id"),
+        ({"source": "union", "pad_to_multiple_of": 10**9}, "pad_to_multiple_of"),
     ],
 )  # fmt: skip
 def test_bad_tokenizer_settings_are_one_line_errors(mistral, tmp_path, no_reads, tokenizer,
@@ -762,6 +763,11 @@ def test_damaged_tokenizer_files_are_one_line_errors(mistral, tmp_path, files, s
         ({"r": 8}, "has rank 2, but adapter_config.json says r 8"),
         ({"target_modules": ["attention.wq"]}, "match no module"),
         ({"peft_type": "IA3"}, "LoRA adapters only"),
+        ({"base_model_name_or_path": None}, "names no base model"),
+        ({"lora_alpha": float("inf")}, "lora_alpha must be a finite number"),
+        ({"use_rslora": "yes"}, "use_rslora must be true or false"),
+        ({"lora_bias": True}, "peft cannot fold"),
+        ({"use_dora": True}, "lora_magnitude_vector"),  # its weights lack DoRA's magnitudes
     ],
 )
 def test_damaged_adapter_settings_are_one_line_errors(mistral, lora, tmp_path, settings,
@@ -770,7 +776,8 @@ def test_damaged_adapter_settings_are_one_line_errors(mistral, lora, tmp_path, s
     if isinstance(settings, dict) and settings:
         settings = {**json.loads(file.read_text()), **settings}
     file.write_text(json.dumps(settings))
-    code, out = cli("materialize", lora, tmp_path / "out", "--base", mistral[0])
+    base = [] if "names no base" in fragment else ["--base", mistral[0]]
+    code, out = cli("materialize", lora, tmp_path / "out", *base)
     one_line_error(code, out, fragment)
     assert not (tmp_path / "out").exists()
 
@@ -798,3 +805,28 @@ def test_an_output_that_is_a_link_is_written_where_it_points(mistral, tmp_path):
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
     with pytest.raises(MergeError, match="which does not exist"):
         medmerge.merge(_config(*mistral), tmp_path / "dangling", progress=False)
+
+
+def test_an_adapter_folds_into_its_own_base_without_a_base_model(mistral, lora, tmp_path):
+    one = {"merge_method": "linear", "dtype": "float32", "materialize_adapters": True,
+           "models": [{"model": str(lora), "parameters": {"weight": 1.0}}]}  # fmt: skip
+    out = medmerge.merge(one, tmp_path / "own", progress=False)
+    named = {**one, "models": [{"model": f"{mistral[0]}+{lora}", "parameters": {"weight": 1.0}}],
+             "materialize_adapters": False}  # fmt: skip
+    expected = medmerge.merge(named, tmp_path / "named", progress=False)
+    assert all(torch.equal(v, state(expected)[k]) for k, v in state(out).items())
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["merge", "{tmp}", "{tmp}/out"], "is a folder; give the YAML file"),
+        (["eval", "{a}", "--out", "{tmp}"], "is a folder; give a file name"),
+        (["eval", "{a}", "--tasks", ""], "the task list"),
+        (["eval", "{a}", "--batch-size", "abc"], "batch size 'abc'"),
+        (["eval", "{a}", "--batch-size", "0"], "batch size 0"),
+    ],
+)
+def test_odd_command_arguments_are_one_line_errors(mistral, tmp_path, args, fragment):
+    args = [x.format(tmp=tmp_path, a=mistral[1]) for x in args]
+    one_line_error(*cli(*args), fragment)

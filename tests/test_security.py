@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import one_line_error
+from conftest import cli, one_line_error
 from markdown_it import MarkdownIt
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import medmerge
-from medmerge.errors import CheckpointError, ConfigError
+from medmerge.errors import CheckpointError, ConfigError, MergeError
+from medmerge.synthetic import write_suite
 
 SOURCE = Path(medmerge.__file__).parent
 
@@ -214,3 +215,116 @@ def test_user_strings_cannot_break_the_model_card(mistral, tmp_path):
     assert yaml.safe_load(fences[0].content)["models"][0]["model"] == str(parent)
     inline = "".join(t.content for t in tokens if t.type == "inline")
     assert str(parent).replace("\n", " ") in inline.replace("\\", "")
+
+
+# outputs reached through links, and outputs inside inputs
+
+
+@pytest.mark.parametrize("how", ["linked folder", "/proc/self/cwd"])
+def test_an_output_reached_through_links_is_kept_apart_from_inputs(mistral, tmp_path, monkeypatch,
+                                                                      how):  # fmt: skip
+    models = shutil.copytree(mistral[0].parent, tmp_path / "models")
+    base, a, b = (models / m.name for m in mistral)
+    if how == "linked folder":
+        (tmp_path / "link").symlink_to(models)
+        out = tmp_path / "link" / a.name
+    else:
+        monkeypatch.chdir(models)
+        out = Path("/proc/self/cwd") / a.name
+    before = {f.name: f.read_bytes() for f in a.iterdir()}
+    with pytest.raises(MergeError, match="is the input"):
+        medmerge.merge(_config(base, a, b), out, overwrite=True, progress=False)
+    assert {f.name: f.read_bytes() for f in a.iterdir()} == before
+
+
+def test_materialize_through_a_link_keeps_its_base(mistral, adapter, tmp_path):
+    from medmerge.adapters import materialize
+
+    base = shutil.copytree(mistral[0], tmp_path / "real" / "base")
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    with pytest.raises(MergeError, match="is the input"):
+        materialize(adapter, tmp_path / "link" / "base", base=base, overwrite=True)
+    assert (base / "model.safetensors.index.json").is_file()
+
+
+def test_no_stage_of_a_multi_document_merge_writes_where_a_stage_reads(mistral, tmp_path):
+    models = shutil.copytree(mistral[0].parent, tmp_path / "models")
+    base, a, b = (models / m.name for m in mistral)
+    stage = {**_config(base, a, b), "name": "base"}  # a stage named like a model folder
+    config = tmp_path / "multi.yaml"
+    config.write_text(yaml.safe_dump_all([stage, _config(base, "base", b)]))
+    before = sorted(p.name for p in base.iterdir())
+    for where in (models, base, base / "deeper"):
+        with pytest.raises(MergeError, match="--intermediate-dir .* the input"):
+            medmerge.merge(config, tmp_path / "out", intermediate_dir=where, overwrite=True,
+                           progress=False)  # fmt: skip
+    assert sorted(p.name for p in base.iterdir()) == before
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_snapshot_whose_blobs_folder_is_a_link_is_refused(mistral, tmp_path):
+    secrets = tmp_path / "secrets"
+    secrets.mkdir()
+    (secrets / "id_rsa").write_text("-----BEGIN PRIVATE KEY-----")
+    snapshot = tmp_path / "hub" / "models--a--b" / "snapshots" / "c0"
+    shutil.copytree(mistral[1], snapshot)
+    (snapshot.parent.parent / "blobs").symlink_to(secrets)
+    (snapshot / "chat_template.jinja").symlink_to("../../blobs/id_rsa")
+    with pytest.raises(CheckpointError, match="chat_template.jinja links to .*outside"):
+        medmerge.merge(_config(mistral[0], snapshot, mistral[2]), tmp_path / "out",
+                       progress=False)  # fmt: skip
+
+
+def test_check_and_eval_never_write_into_a_model_they_read(mistral, tmp_path):
+    base, a, b = (shutil.copytree(m, tmp_path / m.name) for m in mistral)
+    config = (a / "config.json").read_bytes()
+    for flag in ("--json", "--plot"):
+        code, out = cli("check", a, b, "--base", base, flag, a / "config.png", "--quiet")
+        one_line_error(code, out, f"{flag} {a / 'config.png'} lies inside the input")
+    code, out = cli("eval", a, "--out", a / "config.json", "--suite", "paper")
+    one_line_error(code, out, "--out", "lies inside the input")
+    assert (a / "config.json").read_bytes() == config and not (a / "config.png").exists()
+
+
+def test_study_and_tune_folders_may_not_lie_in_an_input(mistral, tmp_path):
+    base, a, b = mistral
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"base": str(base), "models": [str(a), str(b)]}))
+    one_line_error(*cli("study", study, "--out", base / "study"), "study folder", "lies inside")
+    pytest.importorskip("optuna")
+    suite = write_suite(tmp_path / "suite", n=8, formats=("medqa",))
+    search = tmp_path / "tune.yaml"
+    search.write_text(
+        yaml.safe_dump(
+            {
+                "base": str(base),
+                "models": [str(a), str(b)],
+                "suite": str(suite),
+                "spaces": [{"method": "linear"}],
+            }
+        )
+    )
+    one_line_error(*cli("tune", search, "--out", a), "tune folder", "is the input")
+    assert not (base / "study").exists() and not (a / "tune.yaml").exists()
+
+
+def test_an_empty_cache_variable_is_no_cache_in_the_working_folder(monkeypatch, tmp_path):
+    from medmerge.hashing import cache_dir
+
+    monkeypatch.setenv("MEDMERGE_CACHE", "")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cache_dir() == tmp_path / ".cache" / "medmerge"
+
+
+def test_outputs_carry_no_auto_map(mistral, tmp_path):
+    models = []
+    for m in mistral:
+        folder = shutil.copytree(m, tmp_path / m.name)
+        for name in ("config.json", "tokenizer_config.json"):
+            data = json.loads((folder / name).read_text())
+            data["auto_map"] = {"AutoConfig": "evil.EvilConfig"}
+            (folder / name).write_text(json.dumps(data))
+        models.append(folder)
+    out = medmerge.merge(_config(*models), tmp_path / "out", progress=False)
+    for name in ("config.json", "tokenizer_config.json"):
+        assert "auto_map" not in json.loads((out / name).read_text())

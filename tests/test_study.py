@@ -235,7 +235,7 @@ def test_grid_names_are_plain_file_names_whatever_the_keys_and_values(study_conf
         ([{**LINEAR, "name": "base"}], "'base' is a reference row's"),
         ([{**LINEAR, "name": "x"}, {**LINEAR, "name": "X"}], "two runs are named 'X'"),
         ([{**LINEAR, "name": "x", "parameters": {"weight": [0.5, 0.5]}}],
-         "two runs are named 'x-weight0.5'"),
+         "parameter weight lists 0.5 twice"),
     ],
 )  # fmt: skip
 def test_clashing_run_names_are_refused_before_any_work(study_config, tmp_path, merges, message):
@@ -350,3 +350,18 @@ def test_a_result_store_path_must_name_a_sqlite_file(mistral, tmp_path, store, f
         load_study({"base": str(mistral[0]), "models": [str(mistral[1])],
                     "result_store": str(tmp_path / store)})  # fmt: skip
     assert (tmp_path / "bashrc.db").read_text() == "export PATH=..."
+
+
+@pytest.mark.parametrize(
+    ("values", "fragment"), [([], "is an empty list"), ([0.3, 0.30], "lists 0.3 twice")]
+)
+def test_a_grid_axis_must_list_distinct_values(mistral, values, fragment):
+    study = load_study(
+        {
+            "base": str(mistral[0]),
+            "models": [str(mistral[1]), str(mistral[2])],
+            "merges": [{"method": "linear", "parameters": {"weight": values}}],
+        }
+    )
+    with pytest.raises(ConfigError, match=f"parameter weight {fragment}"):
+        expand(study)

@@ -294,8 +294,12 @@ class Resumed(Exception):
         {"keep_models": True},
         {"baselines": [{"method": "linear", "parameters": {"weight": 0.5}}]},
         {"protocol": {"num_fewshot": 0, "dtype": "float32", "batch_size": 2}},
+        # the same space written out in full
+        {"spaces": [{**SPACE, "per_model": [{"weight": {"low": 0.0, "high": 1.0, "log": False,
+                                                        "type": "float"}},
+                                            SPACE["per_model"][1]]}]},
     ],
-)
+)  # fmt: skip
 def test_a_search_resumes_with_more_trials_or_another_final_step(finished, monkeypatch, change):
     folder, cfg = finished
 

@@ -12,6 +12,7 @@ import atexit
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -26,6 +27,7 @@ from medmerge.checkpoint import (
     Checkpoint,
     atomic_folder,
     check_metadata,
+    drop_code_references,
     locked,
     metadata_file,
     parse_size,
@@ -65,6 +67,14 @@ def adapter_config(adapter_dir: Path) -> dict:
     r = config.get("r", 8)
     if not isinstance(r, int) or isinstance(r, bool) or r < 1:
         raise CheckpointError(f"{file}: r must be a positive whole number, not {r!r}")
+    alpha = config.get("lora_alpha", 8)
+    if isinstance(alpha, bool) or not isinstance(alpha, int | float) or not math.isfinite(alpha):
+        raise CheckpointError(f"{file}: lora_alpha must be a finite number, not {alpha!r}")
+    for key in ("use_rslora", "use_dora", "fan_in_fan_out", "lora_bias"):
+        if not isinstance(config.get(key, False), bool):
+            raise CheckpointError(f"{file}: {key} must be true or false, not {config[key]!r}")
+    if config.get("lora_bias"):
+        raise CheckpointError(f"{file} sets lora_bias: peft cannot fold such an adapter")
     if config.get("megatron_config"):  # peft would import the module `megatron_core` names
         raise CheckpointError(f"{file} sets megatron_config; medmerge folds plain LoRA adapters")
     return config
@@ -88,7 +98,13 @@ def materialize(
     adapter_dir = Path(adapter_dir)
     adapter_config(adapter_dir)
     check_metadata(adapter_dir)
-    base = Path(base or adapter_base(adapter_dir) or "")
+    named = base or adapter_base(adapter_dir)
+    if not named:
+        raise CheckpointError(
+            f"adapter {adapter_dir} names no base model (base_model_name_or_path in "
+            "adapter_config.json); pass --base BASE_DIR"
+        )
+    base = Path(named)
     if not base.is_dir():
         raise CheckpointError(
             f"the adapter's base {str(base)!r} is not a local folder; pass --base BASE_DIR"
@@ -113,7 +129,7 @@ def _fold_into(adapter_dir: Path, reference: Checkpoint, out_dir: Path, dtype, s
         ) from e
     base = reference.path
     model = loaders.causal_lm(base, torch.float32)
-    state = loaders.peft_model(model, adapter_dir).merge_and_unload().state_dict()
+    state = loaders.folded(model, adapter_dir).state_dict()
     names = [n for n in reference.names() if n in state]
     out_dtype = (
         getattr(torch, dtype)
@@ -131,6 +147,7 @@ def _fold_into(adapter_dir: Path, reference: Checkpoint, out_dir: Path, dtype, s
             src = metadata_file(adapter_dir, name) or metadata_file(base, name)
             if src:
                 shutil.copy2(src, tmp / name)
+        drop_code_references(tmp)
         provenance = {
             "materialized_from": str(adapter_dir.resolve()),
             "base": str(base.resolve()),

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 
 from medmerge import references
 from medmerge.architectures import tensor_type
-from medmerge.checkpoint import Checkpoint
-from medmerge.errors import CheckpointError, ConfigError
+from medmerge.checkpoint import Checkpoint, refuse_output_near
+from medmerge.errors import CheckpointError, ConfigError, MergeError
 from medmerge.methods import largest_magnitude
 from medmerge.methods.sparsify import top_k_mask
 from medmerge.plan import chat_template_of
@@ -305,7 +305,7 @@ def check(
     progress: bool = True,
 ) -> CheckReport:
     """Check that `models` can be merged with `base` and how their task vectors agree."""
-    dev = _refuse_bad_arguments(models, topk, json_path, plot_path, device)
+    dev = _refuse_bad_arguments(base, models, topk, json_path, plot_path, device)
     findings: list[Finding] = []
     base_ckpt = _open(str(base), findings)
     ckpts = [_open(str(m), findings) for m in models]
@@ -407,7 +407,7 @@ def check(
 
 
 def _refuse_bad_arguments(
-    models: list, topk: float, json_path, plot_path, device: str
+    base, models: list, topk: float, json_path, plot_path, device: str
 ) -> torch.device:
     """Raise a ConfigError for arguments that cannot work, before any model is read; the device."""
     if not models:
@@ -438,6 +438,10 @@ def _refuse_bad_arguments(
             raise ConfigError(f"{flag} {path}: folder {folder} does not exist; create it first")
         if not os.access(folder, os.W_OK):
             raise ConfigError(f"{flag} {path}: folder {folder} is not writable; write elsewhere")
+        try:  # never into a model being read
+            refuse_output_near(path, [m for m in (base, *models) if Path(m).is_dir()], flag)
+        except MergeError as e:
+            raise ConfigError(str(e)) from e
     if plot_path:
         if len(models) < 2:
             raise ConfigError("--plot draws a pair of models: give two or more, or leave it out")

@@ -120,12 +120,28 @@ def metadata_file(folder: str | os.PathLike, name: str) -> Path | None:
 
 
 def _own_places(folder: Path) -> list[Path]:
-    """Where a model folder's files may lie: the folder, and a Hub snapshot's blobs."""
+    """Where a model folder's files may lie: the folder, and for a Hub cache snapshot
+    (`repo/snapshots/<commit>/`) its repository's `blobs` folder, itself no link."""
     places = [folder.resolve()]
     for f in {Path(os.path.abspath(folder)), folder.resolve()}:
-        if f.parent.name == "snapshots":  # HF cache: repo/snapshots/<commit>/ -> repo/blobs/
-            places.append((f.parent.parent / "blobs").resolve())
+        repo = f.parent.parent
+        blobs = repo / "blobs"
+        if f.parent.name == "snapshots" and blobs.is_dir() and not blobs.is_symlink():
+            places.append(blobs.resolve())
     return places
+
+
+def drop_code_references(folder: Path) -> None:
+    """Remove `auto_map` (the Python classes a model or tokenizer would load with
+    `trust_remote_code`) from an output's config and tokenizer settings: medmerge never
+    copies that code, so an output must not point at it."""
+    for name in ("config.json", "tokenizer_config.json"):
+        file = folder / name
+        if not file.is_file():
+            continue
+        data = json.loads(file.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.pop("auto_map", None) is not None:
+            file.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def check_metadata(folder: str | os.PathLike) -> None:
@@ -682,32 +698,33 @@ def atomic_folder(out_dir: str | os.PathLike, overwrite: bool = False) -> Iterat
 
 
 def _output_path(out_dir: str | os.PathLike) -> Path:
-    """The absolute output folder; a link is followed to the folder it names."""
+    """The output folder as the system will write it: absolute, every link on the way followed
+    (one that leads nowhere is refused)."""
     out = Path(os.path.abspath(out_dir))
-    if out.is_symlink():
-        if not out.exists():
-            raise MergeError(f"output folder {out} is a link to {os.readlink(out)}, which does "
-                             "not exist; give a folder, or a link to one")  # fmt: skip
-        out = out.resolve()
-    return out
+    if out.is_symlink() and not out.exists():
+        raise MergeError(f"output folder {out} is a link to {os.readlink(out)}, which does "
+                         "not exist; give a folder, or a link to one")  # fmt: skip
+    return Path(os.path.realpath(out))
 
 
-def refuse_output_near(out_dir: str | os.PathLike, inputs) -> None:
-    """Refuse an output folder that is, contains or lies inside one of the folders `inputs`
-    (replacing it would delete them)."""
+def refuse_output_near(out_dir: str | os.PathLike, inputs, what: str = "output folder",
+                       contains: bool = True) -> None:  # fmt: skip
+    """Refuse an output (`what`) that is, lies inside or (with `contains`) contains one of the
+    folders `inputs`, links followed: replacing it would delete them, writing into it would
+    change them."""
     target = _output_path(out_dir)
     for folder in sorted({Path(f) for f in inputs}):
-        real = folder.resolve()
+        real = Path(os.path.realpath(folder))
         where = (
             "is" if real == target
-            else "contains" if real.is_relative_to(target)
+            else "contains" if contains and real.is_relative_to(target)
             else "lies inside" if target.is_relative_to(real)
             else None
         )  # fmt: skip
         if where:
             raise MergeError(
-                f"output folder {out_dir} {where} the input {folder}; write to a folder apart "
-                "from the inputs"
+                f"{what} {out_dir} {where} the input {folder}; write to a folder apart from the "
+                "inputs"
             )
 
 

@@ -205,7 +205,7 @@ def eval_(
         evaluate,
         model,
         suite=suite,
-        tasks=tasks.split(",") if tasks else None,
+        tasks=tasks.split(",") if tasks is not None else None,
         num_fewshot=num_fewshot,
         dtype=dtype.value,
         device=device.value,

@@ -143,7 +143,7 @@ class TokenEmbedding(Strict):
 class TokenizerConfig(Strict):
     source: Reference = "union"
     tokens: dict[str, TokenEmbedding] | None = None
-    pad_to_multiple_of: Annotated[int, Field(strict=True, ge=1)] | None = None
+    pad_to_multiple_of: Annotated[int, Field(strict=True, ge=1, le=65536)] | None = None
 
 
 class MergeConfig(Strict):
@@ -291,8 +291,6 @@ def load_configs(
     if isinstance(config, dict):
         return [_validate(config, "(dict)", strict)]
     path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"merge config {path} does not exist")
     documents = read_yaml(path, "merge config")
     if not documents:
         raise ConfigError(f"merge config {path} is empty")
@@ -311,6 +309,9 @@ MAX_YAML_VALUES = 100_000
 def read_yaml(path: Path, what: str) -> list:
     """The documents of a YAML file as plain data (no Python tags), refusing text that is not
     UTF-8 and aliases that expand past MAX_YAML_VALUES values (a "billion laughs" file)."""
+    if not path.is_file():
+        state = "is a folder" if path.is_dir() else "is not a file" if path.exists() else None
+        raise ConfigError(f"{what} {path} {state or 'does not exist'}; give the YAML file")
     try:
         documents = [
             d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None

@@ -38,6 +38,7 @@ from medmerge.checkpoint import (
     Checkpoint,
     ShardWriter,
     atomic_folder,
+    drop_code_references,
     locked,
     metadata_file,
     parse_size,
@@ -52,6 +53,7 @@ from medmerge.methods import largest_magnitude
 from medmerge.methods.rng import tensor_keys
 from medmerge.methods.streaming import Blocked, chunk_rows
 from medmerge.plan import MergePlan, plan_merge
+from medmerge.references import local_folders
 from medmerge.version import __version__
 from medmerge.vocab import is_vocabulary_tensor
 
@@ -389,6 +391,12 @@ def merge(
     out = Path(os.path.abspath(out_dir))
     order, final = _stages(configs)
     keep = intermediate_dir is not None
+    # no stage may write where any stage reads, before any stage runs
+    names = {c.name for c in configs if c.name}
+    inputs = local_folders(r for c in configs for r in _references(c) if r not in names)
+    refuse_output_near(out, inputs)
+    if keep:
+        refuse_output_near(intermediate_dir, inputs, "--intermediate-dir")
     out.parent.mkdir(parents=True, exist_ok=True)
     with locked(out):  # the stages' temporary folder is this output's, swept under its lock
         remove_leftovers(out)
@@ -622,6 +630,7 @@ def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, run: dict):
         if found := metadata_file(src, "generation_config.json"):
             shutil.copy2(found, folder / "generation_config.json")
             break
+    drop_code_references(folder)
     (folder / "merge_config.yaml").write_text(plan.config.to_yaml())
     provenance = {
         "medmerge_version": __version__,

@@ -23,7 +23,8 @@ _lock = threading.Lock()
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MEDMERGE_CACHE", Path.home() / ".cache" / "medmerge"))
+    """`$MEDMERGE_CACHE` (an empty value counts as unset), else `~/.cache/medmerge`."""
+    return Path(os.environ.get("MEDMERGE_CACHE") or Path.home() / ".cache" / "medmerge")
 
 
 def _cache_file() -> Path:

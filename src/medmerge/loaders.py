@@ -34,13 +34,17 @@ def causal_lm(folder: str | Path, dtype: torch.dtype = torch.float32):
         return AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=False)
 
 
-def peft_model(model, adapter: str | Path):
-    """`model` with the PEFT adapter in folder `adapter` applied (not yet merged)."""
+def folded(model, adapter: str | Path):
+    """`model` with the PEFT adapter in folder `adapter` merged into its weights; an adapter
+    whose weights lack some of what its settings name is refused (peft would only warn)."""
     from peft import PeftModel
 
     check_metadata(adapter)
     with _refused(adapter, "adapter"):
-        return PeftModel.from_pretrained(model, adapter, trust_remote_code=False)
+        peft = PeftModel.from_pretrained(
+            model, adapter, strict_adapter_check="error", trust_remote_code=False
+        )
+        return peft.merge_and_unload()
 
 
 @contextmanager

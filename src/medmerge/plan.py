@@ -117,8 +117,8 @@ def plan_merge(
     named = [s.model for sl in slices for s in sl.sources] + [sl.base for sl in slices if sl.base]
     refs = list(dict.fromkeys(named))
     # adapters among the models fold into their own base, else the config's, when asked
-    fold_into = cfg.base_model if cfg.materialize_adapters else None
-    resolved = [references.resolve(ref, fold_into=fold_into) for ref in refs]
+    resolved = [references.resolve(ref, fold=cfg.materialize_adapters, fold_into=cfg.base_model)
+                for ref in refs]  # fmt: skip
     checkpoints = [Checkpoint(r.path) for r in resolved]  # refuses an adapter with advice
     index = _identities(refs, checkpoints)
     plan = _plan(cfg, method, slices, checkpoints, index, dtype, strict)

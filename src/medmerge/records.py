@@ -135,8 +135,6 @@ def read_mapping(config: str | Path | dict, what: str) -> dict:
     if isinstance(config, dict):
         return config
     path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"{what} {path} does not exist")
     documents = read_yaml(path, what)
     if len(documents) != 1 or not isinstance(documents[0], dict):
         raise ConfigError(f"{what} {path} must be one YAML mapping")
@@ -183,6 +181,14 @@ def expand(study: StudyConfig) -> list[Run]:
 def _grid(spec: MergeSpec) -> list[dict[str, Any]]:
     """The swept values of each run of a merge: one dict per grid point (list parameters)."""
     axes = {k: v for k, v in spec.parameters.items() if isinstance(v, list)}
+    for key, values in axes.items():
+        twice = [v for i, v in enumerate(values) if v in values[:i]]
+        if not values or twice:
+            problem = "is an empty list" if not values else f"lists {twice[0]!r} twice"
+            raise ConfigError(
+                f"merge {spec.name or spec.method}: parameter {key} {problem}; a list is a grid "
+                "axis of distinct values (wrap a gradient as {value: [...]})"
+            )
     points = math.prod(len(v) for v in axes.values())
     if points > MAX_GRID:
         raise ConfigError(

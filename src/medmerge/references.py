@@ -83,9 +83,9 @@ def reference_string(value) -> str:
     return path(value["model"]) + (f"+{path(lora)}" if lora else "")
 
 
-def resolve(reference: str | Path, *, fold_into: str | None = None) -> Resolved:
-    """The local folder of `reference`. With `fold_into`, a bare adapter folds into its own
-    base where that resolves, else into `fold_into`."""
+def resolve(reference: str | Path, *, fold: bool = False, fold_into: str | None = None) -> Resolved:
+    """The local folder of `reference`. With `fold`, a bare adapter folds into its own base
+    where that resolves, else into `fold_into`."""
     text = str(reference)
     if Path(text).is_dir():
         found = Resolved(text, Path(text))
@@ -94,11 +94,23 @@ def resolve(reference: str | Path, *, fold_into: str | None = None) -> Resolved:
         return _fold(text, resolve(model), resolve(adapter))
     else:
         found = _hub(text)
-    if fold_into is not None and is_adapter(found.path):
+    if fold and is_adapter(found.path):
         own = adapter_base(found.path)
         base = own if own and _exists(own) else fold_into
+        if base is None:
+            raise CheckpointError(
+                f"adapter {text}: its base {own!r} cannot be found here; set base_model in the "
+                "config (the adapter is folded into it), or name it as MODEL+ADAPTER"
+            )
         return _fold(text, resolve(base), found)
     return found
+
+
+def local_folders(refs) -> set[Path]:
+    """The local folders references name (each part of a `MODEL+ADAPTER`), without resolving
+    any Hub ID: what an output must stay apart from, known before anything is read."""
+    parts = {part for ref in refs if ref for part in str(ref).split("+")}
+    return {Path(p) for p in parts | {p.partition("@")[0] for p in parts} if Path(p).is_dir()}
 
 
 def folder(reference: str | Path) -> Path:

@@ -23,8 +23,8 @@ import psutil
 import yaml
 from tqdm.auto import tqdm
 
-from medmerge.checkpoint import locked, sweep
-from medmerge.errors import ConfigError
+from medmerge.checkpoint import locked, refuse_output_near, sweep
+from medmerge.errors import ConfigError, MergeError
 from medmerge.records import (
     Run,
     RunRecord,
@@ -36,6 +36,7 @@ from medmerge.records import (
     save_record,
     suite_hash,
 )
+from medmerge.references import local_folders
 
 log = logging.getLogger("medmerge")
 
@@ -146,6 +147,11 @@ def run_study(
     runs = expand(study)  # names checked (unique, plain) before anything is written
     folder = Path(out or f"studies/{study.name}")
     suite = suite_hash(study, "study config")
+    try:  # its files written into a model would change it
+        refuse_output_near(folder, local_folders([study.base, *study.models]), "study folder",
+                           contains=False)  # fmt: skip
+    except MergeError as e:
+        raise ConfigError(str(e)) from e
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder):  # one process at a time runs a study folder
         _run_locked(study, runs, suite, folder, executor, report, progress)

@@ -54,9 +54,9 @@ import sqlalchemy.exc
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medmerge.checkpoint import locked, sweep
+from medmerge.checkpoint import locked, refuse_output_near, sweep
 from medmerge.config import Reference, read_yaml
-from medmerge.errors import ConfigError
+from medmerge.errors import ConfigError, MergeError
 from medmerge.eval.suites import Suite, SuiteManifest, load_suite
 from medmerge.methods import config_name, get_method
 from medmerge.records import (
@@ -70,6 +70,7 @@ from medmerge.records import (
     expand,
     read_mapping,
 )
+from medmerge.references import local_folders
 
 log = logging.getLogger("medmerge")
 
@@ -592,6 +593,11 @@ def run_tune(
               for m in cfg.models]  # fmt: skip
     cfg = cfg.model_copy(update={**local, "models": models})
     folder = Path(out or f"tunes/{cfg.name}")
+    try:  # its files written into a model would change it
+        refuse_output_near(folder, local_folders([cfg.base, *cfg.models]), "tune folder",
+                           contains=False)  # fmt: skip
+    except MergeError as e:
+        raise ConfigError(str(e)) from e
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder):
         _check_merges(cfg)
@@ -663,10 +669,23 @@ def _search_defining(cfg: TuneConfig) -> dict:
     """The config's keys (`search.seed`, `spaces`, ...) less those a resumed search may change
     (`RESUMABLE`)."""
     flat = {}
-    for key, value in cfg.model_dump(mode="json").items():
+    dumped = cfg.model_dump(mode="json")
+    dumped["spaces"] = [_canonical(s) for s in dumped["spaces"]]
+    for key, value in dumped.items():
         for sub, v in value.items() if isinstance(value, dict) else [("", value)]:
             flat[f"{key}.{sub}" if sub else key] = v
     return {k: v for k, v in flat.items() if k not in RESUMABLE}
+
+
+def _canonical(space: dict) -> dict:
+    """A method's space with every range written out in full (`log: false` given or not)."""
+
+    def values(params: dict) -> dict:
+        return {k: Space.model_validate(v).model_dump() if isinstance(v, dict) else v
+                for k, v in params.items()}  # fmt: skip
+
+    per_model = [values(p) for p in space.get("per_model") or []]
+    return {**space, "parameters": values(space["parameters"]), "per_model": per_model or None}
 
 
 def _check_merges(cfg: TuneConfig) -> None:

@@ -19,7 +19,8 @@ from pathlib import Path
 from pydantic import BaseModel, ValidationError
 
 from medmerge import references
-from medmerge.errors import EvalError
+from medmerge.checkpoint import refuse_output_near
+from medmerge.errors import EvalError, MergeError
 from medmerge.eval.store import ResultStore, model_fingerprint
 from medmerge.eval.suites import PAPER_TASKS, Suite, load_suite
 from medmerge.version import __version__
@@ -176,9 +177,12 @@ def evaluate(
         raise EvalError(
             f"num_fewshot must be 0 or more and limit 1 or more (got {num_fewshot}, {limit})"
         )
+    if not (isinstance(batch_size, int) and batch_size >= 1 or str(batch_size).startswith("auto")):
+        raise EvalError(f"batch size {batch_size!r}: give a whole number of 1 or more, or auto")
     lm_eval, TaskManager = _lm_eval()
     reference, model_dir = str(model_dir), references.folder(model_dir)
     _check_tokenizer(model_dir, reference)
+    _refuse_outputs_in(model_dir, out=out, store=store)
     resolved: Suite = load_suite(suite, tasks)
     protocol = {
         "suite": resolved.name,
@@ -224,6 +228,19 @@ def _stored(store: ResultStore, fingerprint: str, protocol: dict, reference: str
         return None
     log.info("evaluation of %s found in the result store", reference)
     return result
+
+
+def _refuse_outputs_in(model_dir: Path, **paths) -> None:
+    """Refuse a result file or store that is a folder or lies inside the model evaluated."""
+    for flag, path in paths.items():
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise EvalError(f"--{flag} {path} is a folder; give a file name")
+        try:
+            refuse_output_near(path, [model_dir], f"--{flag}", contains=False)
+        except MergeError as e:
+            raise EvalError(str(e)) from e
 
 
 def _check_tokenizer(folder: Path, reference: str) -> None:
@@ -280,7 +297,8 @@ def _run(
                 bootstrap_iters=1000,
             )
     except Exception as e:
-        raise EvalError(f"lm-eval failed on {model_dir}: {type(e).__name__}: {e}") from e
+        text = " ".join(str(e).split())  # one line, whatever lm-eval's message looks like
+        raise EvalError(f"lm-eval failed on {model_dir}: {type(e).__name__}: {text}") from e
     scores, samples = _parse(raw, suite.tasks)
     return EvalResult(
         model=str(model_dir),

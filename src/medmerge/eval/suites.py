@@ -278,6 +278,9 @@ def _task_yaml(spec: TaskSpec, folder: Path, suite: str) -> dict:
 
 def load_suite(suite: str | Path, tasks: list[str] | None = None) -> Suite:
     """`paper`, or a local suite folder; optionally restricted to some tasks."""
+    if tasks is not None and (not tasks or not all(tasks)):
+        raise ConfigError(f"the task list {tasks} is empty or names an empty task; name the "
+                          "tasks to run, or leave the list out for every task")  # fmt: skip
     if tasks and len(set(tasks)) < len(tasks):
         raise ConfigError(f"the task list {tasks} names a task twice; name each once")
     if str(suite) == "paper":
