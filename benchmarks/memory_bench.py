@@ -73,7 +73,7 @@ def main() -> None:
     files = [f for m in models for f in sorted(m.glob("*.safetensors"))]
     gb = sum(f.stat().st_size for f in files) / 1e9
     os.environ["MEDMERGE_CACHE"] = env["MEDMERGE_CACHE"]
-    from medmerge.hashing import sha256_file
+    from medmerge.io.hashing import sha256_file
 
     for f in files:  # provenance hashes primed (cached): the rows time merging, as mergekit's
         sha256_file(f)

@@ -56,7 +56,7 @@ def read_floor(files: list[Path], copy_to: Path | None = None, copies: int = 0) 
     model-sized output)."""
     import numpy as np
 
-    from medmerge.checkpoint import SequentialFile, staging_buffer
+    from medmerge.io.checkpoint import SequentialFile, staging_buffer
 
     buf = np.empty(64 * 2**20, np.uint8)
     stage = staging_buffer()
@@ -196,7 +196,7 @@ def main() -> None:
     gb = sum(f.stat().st_size for f in files) / 1e9
     read_floor(files)  # warm the page cache the same way for every row
 
-    from medmerge.hashing import sha256_file
+    from medmerge.io.hashing import sha256_file
 
     t = time.perf_counter()
     for f in files:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from merge_bench import PARAMETERS, ROOT, generate  # beside this script
 
-from medmerge.checkpoint import Checkpoint
+from medmerge.io.checkpoint import Checkpoint
 from medmerge.methods import get_method
 from medmerge.methods.rng import tensor_seed
 

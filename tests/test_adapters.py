@@ -7,8 +7,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import medmerge
-from medmerge.adapters import materialize
 from medmerge.errors import CheckpointError
+from medmerge.io.adapters import materialize
 
 
 @pytest.fixture

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from medmerge import buffers
-from medmerge.buffers import HUGE, empty, release
+from medmerge.io import buffers
+from medmerge.io.buffers import HUGE, empty, release
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.int64, torch.bool])

@@ -10,7 +10,8 @@ import torch
 from conftest import state
 from safetensors.torch import load_file, save_file
 
-from medmerge.checkpoint import (
+from medmerge.errors import CheckpointError, MergeError
+from medmerge.io.checkpoint import (
     ALIGN,
     STAGE_BYTES,
     Checkpoint,
@@ -20,7 +21,6 @@ from medmerge.checkpoint import (
     parse_size,
     staging_buffer,
 )
-from medmerge.errors import CheckpointError, MergeError
 
 
 def test_reader_matches_safetensors_loader(family):

@@ -12,7 +12,7 @@ runner = CliRunner()
 def test_example_then_merge(tmp_path):
     result = runner.invoke(app, ["example", str(tmp_path / "ex")])
     assert result.exit_code == 0, result.output
-    from medmerge.records import expand, load_study
+    from medmerge.studies.records import expand, load_study
 
     runs = expand(load_study(tmp_path / "ex" / "study.yaml"))
     assert {r.method for r in runs if r.kind == "merge"} >= {

@@ -130,8 +130,8 @@ def test_suite_splits_formats_and_counts(table, tmp_path):
 def test_gguf_conversion_keeps_the_logits(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from medmerge.checkpoint import Checkpoint
     from medmerge.demo.convert import convert_gguf, load_gguf, smollm2_gguf
+    from medmerge.io.checkpoint import Checkpoint
 
     out = convert_gguf(tmp_path / "smollm2")
     reference, tokenizer = load_gguf(smollm2_gguf())
@@ -198,8 +198,8 @@ def test_demo_pipeline_at_toy_size_then_rerun_from_cache(tmp_path, monkeypatch):
 
     import medmerge.demo.finetune
     from medmerge.demo.run import FULL, run_demo
-    from medmerge.records import load_records
-    from medmerge.study import PAPER_MERGES
+    from medmerge.studies.records import load_records
+    from medmerge.studies.study import PAPER_MERGES
 
     toy = replace(
         FULL,

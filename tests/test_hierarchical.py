@@ -11,10 +11,15 @@ from safetensors.torch import save_file
 from scipy.optimize import linear_sum_assignment
 
 import medmerge
-from medmerge.align import HeadLayout, permute_heads, permute_segment, random_valid_permutation
-from medmerge.architectures import SEPARATE, segments
 from medmerge.engine import DIAGNOSTICS
 from medmerge.errors import IncompatibleModelsError
+from medmerge.methods.align import (
+    HeadLayout,
+    permute_heads,
+    permute_segment,
+    random_valid_permutation,
+)
+from medmerge.models.architectures import SEPARATE, segments
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 

@@ -18,10 +18,10 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 import medmerge
-from medmerge import align, engine
-from medmerge.align import HeadLayout, permute_heads, random_valid_permutation
+from medmerge import engine
 from medmerge.errors import ConfigError, MergeError
-from medmerge.methods import REGISTRY
+from medmerge.methods import REGISTRY, align
+from medmerge.methods.align import HeadLayout, permute_heads, random_valid_permutation
 from medmerge.methods.basic import combination
 from medmerge.methods.spherical import gram
 from medmerge.methods.streaming import Blocked

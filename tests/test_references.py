@@ -12,11 +12,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 import medmerge
-from medmerge import adapters
-from medmerge.adapters import materialize
 from medmerge.config import load_config
 from medmerge.errors import CheckpointError, MedmergeError
-from medmerge.references import resolve
+from medmerge.io import adapters
+from medmerge.io.adapters import materialize
+from medmerge.io.references import resolve
 
 COMMIT_A = "a" * 40
 COMMIT_B = "b" * 40

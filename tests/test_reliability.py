@@ -16,12 +16,12 @@ from conftest import cli, leftovers, logits, one_line_error, state
 from safetensors.torch import save_file
 
 import medmerge
-from medmerge.checkpoint import Checkpoint, locked
 from medmerge.errors import CheckpointError, ConfigError, MergeError
 from medmerge.eval.store import ResultStore, model_fingerprint
 from medmerge.eval.suites import load_suite
-from medmerge.records import load_study
-from medmerge.study import run_study
+from medmerge.io.checkpoint import Checkpoint, locked
+from medmerge.studies.records import load_study
+from medmerge.studies.study import run_study
 from medmerge.synthetic import write_suite
 
 
@@ -116,7 +116,7 @@ def test_two_concurrent_merges_one_wins_and_its_output_is_whole(mistral, tmp_pat
 @contextlib.contextmanager
 def _locked_elsewhere(target):
     """`target` locked by another process (its pid yielded) for the block."""
-    code = "import sys; from medmerge.checkpoint import locked\nwith locked(sys.argv[1]):\n" \
+    code = "import sys; from medmerge.io.checkpoint import locked\nwith locked(sys.argv[1]):\n" \
         "    print('held', flush=True); sys.stdin.read()"  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -270,7 +270,7 @@ def test_a_tokenizer_source_without_tokenizer_files_is_refused(mistral, tmp_path
 
 
 def test_a_studys_misspelt_parameter_fails_before_any_evaluation(mistral, tmp_path, monkeypatch):
-    import medmerge.study as st
+    import medmerge.studies.study as st
 
     def refuse(*args, **kwargs):
         raise AssertionError("evaluated before the merges were checked")
@@ -297,7 +297,7 @@ def test_a_yaml_alias_bomb_is_refused(tmp_path):
 def test_a_grid_too_large_is_refused(mistral):
     sweep = {"weight": [0.1 * i for i in range(40)], "density": [0.01 * i for i in range(40)]}
     with pytest.raises(ConfigError, match="grid has 1600 points"):
-        from medmerge.records import expand
+        from medmerge.studies.records import expand
 
         expand(load_study({"base": str(mistral[0]), "models": [str(mistral[1])],
                            "merges": [{"method": "ties", "parameters": sweep}]}))  # fmt: skip
@@ -339,7 +339,7 @@ def test_an_output_under_a_file_and_a_full_disk_are_one_line_errors(mistral, tmp
                                                                     monkeypatch):  # fmt: skip
     import errno
 
-    from medmerge import checkpoint
+    from medmerge.io import checkpoint
 
     config = tmp_path / "merge.yaml"
     config.write_text(yaml.safe_dump(_config(*mistral)))
@@ -405,8 +405,8 @@ def test_a_truncated_adapter_or_wrong_base_is_one_line(mistral, tmp_path):
 
 
 def test_a_damaged_run_record_is_redone(mistral, tmp_path, monkeypatch):
-    import medmerge.study as st
-    from medmerge.records import RunRecord
+    import medmerge.studies.study as st
+    from medmerge.studies.records import RunRecord
 
     calls = []
 
@@ -652,7 +652,7 @@ def test_an_unwritable_or_damaged_cache_does_not_stop_a_merge(mistral, tmp_path,
 
 
 def test_a_read_only_cache_still_folds_adapters(mistral, lora, tmp_path, monkeypatch):
-    from medmerge import adapters, hashing
+    from medmerge.io import adapters, hashing
 
     monkeypatch.setattr(hashing, "cache_dir", lambda: tmp_path / "file" / "cache")
     monkeypatch.setattr(adapters, "cache_dir", lambda: tmp_path / "file" / "cache")
@@ -665,7 +665,7 @@ def test_a_read_only_cache_still_folds_adapters(mistral, lora, tmp_path, monkeyp
 
 
 def test_two_processes_folding_one_adapter_both_get_it_once(mistral, lora, tmp_path):
-    code = ("import sys; from medmerge.adapters import fold\n"
+    code = ("import sys; from medmerge.io.adapters import fold\n"
             "print(fold(__import__('pathlib').Path(sys.argv[1]), sys.argv[2]))")  # fmt: skip
     env = {**os.environ, "MEDMERGE_CACHE": str(tmp_path / "cache")}
     procs = [subprocess.Popen([sys.executable, "-c", code, str(lora), str(mistral[0])], env=env,

@@ -169,7 +169,7 @@ def test_links_inside_the_folder_and_into_hub_blobs_are_fine(mistral, tmp_path):
 
 
 def test_an_adapter_file_linked_out_is_not_published(mistral, adapter, tmp_path):
-    from medmerge.adapters import materialize
+    from medmerge.io.adapters import materialize
 
     own = shutil.copytree(adapter, tmp_path / "adapter")
     (tmp_path / "secret.txt").write_text("secret")
@@ -238,7 +238,7 @@ def test_an_output_reached_through_links_is_kept_apart_from_inputs(mistral, tmp_
 
 
 def test_materialize_through_a_link_keeps_its_base(mistral, adapter, tmp_path):
-    from medmerge.adapters import materialize
+    from medmerge.io.adapters import materialize
 
     base = shutil.copytree(mistral[0], tmp_path / "real" / "base")
     (tmp_path / "link").symlink_to(tmp_path / "real")
@@ -309,7 +309,7 @@ def test_study_and_tune_folders_may_not_lie_in_an_input(mistral, tmp_path):
 
 
 def test_an_empty_cache_variable_is_no_cache_in_the_working_folder(monkeypatch, tmp_path):
-    from medmerge.hashing import cache_dir
+    from medmerge.io.hashing import cache_dir
 
     monkeypatch.setenv("MEDMERGE_CACHE", "")
     monkeypatch.setenv("HOME", str(tmp_path))

@@ -10,11 +10,11 @@ import pytest
 import yaml
 from conftest import cli, one_line_error
 
-from medmerge.card import text as markdown_text
 from medmerge.errors import ConfigError
-from medmerge.records import expand, load_records, load_study
-from medmerge.report import mcnemar, write_report
-from medmerge.study import run_study
+from medmerge.io.card import text as markdown_text
+from medmerge.studies.records import expand, load_records, load_study
+from medmerge.studies.report import mcnemar, write_report
+from medmerge.studies.study import run_study
 from medmerge.synthetic import write_suite
 
 
@@ -72,7 +72,7 @@ def png_size(path):
 
 
 def test_study_end_to_end_resume_and_report(study_config, tmp_path, monkeypatch):
-    import medmerge.study as st
+    import medmerge.studies.study as st
 
     calls = []
     real = st.execute_run
@@ -261,7 +261,7 @@ def _relabel(path, field="label"):
 def test_a_changed_suite_redoes_the_runs_and_stale_records_are_left_out(
     study_config, tmp_path, monkeypatch
 ):
-    import medmerge.study as st
+    import medmerge.studies.study as st
 
     suite = write_suite(tmp_path / "suite", n=8, seed=2, formats=("medqa",))
     config = {**study_config, "suite": str(suite), "merges": study_config["merges"][:1]}

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from conftest import cli, one_line_error
 
-import medmerge.tune as tune
+import medmerge.studies.tune as tune
 from medmerge.errors import ConfigError
 from medmerge.eval import evaluate
 from medmerge.synthetic import tiny_config, write_family, write_suite
@@ -116,7 +116,7 @@ def test_the_test_part_is_read_only_in_the_final_step(inputs, tmp_path, monkeypa
         return real_held_out(search)
 
     monkeypatch.setattr(tune, "_held_out", held_out)
-    from medmerge.study import run_study
+    from medmerge.studies.study import run_study
 
     grid = {
         **_config(inputs),
@@ -339,8 +339,8 @@ def test_trials_below_one_are_refused_up_front(inputs, tmp_path, trials):
 def test_no_feasible_trial_leaves_no_best_yaml(inputs, tmp_path):
     import optuna
 
-    from medmerge.records import Run, RunRecord
-    from medmerge.tune_report import write_tune_report
+    from medmerge.studies.records import Run, RunRecord
+    from medmerge.studies.tune_report import write_tune_report
 
     (tmp_path / "best.yaml").write_text("an earlier search's best")
     result = {"tasks": {"t": {"n": 1, "metrics": {"acc": 1.0}, "stderr": {"acc": 0.0}}},
@@ -390,7 +390,7 @@ def test_objectives_and_constraints_need_accuracy_tasks(
 def test_a_study_without_accuracy_tasks_is_refused_as_a_baseline(
     inputs, perplexity_suites, tmp_path, monkeypatch
 ):
-    from medmerge.study import run_study
+    from medmerge.studies.study import run_study
 
     grid = {**_config(inputs, perplexity_suites["alone"]),
             "merges": [{"method": "linear", "parameters": {"weight": 0.5}}]}  # fmt: skip
@@ -404,7 +404,7 @@ def test_a_study_without_accuracy_tasks_is_refused_as_a_baseline(
 
 KILLED = """
 import json, os, signal, sys
-import medmerge.engine, medmerge.eval, medmerge.tune
+import medmerge.engine, medmerge.eval, medmerge.studies.tune
 where = sys.argv[2]
 if where == "merge":  # killed while the first trial's merge is being written
     medmerge.engine._write_metadata = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
@@ -415,7 +415,7 @@ else:  # killed after the first trial's merge, before its evaluation
             os.kill(os.getpid(), signal.SIGKILL)
         return real(model, **kwargs)
     medmerge.eval.evaluate = evaluate
-medmerge.tune.run_tune(json.loads(sys.argv[1]), sys.argv[3], progress=False)
+medmerge.studies.tune.run_tune(json.loads(sys.argv[1]), sys.argv[3], progress=False)
 """
 
 

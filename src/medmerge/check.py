@@ -33,12 +33,12 @@ import torch
 from pydantic import BaseModel
 from tqdm.auto import tqdm
 
-from medmerge import references
-from medmerge.architectures import tensor_type
-from medmerge.checkpoint import Checkpoint, refuse_output_near
 from medmerge.errors import CheckpointError, ConfigError, MergeError
+from medmerge.io import references
+from medmerge.io.checkpoint import Checkpoint, refuse_output_near
 from medmerge.methods import largest_magnitude
 from medmerge.methods.sparsify import top_k_mask
+from medmerge.models.architectures import tensor_type
 from medmerge.plan import chat_template_of
 from medmerge.vocab import differences, is_vocabulary_tensor, some_tokens
 

@@ -166,9 +166,9 @@ def materialize(
     overwrite: Annotated[bool, typer.Option(help="replace a non-empty OUT_DIR")] = False,
 ) -> None:
     """Fold a LoRA adapter into its base (peft merge_and_unload); write a full checkpoint."""
-    from medmerge.adapters import adapter_base
-    from medmerge.adapters import materialize as run
-    from medmerge.references import folder
+    from medmerge.io.adapters import adapter_base
+    from medmerge.io.adapters import materialize as run
+    from medmerge.io.references import folder
 
     adapter_dir = _run(folder, adapter)
     named = base or _run(adapter_base, adapter_dir)  # a folder or Hub ID
@@ -240,7 +240,7 @@ def study(
     ),
 ) -> None:
     """Run a study (merges x hyperparameters, evaluated, reported); rerunning resumes."""
-    from medmerge.study import run_study
+    from medmerge.studies.study import run_study
 
     folder = _run(run_study, config, out, executor=executor.value)
     typer.echo(f"study in {folder}; report {folder / 'report.md'} and {folder / 'report.html'}")
@@ -260,7 +260,7 @@ def tune(
     """Search merge hyperparameters on a dev part of the suite, judge the best on its held-out
     test part; rerunning resumes."""
     try:
-        from medmerge.tune import run_tune
+        from medmerge.studies.tune import run_tune
     except ImportError as e:
         typer.secho(f"error: medmerge tune needs the tune extra ({e}): pip install "
                     "'medmerge[tune]'", fg="red", err=True)  # fmt: skip
@@ -273,7 +273,7 @@ def tune(
 @app.command()
 def report(folder: Annotated[Path, typer.Argument(help="a study folder")]) -> None:
     """Re-render a study's report from its stored results."""
-    from medmerge.report import write_report
+    from medmerge.studies.report import write_report
 
     typer.echo(f"report written to {_run(write_report, folder)}")
 
@@ -303,7 +303,7 @@ def example(
 ) -> None:
     """Write a tiny base, two fine-tunes of it, a merge config, a small local suite and a study
     config for them into OUT_DIR (random weights and questions: a smoke test of the workflow)."""
-    from medmerge.synthetic import write_example
+    from medmerge.demo.example import write_example
 
     _run(write_example, out_dir, arch=arch, method=method, overwrite=overwrite)
     typer.echo(

@@ -47,7 +47,7 @@ from pydantic import (
 )
 
 from medmerge.errors import ConfigError
-from medmerge.references import reference_string
+from medmerge.io.references import reference_string
 
 log = logging.getLogger("medmerge")
 

@@ -31,9 +31,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from medmerge import buffers
-from medmerge.card import model_card
-from medmerge.checkpoint import (
+from medmerge.config import MergeConfig, load_configs, plain_name
+from medmerge.errors import ConfigError, MergeError, NonFiniteCosts
+from medmerge.io import buffers
+from medmerge.io.card import model_card
+from medmerge.io.checkpoint import (
     TOKENIZER_FILES,
     Checkpoint,
     ShardWriter,
@@ -46,14 +48,12 @@ from medmerge.checkpoint import (
     refuse_output_near,
     remove_leftovers,
 )
-from medmerge.config import MergeConfig, load_configs, plain_name
-from medmerge.errors import ConfigError, MergeError, NonFiniteCosts
-from medmerge.hashing import sha256_file
+from medmerge.io.hashing import sha256_file
+from medmerge.io.references import local_folders
 from medmerge.methods import largest_magnitude
 from medmerge.methods.rng import tensor_keys
 from medmerge.methods.streaming import Blocked, chunk_rows
 from medmerge.plan import MergePlan, plan_merge
-from medmerge.references import local_folders
 from medmerge.version import __version__
 from medmerge.vocab import is_vocabulary_tensor
 

@@ -24,9 +24,7 @@ from pathlib import Path
 
 import torch
 
-from medmerge import references, vocab
-from medmerge.chat_templates import CHAT_TEMPLATES
-from medmerge.checkpoint import EMBEDDING_PATTERN, Checkpoint, metadata_file
+from medmerge import vocab
 from medmerge.config import (
     ConditionalParameter,
     InputSlice,
@@ -36,7 +34,10 @@ from medmerge.config import (
     load_config,
 )
 from medmerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
+from medmerge.io import references
+from medmerge.io.checkpoint import EMBEDDING_PATTERN, Checkpoint, metadata_file
 from medmerge.methods import REQUIRED, MergeMethod, Param, config_name, get_method
+from medmerge.models.chat_templates import CHAT_TEMPLATES
 from medmerge.vocab import Vocabulary, is_vocabulary_tensor
 
 log = logging.getLogger("medmerge")

@@ -21,10 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medmerge import loaders, references
-from medmerge.checkpoint import EMBEDDING_PATTERN, LM_HEAD_NAMES, Checkpoint
 from medmerge.config import ZeroEmbedding
 from medmerge.errors import ConfigError, IncompatibleModelsError
+from medmerge.io import loaders, references
+from medmerge.io.checkpoint import EMBEDDING_PATTERN, LM_HEAD_NAMES, Checkpoint
 from medmerge.methods.streaming import CHUNK, Blocked, take_rows
 
 log = logging.getLogger("medmerge")

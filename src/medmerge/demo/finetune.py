@@ -22,8 +22,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from medmerge import loaders
-from medmerge.checkpoint import atomic_folder
+from medmerge.io import loaders
+from medmerge.io.checkpoint import atomic_folder
 
 log = logging.getLogger("medmerge")
 

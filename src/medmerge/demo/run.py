@@ -23,8 +23,8 @@ from pathlib import Path
 
 from medmerge.demo.icd10 import chapter_items, load_table, training_texts
 from medmerge.demo.suite import CONTROL_TASK, task_name, write_suite
-from medmerge.hashing import cache_dir, sha256_file
-from medmerge.study import PAPER_MERGES
+from medmerge.io.hashing import cache_dir, sha256_file
+from medmerge.studies.study import PAPER_MERGES
 
 log = logging.getLogger("medmerge")
 
@@ -168,8 +168,8 @@ def run_demo(
     """Run (or resume) the demo into `out`; returns the summary (also in `out/summary.json`).
     With `tune`, a search (`out/tune`) instead of the study, summarised with its held-out
     verdict in `out/summary-tune.json`."""
-    from medmerge.records import load_records
-    from medmerge.study import run_study
+    from medmerge.studies.records import load_records
+    from medmerge.studies.study import run_study
 
     settings = settings or (QUICK if quick else FULL)
     out = Path(out)
@@ -203,7 +203,7 @@ def run_demo(
 
     started = time.time()
     if tune:
-        from medmerge.tune import run_tune
+        from medmerge.studies.tune import run_tune
 
         config = tune_config(base, specialists, out / "suite", settings)
         runs = (out / "study" / "runs").glob("*.json")
@@ -232,9 +232,9 @@ def run_demo(
 
 def summarize_tune(folder: Path) -> dict:
     """A search's headline: held-out accuracies, the verdict and the best configuration."""
-    from medmerge.records import RunRecord
-    from medmerge.report import acc, accuracy_tasks, mean_acc
-    from medmerge.tune_report import verdict
+    from medmerge.studies.records import RunRecord
+    from medmerge.studies.report import acc, accuracy_tasks, mean_acc
+    from medmerge.studies.tune_report import verdict
 
     stored = json.loads((folder / "heldout.json").read_text())
     records = [RunRecord.model_validate(r) for r in stored]
@@ -258,7 +258,7 @@ def summarize_tune(folder: Path) -> dict:
 def summarize(records: list, chapters: tuple[str, str]) -> dict:
     """The headline: every model's accuracies; the best merge by mean accuracy; its gain over
     each specialist on the other specialist's domain; its change on the control versus the base."""
-    from medmerge.report import acc, accuracy_tasks, mean_acc
+    from medmerge.studies.report import acc, accuracy_tasks, mean_acc
 
     tasks = accuracy_tasks(records)
     by_name = {r.run.name: r for r in records}

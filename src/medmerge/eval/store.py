@@ -19,7 +19,7 @@ import sqlite3
 from contextlib import closing
 from pathlib import Path
 
-from medmerge.hashing import cache_dir, sha256_file
+from medmerge.io.hashing import cache_dir, sha256_file
 
 log = logging.getLogger("medmerge")
 
@@ -42,7 +42,7 @@ def model_fingerprint(folder: str | Path) -> str:
     """Hash of everything that can change a score: config.json, the weights' index and every
     weight file's SHA-256 (cached), the tokenizer and chat-template files, the generation
     config."""
-    from medmerge.checkpoint import BIN_INDEX, SAFE_INDEX, TOKENIZER_FILES, Checkpoint
+    from medmerge.io.checkpoint import BIN_INDEX, SAFE_INDEX, TOKENIZER_FILES, Checkpoint
 
     ckpt = Checkpoint(folder)
     h = hashlib.sha256()

@@ -32,7 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from medmerge.config import read_yaml
 from medmerge.errors import ConfigError
-from medmerge.hashing import cache_dir
+from medmerge.io.hashing import cache_dir
 
 log = logging.getLogger("medmerge")
 

@@ -14,8 +14,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from medmerge import buffers
 from medmerge.errors import ConfigError
+from medmerge.io import buffers
 from medmerge.methods import kernels
 from medmerge.methods.registry import always, register
 from medmerge.methods.streaming import Blocked, flat, spans

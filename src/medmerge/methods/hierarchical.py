@@ -24,7 +24,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from medmerge.align import (
+from medmerge.errors import ConfigError
+from medmerge.methods import kernels
+from medmerge.methods.align import (
     HeadLayout,
     expert_alignment,
     joint_alignment,
@@ -33,7 +35,9 @@ from medmerge.align import (
     permute_heads,
     permuted,
 )
-from medmerge.architectures import (
+from medmerge.methods.registry import entries, register
+from medmerge.methods.streaming import Blocked, chunkwise, flat, spans, summed_terms
+from medmerge.models.architectures import (
     attention_layout,
     attention_of,
     expert_tensor,
@@ -42,10 +46,6 @@ from medmerge.architectures import (
     head_tensor,
     segments,
 )
-from medmerge.errors import ConfigError
-from medmerge.methods import kernels
-from medmerge.methods.registry import entries, register
-from medmerge.methods.streaming import Blocked, chunkwise, flat, spans, summed_terms
 
 
 def layer_groups(names: Sequence[str], config: dict, params: dict[str, dict]) -> list[list[str]]:

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medmerge import buffers
+from medmerge.io import buffers
 from medmerge.methods import kernels
 from medmerge.methods.basic import combination
 from medmerge.methods.kernels import Divisor, precompile

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from medmerge import buffers
+from medmerge.io import buffers
 from medmerge.methods.kernels.sparse import block_entries
 
 CHUNK = 1 << 20  # elements per chunk of torch work on the CPU: stays in cache

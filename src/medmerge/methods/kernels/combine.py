@@ -10,7 +10,7 @@ import torch
 from numba import njit, prange
 from torch import Tensor
 
-from medmerge import buffers
+from medmerge.io import buffers
 from medmerge.methods.kernels.core import BLOCK, array, fma, load, store
 
 

@@ -149,7 +149,7 @@ def attention_of(config: dict) -> Attention:
         raise ConfigError(
             f"aligning attention heads needs the attention layout of model_type {model_type!r}, "
             "which medmerge does not know; merge with `alignment: none`, or add the layout to "
-            "medmerge.architectures.ATTENTION"
+            "medmerge.models.architectures.ATTENTION"
         )
     return ATTENTION[model_type]
 
@@ -255,7 +255,7 @@ def experts_of(config: dict) -> tuple[tuple[Experts, ...], int]:
         raise ConfigError(
             f"aligning experts needs a mixture-of-experts layout, and medmerge knows none for "
             f"model_type {model_type!r}; leave `align_experts` off, or add the layout to "
-            "medmerge.architectures.EXPERTS"
+            "medmerge.models.architectures.EXPERTS"
         )
     return EXPERTS[model_type], int(count)
 

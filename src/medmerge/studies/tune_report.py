@@ -7,8 +7,8 @@ from pathlib import Path
 
 import yaml
 
-from medmerge.records import RunRecord
-from medmerge.report import _plt, accuracy_tasks, markdown_table, mcnemar, mean_acc
+from medmerge.studies.records import RunRecord
+from medmerge.studies.report import _plt, accuracy_tasks, markdown_table, mcnemar, mean_acc
 
 ALPHA = 0.05
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from medmerge.checkpoint import check_metadata
 from medmerge.errors import CheckpointError
+from medmerge.io.checkpoint import check_metadata
 
 
 def tokenizer(folder: str | Path):

@@ -1,35 +1,6 @@
-"""Merge-hyperparameter search: Optuna proposes merge configs, each is merged and scored on the
-dev part of a local suite, and the best few are judged once, at the end, on its test part.
-
-```yaml
-name: cardio-tune
-base: path/to/base
-models: [path/to/parent_a, path/to/parent_b]
-suite: path/to/local/suite      # split by seed: the search sees only the dev part
-split: {dev: 0.5, seed: 0}
-protocol: {num_fewshot: 0, dtype: float32}
-objective: {kind: mean}         # mean | weighted (with weights: {task: w}) | worst
-constraints:                    # optional: on the dev part, against the base
-  - {task: general_control, max_drop: 3.0}   # points
-search: {trials: 16, sampler: tpe, seed: 0, prune_limit: 8}
-spaces:
-  - method: dare_ties
-    parameters:
-      density: {low: 0.5, high: 1.0}
-      lambda: {low: 0.5, high: 2.0, log: true}
-      weight: {low: 0.0, high: 1.0, gradient: 3}   # a mergekit gradient of 3 values
-    per_model: [{weight: {low: 0.2, high: 1.0}}, {}]
-  - method: linear
-    parameters: {weight: 0.5}                      # a constant
-baselines:                      # merges to compare on the test part
-  - {method: dare_ties, parameters: {weight: 0.5, density: 0.9}}
-study: studies/cardio           # optional: a grid study whose best merge joins the baselines
-final_top: 3
-```
-
-A parameter is a constant, a float range (`low`, `high`, `log`), an integer range
-(`type: int`), `choices`, or a float range with `gradient: N` (N values over the layers, as
-mergekit interpolates a list). With several spaces the method is itself a choice.
+"""Running a merge-hyperparameter search (`medmerge tune`): Optuna proposes merge configs
+(`medmerge.studies.search`), each is merged and scored on the dev part of a local suite, and
+the best few are judged once, at the end, on its test part.
 
 The folder holds `tune.yaml`, `optuna.sqlite3` (the search: a rerun with the same config
 resumes it; one with another search space, objective, suite or protocol is refused), `suites/`
@@ -47,326 +18,38 @@ import logging
 import math
 import shutil
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Literal
 
 import optuna
 import sqlalchemy.exc
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from medmerge.checkpoint import locked, refuse_output_near, sweep
-from medmerge.config import Reference, read_yaml
 from medmerge.errors import ConfigError, MergeError
-from medmerge.eval.suites import Suite, SuiteManifest, load_suite
-from medmerge.methods import config_name, get_method
-from medmerge.records import (
-    MergeOptions,
-    MergeSpec,
-    Name,
-    Protocol,
+from medmerge.io.checkpoint import locked, refuse_output_near, sweep
+from medmerge.io.references import local_folders
+from medmerge.studies.records import (
     Run,
     RunRecord,
-    StudyConfig,
     expand,
     read_mapping,
 )
-from medmerge.references import local_folders
+from medmerge.studies.search import (
+    Search,
+    Space,
+    TuneConfig,
+    accuracies,
+    as_study,
+    evaluate_run,
+    load_tune,
+    merge_run,
+    objective_value,
+    split_suite,
+    suggest,
+    tune_suite,
+    validated,
+)
 
 log = logging.getLogger("medmerge")
-
-
-class Space(BaseModel):
-    """The values one parameter may take."""
-
-    model_config = ConfigDict(extra="forbid")
-    low: float | None = None
-    high: float | None = None
-    log: bool = False
-    type: Literal["float", "int"] = "float"
-    choices: list[Any] | None = None
-    gradient: int | None = Field(None, ge=2, le=16)
-
-    @model_validator(mode="after")
-    def _valid(self):
-        if self.choices is not None:
-            if not self.choices or self.low is not None or self.high is not None:
-                raise ValueError("give either a non-empty `choices` or `low` and `high`")
-            return self
-        if self.low is None or self.high is None:
-            raise ValueError("a range needs `low` and `high` (or give `choices`)")
-        if not self.low < self.high:
-            raise ValueError(f"empty or inverted range: low {self.low} >= high {self.high}")
-        if self.log and self.low <= 0:
-            raise ValueError("a log range needs low > 0")
-        if self.gradient and self.type == "int":
-            raise ValueError("a gradient is a list of floats: leave out `type: int`")
-        return self
-
-
-class MethodSpace(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    method: str
-    parameters: dict[str, Any] = {}
-    per_model: list[dict[str, Any]] | None = None
-
-
-class Objective(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["mean", "weighted", "worst"] = "mean"
-    weights: dict[str, Annotated[float, Field(ge=0, allow_inf_nan=False)]] | None = None
-
-    @model_validator(mode="after")
-    def _weights(self):
-        if self.kind == "weighted" and not self.weights:
-            raise ValueError("kind weighted needs `weights: {task: w}`")
-        if self.weights is not None and not sum(self.weights.values()) > 0:
-            raise ValueError("the weights must sum to more than 0 (give some task a weight > 0)")
-        return self
-
-
-class Constraint(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    task: str
-    max_drop: float = Field(ge=0)  # accuracy points below the base, on the dev part
-
-
-class Split(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    dev: float = Field(0.5, gt=0, lt=1)
-    seed: int = 0
-
-
-class Search(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    trials: int = Field(16, ge=1, le=10000)
-    sampler: Literal["tpe", "cmaes"] = "tpe"
-    seed: int = 0
-    prune_limit: int | None = Field(None, ge=1)  # questions per task of the early evaluation
-    concurrent: int = Field(1, ge=1)  # trials at once (the ray executor)
-
-
-class TuneConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    name: Name = "tune"
-    base: Reference
-    models: list[Reference]
-    suite: str
-    tasks: list[str] | None = None
-    split: Split = Split()
-    protocol: Protocol = Protocol()
-    merge: MergeOptions = MergeOptions()
-    objective: Objective = Objective()
-    constraints: list[Constraint] = []
-    search: Search = Search()
-    spaces: list[MethodSpace] = Field(min_length=1)
-    baselines: list[MergeSpec] = []
-    study: str | None = None  # a study folder: its best merge by mean accuracy is a baseline
-    final_top: int = Field(3, ge=1)
-    keep_models: bool = False
-
-
-def load_tune(config: str | Path | dict | TuneConfig) -> TuneConfig:
-    """A validated tune config: every method, parameter, range and task checked, before any
-    merge or evaluation."""
-    if isinstance(config, TuneConfig):
-        cfg = config
-    else:
-        cfg = _validated(TuneConfig, read_mapping(config, "tune config"), "invalid tune config")
-    for space in cfg.spaces:
-        _check_space(space, len(cfg.models))
-    scored = _suite(cfg).accuracy_tasks
-    if not scored:
-        raise ConfigError(
-            f"tune config: suite {cfg.suite} has no accuracy task (perplexity alone), and the "
-            "objective is accuracy; add a multiple-choice task to the suite or to `tasks`"
-        )
-    named = [(c.task, "constraint") for c in cfg.constraints]
-    named += [(t, "objective weight") for t in (cfg.objective.weights or {})]
-    for task, what in named:
-        if task not in scored:
-            raise ConfigError(
-                f"tune config: the {what} names task {task!r}, which is not an accuracy task of "
-                f"the suite (its accuracy tasks: {', '.join(scored)})"
-            )
-    return cfg
-
-
-def _validated(model: type[BaseModel], data: Any, what: str) -> Any:
-    """`model` validated from `data`; a ConfigError naming each bad key otherwise."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(map(str, err['loc']))}: {err['msg'].removeprefix('Value error, ')}"
-            for err in e.errors()
-        )
-        raise ConfigError(f"{what}: {problems}") from e
-
-
-def _check_space(space: MethodSpace, models: int) -> None:
-    method = get_method(space.method)
-    known = {config_name(p.name): p for p in method.params}
-    per_model = space.per_model or []
-    if len(per_model) not in (0, models):
-        raise ConfigError(
-            f"tune space {space.method}: per_model has {len(per_model)} entries for {models} models"
-        )
-    for where, params in [("parameters", space.parameters)] + [
-        (f"per_model[{i}]", p) for i, p in enumerate(per_model)
-    ]:
-        for key, value in params.items():
-            if key not in known:
-                raise ConfigError(
-                    f"tune space {space.method}: {where} names unknown parameter {key!r}; "
-                    f"{space.method} takes {', '.join(known) or 'none'}"
-                )
-            if isinstance(value, dict):
-                try:
-                    Space.model_validate(value)
-                except ValidationError as e:
-                    problem = e.errors()[0]["msg"].removeprefix("Value error, ")
-                    raise ConfigError(f"tune space {space.method}: {where}.{key}: {problem}") from e
-
-
-def _suite(cfg: TuneConfig) -> Suite:
-    if cfg.suite == "paper":
-        raise ConfigError(
-            "tune needs a local suite (a folder with suite.yaml) to split into dev and test "
-            "parts; the paper suite's Hub datasets cannot be split offline"
-        )
-    return load_suite(cfg.suite, cfg.tasks)
-
-
-# ---- the dev and test parts ----
-
-
-def split_suite(suite: str | Path, out: Path, dev: float, seed: int) -> dict[str, Path]:
-    """The suite's test records split in two local suites, `out/dev` and `out/test`: a record
-    goes to dev when a hash of (seed, task, record) falls below `dev`, so the parts are
-    disjoint and the same on every run. Few-shot files are copied to both."""
-    folder = Path(suite)
-    load_suite(folder)  # validated: manifest, data inside the folder, records
-    manifest = SuiteManifest.model_validate(read_yaml(folder / "suite.yaml", "suite manifest")[0])
-    parts = {"dev": [], "test": []}
-    rows: dict[str, dict[str, list[str]]] = {"dev": {}, "test": {}}
-    for spec in manifest.tasks:
-        for part in parts:
-            rows[part][spec.name] = []
-        for line in (folder / spec.test).read_text(encoding="utf-8").splitlines():
-            if line.strip():
-                digest = hashlib.sha256(f"{seed}\0{spec.name}\0{line}".encode()).digest()
-                u = int.from_bytes(digest[:8], "big") / 2**64
-                rows["dev" if u < dev else "test"][spec.name].append(line)
-        for part in parts:
-            if not rows[part][spec.name]:
-                raise ConfigError(
-                    f"suite task {spec.name}: its {part} part is empty with split dev={dev}; "
-                    "add questions or move the split towards 0.5"
-                )
-    found = {}
-    for part in parts:
-        target = out / part
-        target.mkdir(parents=True, exist_ok=True)
-        tasks = []
-        for spec in manifest.tasks:
-            data = f"{spec.name}.jsonl"
-            (target / data).write_text("\n".join(rows[part][spec.name]) + "\n", encoding="utf-8")
-            entry = spec.model_dump(exclude_none=True) | {"test": data}
-            if spec.fewshot:
-                shutil.copyfile(folder / spec.fewshot, target / f"{spec.name}.fewshot.jsonl")
-                entry["fewshot"] = f"{spec.name}.fewshot.jsonl"
-            tasks.append(entry)
-        text = yaml.safe_dump({"name": f"{manifest.name}-{part}", "tasks": tasks}, sort_keys=False)
-        (target / "suite.yaml").write_text(text)
-        found[part] = target
-    return found
-
-
-# ---- trials ----
-
-
-def suggest(trial, cfg: TuneConfig) -> tuple[str, dict, list[dict]]:
-    """The method, top-level and per-model parameters of one trial, drawn by `trial` (an Optuna
-    trial, or a FixedTrial of stored params)."""
-    methods = [s.method for s in cfg.spaces]
-    index = 0
-    if len(cfg.spaces) > 1:
-        labels = [f"{i}:{m}" for i, m in enumerate(methods)]
-        index = labels.index(trial.suggest_categorical("method", labels))
-    space = cfg.spaces[index]
-    prefix = f"{index}:{space.method}." if len(cfg.spaces) > 1 else ""
-    params = {k: _draw(trial, prefix + k, v) for k, v in space.parameters.items()}
-    per_model = [
-        {k: _draw(trial, f"{prefix}model{i}.{k}", v) for k, v in p.items()}
-        for i, p in enumerate(space.per_model or [{} for _ in cfg.models])
-    ]
-    return space.method, params, per_model
-
-
-def _draw(trial, name: str, value: Any) -> Any:
-    if not isinstance(value, dict):
-        return value
-    s = Space.model_validate(value)
-    if s.choices is not None:
-        return trial.suggest_categorical(name, s.choices)
-    if s.type == "int":
-        return trial.suggest_int(name, int(s.low), int(s.high), log=s.log)
-    if s.gradient:
-        return [trial.suggest_float(f"{name}[{i}]", s.low, s.high, log=s.log)
-                for i in range(s.gradient)]  # fmt: skip
-    return trial.suggest_float(name, s.low, s.high, log=s.log)
-
-
-def merge_run(cfg: TuneConfig, name: str, method: str, params: dict, per_model: list[dict]) -> Run:
-    """The study runner's merge run for these parameters (its merge config as a study makes
-    it; a list value is a gradient, not a grid axis)."""
-    wrapped = {k: {"value": v} if isinstance(v, list) else v for k, v in params.items()}
-    spec = MergeSpec(method=method, name=name, parameters=wrapped, per_model=per_model)
-    return expand(_as_study(cfg, [spec]))[-1]
-
-
-def _as_study(cfg: TuneConfig, merges: list[MergeSpec], suite: Path | None = None) -> StudyConfig:
-    return StudyConfig(
-        name=cfg.name,
-        base=cfg.base,
-        models=cfg.models,
-        suite=str(suite or cfg.suite),
-        tasks=cfg.tasks,
-        protocol=cfg.protocol,
-        merge=cfg.merge,
-        keep_models=True,
-        merges=merges,
-    )
-
-
-def objective_value(scores: dict[str, float], objective: Objective) -> float:
-    """The search's objective from per-task accuracies."""
-    if objective.kind == "worst":
-        return min(scores.values())
-    if objective.kind == "weighted":
-        weights = objective.weights
-        return sum(weights[t] * scores[t] for t in weights) / sum(weights.values())
-    return sum(scores.values()) / len(scores)
-
-
-def accuracies(result: dict) -> dict[str, float]:
-    """Per task, `acc` (tasks without one, such as perplexity, do not enter the objective)."""
-    return {t: s["metrics"]["acc"] for t, s in result["tasks"].items() if "acc" in s["metrics"]}
-
-
-def evaluate_run(run: Run, cfg: TuneConfig, folder: str, suite: str, limit: int | None,
-                 keep: bool) -> RunRecord:  # fmt: skip
-    """Merge (for a merge run) and evaluate on `suite` (at most `limit` questions per task, if
-    given, and the protocol's limit), through the tune folder's result store; the merged model
-    is deleted afterwards unless `keep`. Runs in a Ray worker too."""
-    from medmerge.study import execute_run
-
-    study = _as_study(cfg, [], Path(suite))
-    limits = [x for x in (limit, cfg.protocol.limit) if x is not None]
-    study.protocol = cfg.protocol.model_copy(update={"limit": min(limits, default=None)})
-    study.result_store = str(Path(folder) / "results.sqlite")
-    study.keep_models = keep
-    return execute_run(run, study, folder)
 
 
 class Reseeded(optuna.samplers.BaseSampler):
@@ -549,9 +232,9 @@ class _Search:
     def run_ray(self, trials: int) -> None:
         """Ray Tune trials drawn by its Optuna searcher from this folder's study (the storage
         and sampler of the local executor), each trial's merge and dev evaluation in a Ray
-        worker (`medmerge.tune_ray`)."""
+        worker (`medmerge.studies.tune_ray`)."""
         try:
-            from medmerge.tune_ray import run_trials
+            from medmerge.studies.tune_ray import run_trials
         except ImportError as e:
             raise ConfigError("--executor ray needs Ray Tune: pip install 'medmerge[ray]'") from e
         remaining = trials - self.finished()
@@ -585,7 +268,7 @@ def run_tune(
     cfg = load_tune(config)
     if trials is not None:
         search = {**cfg.search.model_dump(), "trials": trials}
-        cfg = cfg.model_copy(update={"search": _validated(Search, search, f"--trials {trials}")})
+        cfg = cfg.model_copy(update={"search": validated(Search, search, f"--trials {trials}")})
     # local paths made absolute: Ray Tune runs each trial in a folder of its own
     local = {k: str(Path(v).resolve()) if isinstance(v, str) and Path(v).exists() else v
              for k, v in (("base", cfg.base), ("suite", cfg.suite))}  # fmt: skip
@@ -601,7 +284,7 @@ def run_tune(
     folder.mkdir(parents=True, exist_ok=True)
     with locked(folder):
         _check_merges(cfg)
-        suite_hash = _suite(cfg).content_hash
+        suite_hash = tune_suite(cfg).content_hash
         storage = _storage(folder)
         _check_resume(cfg, folder, storage, suite_hash)
         (folder / "models").mkdir(exist_ok=True)
@@ -615,7 +298,7 @@ def run_tune(
         else:
             search.run_local(cfg.search.trials, progress)
         heldout = _held_out(search)
-        from medmerge.tune_report import write_tune_report
+        from medmerge.studies.tune_report import write_tune_report
 
         write_tune_report(folder, search.study, heldout, cfg)
     return folder
@@ -651,7 +334,7 @@ def _check_resume(cfg: TuneConfig, folder: Path, storage, suite_hash: str) -> No
     stored = folder / "tune.yaml"
     fix = f"search anew in a new folder (--out), or resume with the config in {stored}"
     try:
-        before = _search_defining(_validated(TuneConfig, read_mapping(stored, "tune config"),
+        before = _search_defining(validated(TuneConfig, read_mapping(stored, "tune config"),
                                              f"invalid {stored}"))  # fmt: skip
     except ConfigError as e:
         raise ConfigError(f"{folder} holds a search, but: {e}; {fix}") from e
@@ -691,7 +374,7 @@ def _canonical(space: dict) -> dict:
 def _check_merges(cfg: TuneConfig) -> None:
     """Every space and baseline planned strictly (at its ranges' middles) before anything
     runs: incompatible models or a parameter the method refuses fail now."""
-    from medmerge.study import check_merges
+    from medmerge.studies.study import check_merges
 
     runs = []
     for i, space in enumerate(cfg.spaces):
@@ -705,10 +388,10 @@ def _baselines(cfg: TuneConfig) -> list[Run]:
     """The merge runs the tuned merge is judged against: the config's baselines and the best
     merge (by mean accuracy) of `cfg.study`, a study folder."""
     runs = [r.model_copy(update={"name": f"baseline-{r.name}"})
-            for r in expand(_as_study(cfg, cfg.baselines)) if r.kind == "merge"]  # fmt: skip
+            for r in expand(as_study(cfg, cfg.baselines)) if r.kind == "merge"]  # fmt: skip
     if cfg.study:
-        from medmerge.records import load_records
-        from medmerge.report import accuracy_tasks, mean_acc
+        from medmerge.studies.records import load_records
+        from medmerge.studies.report import accuracy_tasks, mean_acc
 
         if not (Path(cfg.study) / "study.yaml").is_file():
             raise ConfigError(f"tune config: study {cfg.study} is not a study folder")

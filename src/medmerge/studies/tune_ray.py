@@ -15,7 +15,14 @@ import ray
 from ray import tune
 from ray.tune.search.optuna import OptunaSearch
 
-from medmerge.tune import TuneConfig, accuracies, evaluate_run, merge_run, objective_value, suggest
+from medmerge.studies.search import (
+    TuneConfig,
+    accuracies,
+    evaluate_run,
+    merge_run,
+    objective_value,
+    suggest,
+)
 
 
 class Space:
@@ -68,7 +75,7 @@ def trial(params: dict, cfg: TuneConfig, folder: str, suite: str) -> None:
 
 
 def run_trials(search, count: int) -> None:
-    """Run `count` more trials of `search` (a `medmerge.tune._Search`) on Ray Tune."""
+    """Run `count` more trials of `search` (a `medmerge.studies.tune._Search`) on Ray Tune."""
     cfg: TuneConfig = search.cfg
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)

@@ -27,7 +27,7 @@ from pathlib import Path
 from scipy.stats import binomtest
 
 from medmerge.errors import ConfigError
-from medmerge.records import RunRecord, load_study, stored_records
+from medmerge.studies.records import RunRecord, load_study, stored_records
 
 PLOT_STYLE = {
     "figure.facecolor": "white",

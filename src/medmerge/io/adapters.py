@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from medmerge import loaders
-from medmerge.checkpoint import (
+from medmerge.errors import CheckpointError
+from medmerge.io import loaders
+from medmerge.io.checkpoint import (
     METADATA_FILES,
     Checkpoint,
     atomic_folder,
@@ -34,8 +35,7 @@ from medmerge.checkpoint import (
     refuse_output_near,
     write_state,
 )
-from medmerge.errors import CheckpointError
-from medmerge.hashing import cache_dir, sha256_file
+from medmerge.io.hashing import cache_dir, sha256_file
 
 log = logging.getLogger("medmerge")
 

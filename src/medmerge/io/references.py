@@ -24,9 +24,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from medmerge.adapters import adapter_base, fold, is_adapter
-from medmerge.checkpoint import BIN_INDEX, SAFE_INDEX, TOKENIZER_FILES
 from medmerge.errors import CheckpointError
+from medmerge.io.adapters import adapter_base, fold, is_adapter
+from medmerge.io.checkpoint import BIN_INDEX, SAFE_INDEX, TOKENIZER_FILES
 
 log = logging.getLogger("medmerge")
 

@@ -41,8 +41,8 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from medmerge import buffers
 from medmerge.errors import CheckpointError, MergeError
+from medmerge.io import buffers
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64,

@@ -1,6 +1,6 @@
 """Studies: merge with every method and setting, evaluate every model, compare.
 
-A study config (schema in `medmerge.records`) names a base, its fine-tunes, a suite and the
+A study config (schema in `medmerge.studies.records`) names a base, its fine-tunes, a suite and the
 merges to run, each parameter list a grid axis. A study folder holds `study.yaml`,
 `runs/NAME.json` (one record per finished run), `models/` (merged checkpoints),
 `results.sqlite` (the evaluation store) and `study.log`. Rerunning the same command resumes:
@@ -23,9 +23,10 @@ import psutil
 import yaml
 from tqdm.auto import tqdm
 
-from medmerge.checkpoint import locked, refuse_output_near, sweep
 from medmerge.errors import ConfigError, MergeError
-from medmerge.records import (
+from medmerge.io.checkpoint import locked, refuse_output_near, sweep
+from medmerge.io.references import local_folders
+from medmerge.studies.records import (
     Run,
     RunRecord,
     StudyConfig,
@@ -36,7 +37,6 @@ from medmerge.records import (
     save_record,
     suite_hash,
 )
-from medmerge.references import local_folders
 
 log = logging.getLogger("medmerge")
 
@@ -85,9 +85,9 @@ class PeakRSS:
 def execute_run(run: Run, study: StudyConfig, folder: str) -> RunRecord:
     """Merge (if a merge run), evaluate through the study's result store, record. Pure enough to
     run in another process (Ray)."""
-    from medmerge.card import add_scores
     from medmerge.engine import merge
     from medmerge.eval import evaluate
+    from medmerge.io.card import add_scores
 
     folder = Path(folder)
     merge_seconds = peak = None
@@ -206,7 +206,7 @@ def _run_locked(
                     )
                     bar.update()
         if report:
-            from medmerge.report import write_report
+            from medmerge.studies.report import write_report
 
             write_report(folder)
     finally:

@@ -25,8 +25,10 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from medmerge import buffers
-from medmerge.architectures import (
+from medmerge.errors import NonFiniteCosts
+from medmerge.io import buffers
+from medmerge.methods.streaming import CHUNK, Blocked, rows, take_rows
+from medmerge.models.architectures import (
     SEPARATE,
     Attention,
     Experts,
@@ -35,8 +37,6 @@ from medmerge.architectures import (
     expert_tensor,
     segments,
 )
-from medmerge.errors import NonFiniteCosts
-from medmerge.methods.streaming import CHUNK, Blocked, rows, take_rows
 
 __all__ = [
     "HeadLayout",
