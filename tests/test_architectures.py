@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
 import medmerge
-from medmerge import engine
+from medmerge import plan
 from medmerge.check import check
 from medmerge.errors import ConfigError
 from medmerge.methods import REGISTRY
@@ -142,7 +142,7 @@ def _write(src, dst, tensors):
 
 def _spy_group_blocks(monkeypatch) -> list[dict]:
     """The groups the engine will merge in row blocks (each a dict name -> row blocks)."""
-    blocked, group_blocks = [], engine._group_blocks
+    blocked, group_blocks = [], plan._group_blocks
 
     def spy(*args):
         found = group_blocks(*args)
@@ -150,7 +150,7 @@ def _spy_group_blocks(monkeypatch) -> list[dict]:
             blocked.append(found)
         return found
 
-    monkeypatch.setattr(engine, "_group_blocks", spy)
+    monkeypatch.setattr(plan, "_group_blocks", spy)
     return blocked
 
 

@@ -11,13 +11,13 @@ from conftest import state
 from safetensors.torch import load_file, save_file
 
 from medmerge.errors import CheckpointError, MergeError
-from medmerge.io.checkpoint import (
+from medmerge.io.checkpoint import Checkpoint
+from medmerge.io.folders import atomic_folder
+from medmerge.io.shards import (
     ALIGN,
     STAGE_BYTES,
-    Checkpoint,
     SequentialFile,
     ShardWriter,
-    atomic_folder,
     parse_size,
     staging_buffer,
 )

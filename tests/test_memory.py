@@ -18,7 +18,7 @@ from tokenizers.models import WordLevel
 from transformers import PreTrainedTokenizerFast
 
 import medmerge
-from medmerge import engine
+from medmerge import engine, plan
 from medmerge.errors import ConfigError, MergeError
 from medmerge.methods import REGISTRY, align
 from medmerge.methods.align import HeadLayout, permute_heads, random_valid_permutation
@@ -92,7 +92,7 @@ def merge_config(name: str, family, params: dict) -> dict:
 def modes(monkeypatch) -> list[str]:
     """The modes of the tensors the engine will merge in row blocks."""
     found = []
-    row_blocks = engine._row_blocks
+    row_blocks = plan._row_blocks
 
     def spy(*args):
         how = row_blocks(*args)
@@ -101,21 +101,21 @@ def modes(monkeypatch) -> list[str]:
             assert len(how.blocks) > 1 or how.mode == "streams"
         return how
 
-    monkeypatch.setattr(engine, "_row_blocks", spy)
+    monkeypatch.setattr(plan, "_row_blocks", spy)
     return found
 
 
 def group_blocks(monkeypatch) -> dict:
     """The row blocks of the tensors of the groups the engine will merge in row blocks."""
     found = {}
-    blocks = engine._group_blocks
+    blocks = plan._group_blocks
 
     def spy(*args):
         how = blocks(*args)
         found.update({n: b.blocks for n, b in how.items()})
         return how
 
-    monkeypatch.setattr(engine, "_group_blocks", spy)
+    monkeypatch.setattr(plan, "_group_blocks", spy)
     return found
 
 
@@ -169,14 +169,14 @@ def test_a_tensor_a_method_cannot_block_merges_whole_under_any_budget(
     cfg = merge_config("arcee_fusion", mistral, {})
     whole = medmerge.merge(cfg, tmp_path / "whole", progress=False)
     decided = {}
-    row_blocks = engine._row_blocks
+    row_blocks = plan._row_blocks
 
-    def spy(plan, name, budget):
-        decided[name] = row_blocks(plan, name, budget)
-        assert engine._stored_bytes(plan, name) > budget, name  # none is small enough for whole
+    def spy(merge_plan, name, budget):
+        decided[name] = row_blocks(merge_plan, name, budget)
+        assert plan._stored_bytes(merge_plan, name) > budget, name  # none small enough for whole
         return decided[name]
 
-    monkeypatch.setattr(engine, "_row_blocks", spy)
+    monkeypatch.setattr(plan, "_row_blocks", spy)
     small = medmerge.merge(cfg, tmp_path / "small", progress=False, max_memory="2KB")
     out = state(small)
     assert {n for n, how in decided.items() if how is None} == {n for n in out if out[n].dim() < 2}

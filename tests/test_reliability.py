@@ -19,7 +19,8 @@ import medmerge
 from medmerge.errors import CheckpointError, ConfigError, MergeError
 from medmerge.eval.store import ResultStore, model_fingerprint
 from medmerge.eval.suites import load_suite
-from medmerge.io.checkpoint import Checkpoint, locked
+from medmerge.io.checkpoint import Checkpoint
+from medmerge.io.folders import locked
 from medmerge.studies.records import load_study
 from medmerge.studies.study import run_study
 from medmerge.synthetic import write_suite
@@ -116,7 +117,7 @@ def test_two_concurrent_merges_one_wins_and_its_output_is_whole(mistral, tmp_pat
 @contextlib.contextmanager
 def _locked_elsewhere(target):
     """`target` locked by another process (its pid yielded) for the block."""
-    code = "import sys; from medmerge.io.checkpoint import locked\nwith locked(sys.argv[1]):\n" \
+    code = "import sys; from medmerge.io.folders import locked\nwith locked(sys.argv[1]):\n" \
         "    print('held', flush=True); sys.stdin.read()"  # fmt: skip
     proc = subprocess.Popen([sys.executable, "-c", code, str(target)], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)  # fmt: skip
@@ -339,7 +340,7 @@ def test_an_output_under_a_file_and_a_full_disk_are_one_line_errors(mistral, tmp
                                                                     monkeypatch):  # fmt: skip
     import errno
 
-    from medmerge.io import checkpoint
+    from medmerge.io import shards
 
     config = tmp_path / "merge.yaml"
     config.write_text(yaml.safe_dump(_config(*mistral)))
@@ -349,7 +350,7 @@ def test_an_output_under_a_file_and_a_full_disk_are_one_line_errors(mistral, tmp
     def full(self, *args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", "shard")
 
-    monkeypatch.setattr(checkpoint.ShardWriter, "write", full)
+    monkeypatch.setattr(shards.ShardWriter, "write", full)
     one_line_error(*cli("merge", config, tmp_path / "out", "--quiet"), "No space left")
     assert leftovers(tmp_path / "out") == []
 

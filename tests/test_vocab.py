@@ -9,7 +9,7 @@ from conftest import leftovers, logits, state
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import medmerge
-from medmerge import engine
+from medmerge import plan
 from medmerge.config import load_configs
 from medmerge.errors import ConfigError, IncompatibleModelsError
 from medmerge.plan import plan_merge
@@ -211,15 +211,15 @@ def test_vocabulary_tensors_in_row_blocks_give_the_whole_tensors_bits(added, tmp
         cfg["models"] = [{"model": str(a)}]
         cfg["parameters"] = {"t": 0.4}
     whole = medmerge.merge(cfg, tmp_path / "whole", progress=False)
-    found, row_blocks = {}, engine._row_blocks
+    found, row_blocks = {}, plan._row_blocks
 
-    def spy(plan, name, *args):
-        how = row_blocks(plan, name, *args)
+    def spy(merge_plan, name, *args):
+        how = row_blocks(merge_plan, name, *args)
         if how is not None:
             found[name] = how
         return how
 
-    monkeypatch.setattr(engine, "_row_blocks", spy)
+    monkeypatch.setattr(plan, "_row_blocks", spy)
     blocks = medmerge.merge(cfg, tmp_path / "blocks", progress=False, max_memory="16KB")
     blocked = found["model.embed_tokens.weight"]
     assert blocked.blocks[-1][1] == 320

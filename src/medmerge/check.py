@@ -25,7 +25,6 @@ import json
 import logging
 import math
 import os
-import re
 from itertools import combinations
 from pathlib import Path
 
@@ -35,12 +34,13 @@ from tqdm.auto import tqdm
 
 from medmerge.errors import CheckpointError, ConfigError, MergeError
 from medmerge.io import references
-from medmerge.io.checkpoint import Checkpoint, refuse_output_near
+from medmerge.io.checkpoint import Checkpoint
+from medmerge.io.folders import refuse_output_near
+from medmerge.io.metadata import chat_template_of
 from medmerge.methods import largest_magnitude
 from medmerge.methods.sparsify import top_k_mask
-from medmerge.models.architectures import tensor_type
-from medmerge.plan import chat_template_of
-from medmerge.vocab import differences, is_vocabulary_tensor, some_tokens
+from medmerge.models.architectures import is_vocabulary_tensor, layer_of, tensor_type
+from medmerge.vocab import differences, some_tokens
 
 log = logging.getLogger("medmerge")
 
@@ -58,7 +58,6 @@ CONFIG_KEYS = (
     "vocab_size",
     "tie_word_embeddings",
 )
-LAYER = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
 
 
 class Finding(BaseModel):
@@ -104,11 +103,6 @@ class CheckReport(BaseModel):
     pairs: list[PairReport]
     recommendations: list[Recommendation]
     topk: float
-
-
-def layer_of(name: str) -> str:
-    m = LAYER.search(name)
-    return m.group(1) if m else "other"
 
 
 # ---- compatibility -----------------------------------------------------------------------

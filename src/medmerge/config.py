@@ -186,6 +186,61 @@ class MergeConfig(Strict):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
+    def references(self) -> set[str]:
+        """Every model the config names: models, slice sources, base models, the tokenizer
+        source and the models of `tokenizer.tokens` entries."""
+        found: set[str] = set()
+        _walk_references(self.model_dump(exclude_defaults=True), lambda r: found.add(r) or r)
+        return found
+
+    def with_references(self, folders: dict[str, str]) -> MergeConfig:
+        """The config with each model reference in `folders` replaced by its folder."""
+        swapped = _walk_references(self.model_dump(exclude_defaults=True),
+                                   lambda r: folders.get(r, r))  # fmt: skip
+        return MergeConfig.model_validate(swapped)
+
+    def parameter_scopes(self):
+        """(where, parameters, whether per model) for every `parameters` of the config."""
+        yield "parameters", self.parameters, False
+        for m in self.models or []:
+            yield f"parameters of model {m.model}", m.parameters, True
+        modules = list((self.modules or {}).items())
+        layouts = [("", self.slices or [])] + [
+            (f"modules.{k}.", m.slices or []) for k, m in modules
+        ]
+        for name, module in modules:
+            yield f"modules.{name}.parameters", module.parameters, False
+            for m in module.models or []:
+                yield f"parameters of model {m.model}", m.parameters, True
+        for prefix, slices in layouts:
+            for i, sl in enumerate(slices):
+                yield f"{prefix}slices[{i}].parameters", sl.parameters, False
+                for s in sl.sources:
+                    yield f"{prefix}slices[{i}] source {s.model}", s.parameters, True
+
+
+# keys whose string values name a model (`source` as a tokenizer's or a token's); the
+# tokenizer sources `union` and `base` are settings, not models
+REFERENCE_KEYS = ("model", "base_model", "tokenizer_source", "source")
+
+
+def _walk_references(node, visit):
+    """`node` (a dumped config) with `visit(reference)` in place of every model reference;
+    parameters are not walked."""
+    if isinstance(node, list):
+        return [_walk_references(v, visit) for v in node]
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in REFERENCE_KEYS and isinstance(value, str) and value not in ("union", "base"):
+            out[key] = visit(value)
+        elif key != "parameters":
+            out[key] = _walk_references(value, visit)
+        else:
+            out[key] = value
+    return out
+
 
 # where a key may appear: a path of field names (int: any list index, str: any mapping key)
 _SCHEMAS: dict[tuple, type[BaseModel]] = {
@@ -366,3 +421,38 @@ def _validate(raw: dict, source: str, strict: bool) -> MergeConfig:
     for message in found:
         log.warning("merge config %s: %s; ignored", source, message)
     return config
+
+
+def stage_order(configs: list[MergeConfig]) -> tuple[list[MergeConfig], MergeConfig]:
+    """The configs in an order where each comes after those it names as models, and the final
+    one: the one without a name, else the one no other names."""
+    for c in configs:
+        if c.name:
+            try:  # the folder its merge is written to
+                plain_name(c.name)
+            except ValueError as e:
+                raise ConfigError(f"a multi-document merge config's name {e}") from e
+    names = {c.name for c in configs if c.name}
+    unnamed = [c for c in configs if not c.name]
+    if len(unnamed) > 1 or len(names) != len(configs) - len(unnamed):
+        raise ConfigError("a multi-document merge config needs a unique name for every "
+                          "document but at most one (the final merge)")  # fmt: skip
+    needs = {id(c): {r for r in c.references() if r in names} for c in configs}
+    used = set().union(*needs.values())
+    final = unnamed[0] if unnamed else None
+    if final is None:
+        last = [c for c in configs if c.name not in used]
+        if len(last) != 1:
+            raise ConfigError(
+                "a multi-document merge config needs one final merge: leave its name out, or "
+                f"let exactly one document be used by no other (unused: {[c.name for c in last]})"
+            )
+        final = last[0]
+    order, done = [], set()
+    while len(order) < len(configs):
+        ready = [c for c in configs if c not in order and needs[id(c)] <= done]
+        if not ready:
+            raise ConfigError("the documents of the merge config name each other in a cycle")
+        order.extend(ready)
+        done |= {c.name for c in ready if c.name}
+    return order, final

@@ -6,10 +6,9 @@ inputs, call the method in float32 on the device, check and cast the result, str
 shard writer) -> metadata and provenance -> atomic rename into OUT_DIR. A file of several
 configs (mergekit-multi's) runs them in the order their references need.
 
-Memory: a tensor (or a group method's group) whose inputs and output take more than an eighth
-of the memory budget (`max_memory`) is merged in row blocks where its method can
-(`MergeMethod.rows`, `.streams`): read from the shards block by block and written block by
-block, with the same result as whole.
+Memory: the tensors (or a group method's groups) the plan puts in row blocks to stay within
+the memory budget (`MergePlan.blocked`) are read from the shards block by block and written
+block by block, with the same result as whole.
 """
 
 from __future__ import annotations
@@ -31,31 +30,28 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from medmerge.config import MergeConfig, load_configs, plain_name
+from medmerge.config import MergeConfig, load_configs, stage_order
 from medmerge.errors import ConfigError, MergeError, NonFiniteCosts
 from medmerge.io import buffers
 from medmerge.io.card import model_card
-from medmerge.io.checkpoint import (
-    TOKENIZER_FILES,
-    Checkpoint,
-    ShardWriter,
-    atomic_folder,
-    drop_code_references,
-    locked,
-    metadata_file,
-    parse_size,
-    raise_open_files_limit,
-    refuse_output_near,
-    remove_leftovers,
-)
+from medmerge.io.checkpoint import Checkpoint, raise_open_files_limit
+from medmerge.io.folders import atomic_folder, locked, refuse_output_near, remove_leftovers
 from medmerge.io.hashing import sha256_file
+from medmerge.io.metadata import (
+    TOKENIZER_FILES,
+    copy_files,
+    drop_code_references,
+    set_chat_template,
+    write_config,
+)
 from medmerge.io.references import local_folders
+from medmerge.io.shards import ShardWriter, parse_size
 from medmerge.methods import largest_magnitude
 from medmerge.methods.rng import tensor_keys
-from medmerge.methods.streaming import Blocked, chunk_rows
-from medmerge.plan import MergePlan, plan_merge
+from medmerge.methods.streaming import Blocked
+from medmerge.models.architectures import is_vocabulary_tensor
+from medmerge.plan import Blocks, MergePlan, RowBlocks, default_max_memory, plan_merge
 from medmerge.version import __version__
-from medmerge.vocab import is_vocabulary_tensor
 
 log = logging.getLogger("medmerge")
 
@@ -64,15 +60,6 @@ DIAGNOSTICS = "merge_diagnostics.json"
 
 
 PREFETCH = 2  # groups read ahead of, and written behind, the arithmetic
-# a tensor whose inputs and output exceed budget / SHARE is merged in row blocks of about that
-# size: PREFETCH groups read ahead, PREFETCH written behind and one merged, plus float32 work
-SHARE = 8
-Blocks = tuple[tuple[int, int], ...]
-
-
-def default_max_memory() -> int:
-    """The memory budget when none is given: a quarter of the machine's memory."""
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
 
 
 @dataclass
@@ -83,86 +70,6 @@ class GroupInput:
     names: list[str]
     inputs: dict[str, list[torch.Tensor | Blocked]]
     nbytes: int
-
-
-@dataclass(frozen=True)
-class RowBlocks:
-    """How a tensor over the memory budget is merged: `mode` "rows" (the method called on each
-    block) or "streams" (the method given `Blocked` inputs), in these row blocks."""
-
-    mode: str
-    blocks: Blocks
-
-
-def _row_blocks(plan: MergePlan, name: str, budget: int) -> RowBlocks | None:
-    """How tensor `name` is merged in row blocks of about `budget` bytes of inputs, output and
-    float32 work, where it exceeds that and the method can; None: whole. A method given the
-    blocks (`streams`) works through them on the CPU whatever the merge's device (so a GPU's
-    memory is bounded too); one called per block, on the merge's device."""
-    method, tensor = plan.method, plan.tensors[name]
-    if not _blockable(plan, name) or _stored_bytes(plan, name) <= budget:
-        return None
-    shape = _shape(plan, name)
-    if shape[0] < 2:
-        return None
-    chunk_row = method.streams(tensor.params, shape) if method.streams else None
-    if chunk_row:  # blocks of whole chunks, as the method works through the whole tensor
-        return RowBlocks("streams", _blocks(plan, name, chunk_rows(shape, chunk_row), budget))
-    if method.rows and not method.group and method.rows(tensor.params, shape):
-        return RowBlocks("rows", _blocks(plan, name, 1, budget))
-    return None
-
-
-def _group_blocks(plan: MergePlan, names: list[str], budget: int) -> dict[str, RowBlocks]:
-    """Row blocks of every tensor of a group of a group method that takes `Blocked` inputs
-    (`streams`, on the CPU whatever the merge's device), where the group's inputs and outputs
-    exceed `budget` bytes: each in blocks of about that; none: the group is merged whole."""
-    method = plan.method
-    if not method.streams or not all(_blockable(plan, n) for n in names):
-        return {}
-    if sum(_stored_bytes(plan, n) for n in names) <= budget:
-        return {}
-    found = {}
-    for n in names:
-        shape = _shape(plan, n)
-        if not (chunk_row := method.streams(plan.tensors[n].params, shape)):
-            return {}
-        found[n] = RowBlocks("streams", _blocks(plan, n, chunk_rows(shape, chunk_row), budget))
-    return found
-
-
-def _blockable(plan: MergePlan, name: str) -> bool:
-    """Whether tensor `name` can be merged in row blocks: merged (not copied) floats."""
-    tensor = plan.tensors[name]
-    info = plan.checkpoints[tensor.inputs[0].model].info(tensor.inputs[0].name)
-    return len(info.shape) > 0 and bool(tensor.models) and info.dtype.is_floating_point
-
-
-def _shape(plan: MergePlan, name: str) -> tuple[int, ...]:
-    """The shape of output tensor `name` (a vocabulary tensor's rows: the output vocabulary's)."""
-    item = plan.tensors[name].inputs[0]
-    shape = tuple(plan.checkpoints[item.model].info(item.name).shape)
-    if plan.vocabulary is not None and is_vocabulary_tensor(name):
-        return (plan.vocabulary.size, *shape[1:])
-    return shape
-
-
-def _stored_bytes(plan: MergePlan, name: str) -> int:
-    """Bytes of tensor `name`'s inputs and output, as stored."""
-    infos = [plan.checkpoints[i.model].info(i.name) for i in plan.tensors[name].inputs]
-    return sum(i.nbytes for i in infos) + math.prod(_shape(plan, name)) * plan.out_dtype.itemsize
-
-
-def _blocks(plan: MergePlan, name: str, step: int, budget: int) -> Blocks:
-    """Row blocks of tensor `name`, each a multiple of `step` rows, of about `budget` bytes of
-    inputs, output and float32 work."""
-    infos = [plan.checkpoints[i.model].info(i.name) for i in plan.tensors[name].inputs]
-    shape = _shape(plan, name)
-    row = math.prod(shape[1:])
-    stored = sum(i.dtype.itemsize for i in infos) + plan.out_dtype.itemsize
-    per_row = row * (stored + 4 * (len(infos) + 2))  # float32 copies and results, at most
-    rows = max(step, budget // per_row // step * step)
-    return tuple((r, min(r + rows, shape[0])) for r in range(0, shape[0], rows))
 
 
 def _blocked_input(plan: MergePlan, item, blocks: Blocks, check: bool) -> Blocked:
@@ -358,6 +265,19 @@ def _check_finite(plan: MergePlan, name: str, merged: torch.Tensor, inputs) -> N
     )
 
 
+@dataclass(frozen=True)
+class Options:
+    """How to merge (the same for every stage of a multi-document config)."""
+
+    device: str
+    dtype: str | None  # output dtype, over the config's
+    shard_size: int  # bytes
+    seed: int
+    progress: bool
+    strict: bool
+    max_memory: int  # bytes
+
+
 def merge(
     config: MergeConfig | dict | str | Path,
     out_dir: str | Path,
@@ -389,11 +309,11 @@ def merge(
     if len(configs) == 1:
         return _merge_one(configs[0], out_dir, overwrite, opts)
     out = Path(os.path.abspath(out_dir))
-    order, final = _stages(configs)
+    order, final = stage_order(configs)
     keep = intermediate_dir is not None
     # no stage may write where any stage reads, before any stage runs
     names = {c.name for c in configs if c.name}
-    inputs = local_folders(r for c in configs for r in _references(c) if r not in names)
+    inputs = local_folders(r for c in configs for r in c.references() if r not in names)
     refuse_output_near(out, inputs)
     if keep:
         refuse_output_near(intermediate_dir, inputs, "--intermediate-dir")
@@ -408,7 +328,7 @@ def merge(
         try:
             folders: dict[str, str] = {}
             for cfg in order:
-                cfg = _with_models(cfg, folders)
+                cfg = cfg.with_references(folders)
                 target = out if cfg is final or cfg.name == final.name else parts / cfg.name
                 log.info("merge stage %s -> %s", cfg.name or "(final)", target)
                 replace = overwrite or (target != out and not keep)  # a temporary folder's own
@@ -421,95 +341,13 @@ def merge(
     return out
 
 
-def _stages(configs: list[MergeConfig]) -> tuple[list[MergeConfig], MergeConfig]:
-    """The configs in an order where each comes after those it names as models, and the final
-    one: the one without a name, else the one no other names."""
-    for c in configs:
-        if c.name:
-            try:  # the folder its merge is written to
-                plain_name(c.name)
-            except ValueError as e:
-                raise ConfigError(f"a multi-document merge config's name {e}") from e
-    names = {c.name for c in configs if c.name}
-    unnamed = [c for c in configs if not c.name]
-    if len(unnamed) > 1 or len(names) != len(configs) - len(unnamed):
-        raise ConfigError("a multi-document merge config needs a unique name for every "
-                          "document but at most one (the final merge)")  # fmt: skip
-    needs = {id(c): {r for r in _references(c) if r in names} for c in configs}
-    used = set().union(*needs.values())
-    final = unnamed[0] if unnamed else None
-    if final is None:
-        last = [c for c in configs if c.name not in used]
-        if len(last) != 1:
-            raise ConfigError(
-                "a multi-document merge config needs one final merge: leave its name out, or "
-                f"let exactly one document be used by no other (unused: {[c.name for c in last]})"
-            )
-        final = last[0]
-    order, done = [], set()
-    while len(order) < len(configs):
-        ready = [c for c in configs if c not in order and needs[id(c)] <= done]
-        if not ready:
-            raise ConfigError("the documents of the merge config name each other in a cycle")
-        order.extend(ready)
-        done |= {c.name for c in ready if c.name}
-    return order, final
-
-
-def _references(cfg: MergeConfig) -> set[str]:
-    refs = {cfg.base_model, cfg.tokenizer_source}
-    refs |= {m.model for m in cfg.models or []}
-    for sl in cfg.slices or []:
-        refs |= {sl.base_model} | {s.model for s in sl.sources}
-    for module in (cfg.modules or {}).values():
-        refs |= {m.model for m in module.models or []}
-        for sl in module.slices or []:
-            refs |= {sl.base_model} | {s.model for s in sl.sources}
-    return {r for r in refs if r}
-
-
-def _with_models(cfg: MergeConfig, folders: dict[str, str]) -> MergeConfig:
-    """`cfg` with every model reference that names an earlier stage replaced by its folder."""
-    if not folders:
-        return cfg
-
-    def swap(node):
-        if isinstance(node, dict):
-            return {
-                k: folders.get(v, v)
-                if k in ("model", "base_model", "tokenizer_source") and isinstance(v, str)
-                else swap(v)
-                for k, v in node.items()
-            }
-        if isinstance(node, list):
-            return [swap(v) for v in node]
-        return node
-
-    return MergeConfig.model_validate(swap(cfg.model_dump(exclude_defaults=True)))
-
-
-@dataclass(frozen=True)
-class Options:
-    """How to merge (the same for every stage of a multi-document config)."""
-
-    device: str
-    dtype: str | None  # output dtype, over the config's
-    shard_size: int  # bytes
-    seed: int
-    progress: bool
-    strict: bool
-    max_memory: int  # bytes
-
-
 def _merge_one(cfg: MergeConfig, out_dir, overwrite: bool, opts: Options) -> Path:
     started = time.time()
-    plan = plan_merge(cfg, opts.dtype, strict=opts.strict)
-    try:
-        return _merge(plan, out_dir, overwrite, opts, started)
-    finally:
-        buffers.release()
-        for ckpt in plan.checkpoints:
-            ckpt.close()
+    with plan_merge(cfg, opts.dtype, strict=opts.strict, max_memory=opts.max_memory) as plan:
+        try:
+            return _merge(plan, out_dir, overwrite, opts, started)
+        finally:
+            buffers.release()
 
 
 def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: float) -> Path:
@@ -521,20 +359,14 @@ def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: fl
     dev, seed = torch.device(opts.device), opts.seed
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise MergeError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
-    # tensors and groups over the budget
-    share, blocked = opts.max_memory // SHARE, {}
-    for group in plan.groups:
-        if len(group) > 1:
-            blocked |= _group_blocks(plan, group, share)
-        elif how := _row_blocks(plan, group[0], share):
-            blocked[group[0]] = how
+    blocked = plan.blocked  # tensors and groups over the budget
     layout = []
     total_in = 0
     for n in plan.order:
         inputs = plan.tensors[n].inputs
         info = plan.checkpoints[inputs[0].model].info(inputs[0].name)
         dtype = plan.out_dtype if info.dtype.is_floating_point else info.dtype
-        layout.append((n, _shape(plan, n), dtype))
+        layout.append((n, plan.shape(n), dtype))
         total_in += sum(plan.checkpoints[i.model].info(i.name).nbytes for i in inputs)
     diagnostics: list = []
     with (
@@ -584,15 +416,6 @@ def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: fl
     return out
 
 
-def set_chat_template(folder: Path, template: str) -> None:
-    """Give the tokenizer in `folder` this chat template (in both places transformers reads)."""
-    (folder / "chat_template.jinja").write_text(template)
-    config = folder / "tokenizer_config.json"
-    data = json.loads(config.read_text()) if config.is_file() else {}
-    data["chat_template"] = template
-    config.write_text(json.dumps(data, indent=2) + "\n")
-
-
 def _hash_inputs(plan: MergePlan) -> list[dict]:
     records = []
     order = sorted(range(len(plan.checkpoints)), key=lambda i: i != plan.base)  # base first
@@ -611,25 +434,15 @@ def _hash_inputs(plan: MergePlan) -> list[dict]:
 def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, run: dict):
     """config, tokenizer, generation config, merge config, provenance, model card and
     diagnostics into `folder`, the output's temporary folder."""
-    config = dict(plan.out_config)
     dtype_name = str(plan.out_dtype).removeprefix("torch.")
-    config["dtype"] = dtype_name
-    if "torch_dtype" in config:
-        config["torch_dtype"] = dtype_name
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    tok = plan.tokenizer
+    write_config(folder, plan.out_config, dtype_name)
     if plan.vocabulary is not None and plan.vocabulary.rebuilt:
         plan.vocabulary.tokenizer.save_pretrained(folder)
     else:
-        for name in TOKENIZER_FILES:
-            if found := metadata_file(tok, name):
-                shutil.copy2(found, folder / name)
+        copy_files(folder, TOKENIZER_FILES, [plan.tokenizer])
     if plan.chat_template is not None:
         set_chat_template(folder, plan.chat_template)
-    for src in (tok, plan.checkpoints[plan.reference].path):
-        if found := metadata_file(src, "generation_config.json"):
-            shutil.copy2(found, folder / "generation_config.json")
-            break
+    copy_files(folder, ["generation_config.json"], [plan.tokenizer, plan.reference_path])
     drop_code_references(folder)
     (folder / "merge_config.yaml").write_text(plan.config.to_yaml())
     provenance = {

@@ -15,10 +15,9 @@ a filter matches a substring of the tensor's name.
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import re
-from collections import Counter
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,12 +32,21 @@ from medmerge.config import (
     ParameterValue,
     load_config,
 )
-from medmerge.errors import CheckpointError, ConfigError, IncompatibleModelsError
+from medmerge.errors import ConfigError, IncompatibleModelsError
 from medmerge.io import references
-from medmerge.io.checkpoint import EMBEDDING_PATTERN, Checkpoint, metadata_file
+from medmerge.io.checkpoint import Checkpoint
+from medmerge.io.metadata import chat_template_of
+from medmerge.io.shards import parse_size
 from medmerge.methods import REQUIRED, MergeMethod, Param, config_name, get_method
-from medmerge.models.chat_templates import CHAT_TEMPLATES
-from medmerge.vocab import Vocabulary, is_vocabulary_tensor
+from medmerge.methods.streaming import chunk_rows
+from medmerge.models.architectures import (
+    EMBEDDING_PATTERN,
+    EMBEDDINGS,
+    LAYER_INDEX,
+    is_vocabulary_tensor,
+)
+from medmerge.models.chat_templates import chosen_template
+from medmerge.vocab import Vocabulary
 
 log = logging.getLogger("medmerge")
 
@@ -48,8 +56,6 @@ DTYPES = {
     "bfloat16": torch.bfloat16,
     "float64": torch.float64,
 }
-LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")
-EMBEDDINGS = re.compile(r"embed|wte|wpe")  # tensors before the first layer
 
 
 @dataclass(frozen=True)
@@ -88,10 +94,27 @@ class MergePlan:
     chat_template: str | None  # the output tokenizer's template, where the config sets one
     vocabulary: Vocabulary | None = None  # where the config sets a tokenizer
     sources: list[references.Resolved] = field(default_factory=list)  # per checkpoint
+    blocked: dict[str, RowBlocks] = field(default_factory=dict)  # tensors over the budget
 
     @property
     def order(self) -> list[str]:
         return [n for g in self.groups for n in g]
+
+    @property
+    def reference_path(self) -> Path:
+        """The folder of the model whose config and layout the output takes."""
+        return self.checkpoints[self.reference].path
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of output tensor `name`."""
+        return _shape(self, name)
+
+    def __enter__(self) -> MergePlan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for ckpt in self.checkpoints:
+            ckpt.close()
 
 
 @dataclass
@@ -107,9 +130,22 @@ class _Slice:
 
 
 def plan_merge(
-    config: MergeConfig | dict | str | Path, dtype: str | None = None, *, strict: bool = False
+    config: MergeConfig | dict | str | Path,
+    dtype: str | None = None,
+    *,
+    strict: bool = False,
+    max_memory: str | int | None = None,
 ) -> MergePlan:
-    """Open the inputs and check everything that can fail before a byte is written."""
+    """Open the inputs and check everything that can fail before a byte is written; decide
+    which tensors are merged in row blocks to stay within `max_memory` ('2GB', bytes; default
+    `default_max_memory()`).
+
+    >>> plan = plan_merge("merge.yaml", "bfloat16", max_memory="2GB")
+    """
+    try:
+        budget = default_max_memory() if max_memory is None else parse_size(max_memory)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     cfg = load_config(config, strict=strict)
     method = get_method(cfg.merge_method)
     slices = _slices(cfg)
@@ -124,6 +160,7 @@ def plan_merge(
     index = _identities(refs, checkpoints)
     plan = _plan(cfg, method, slices, checkpoints, index, dtype, strict)
     plan.sources = resolved
+    plan.blocked = _blocked(plan, budget // SHARE)
     return plan
 
 
@@ -444,7 +481,7 @@ def _check_parameter_names(cfg: MergeConfig, method: MergeMethod, known: dict, s
             raise ConfigError(message)
         log.warning("%s; ignored, as mergekit does", message)
 
-    for where, params, per_source in _parameter_scopes(cfg):
+    for where, params, per_source in cfg.parameter_scopes():
         for key, value in params.items():
             if key in known:  # every value checked, also those no tensor ends up using
                 _check_values(known[key], value, f"{method.name}, {where}")
@@ -478,24 +515,6 @@ def _check_values(param: Param, value: ParameterValue, where: str) -> None:
             param.value(item, where)
 
 
-def _parameter_scopes(cfg: MergeConfig):
-    """(where, parameters, whether per model) for every `parameters` of the config."""
-    yield "parameters", cfg.parameters, False
-    for m in cfg.models or []:
-        yield f"parameters of model {m.model}", m.parameters, True
-    modules = list((cfg.modules or {}).items())
-    layouts = [("", cfg.slices or [])] + [(f"modules.{k}.", m.slices or []) for k, m in modules]
-    for name, module in modules:
-        yield f"modules.{name}.parameters", module.parameters, False
-        for m in module.models or []:
-            yield f"parameters of model {m.model}", m.parameters, True
-    for prefix, slices in layouts:
-        for i, sl in enumerate(slices):
-            yield f"{prefix}slices[{i}].parameters", sl.parameters, False
-            for s in sl.sources:
-                yield f"{prefix}slices[{i}] source {s.model}", s.parameters, True
-
-
 def _tokenizer(cfg: MergeConfig, checkpoints: list[Checkpoint], index, base, reference: int):
     """The folder the output's tokenizer comes from and, where the config sets a tokenizer
     (`tokenizer_source`, or the `tokenizer` block), the output vocabulary the models' rows are
@@ -507,7 +526,7 @@ def _tokenizer(cfg: MergeConfig, checkpoints: list[Checkpoint], index, base, ref
     embed = next((n for n in ref.names() if EMBEDDING_PATTERN.search(n)), None)
     if source is None or embed is None:
         if embed is not None:
-            _check_vocabularies(checkpoints, reference, embed)
+            vocab.check_shared(checkpoints, reference, embed)
         return ref.path, None
     if source == "base" and base is None:
         raise ConfigError("tokenizer_source: base needs a base_model")
@@ -515,101 +534,10 @@ def _tokenizer(cfg: MergeConfig, checkpoints: list[Checkpoint], index, base, ref
     return folder, vocabulary
 
 
-def _check_vocabularies(checkpoints: list[Checkpoint], reference: int, embed: str) -> None:
-    """Without a tokenizer setting: refuse models whose embeddings have different row counts,
-    naming the tokens that differ and the fix; warn where same-sized vocabularies differ."""
-    ref = checkpoints[reference]
-    rows, files = ref.info(ref.resolve(embed)).shape[0], _vocabulary(ref)
-    for other in checkpoints:
-        other_rows, other_files = other.info(other.resolve(embed)).shape[0], _vocabulary(other)
-        if other_rows == rows and other_files == files:
-            continue
-        tokenizers = files is not None and other_files is not None
-        extra, lacking = vocab.differences(ref, other) if tokenizers else ([], [])
-        named = "; ".join(
-            f"{what}: {vocab.some_tokens(toks)}"
-            for what, toks in (("it adds", extra), ("it lacks", lacking))
-            if toks
-        )
-        fix = (
-            "set `tokenizer_source: union` (every model's tokens), `base`, or a model, so "
-            "that the rows are matched by token"
-        )
-        if other_rows != rows:
-            raise IncompatibleModelsError(
-                f"{other.path} has {other_rows} token rows in {embed} but {ref.path} has {rows}"
-                + (f" ({named})" if named else "")
-                + f"; {fix}"
-            )
-        if named:
-            log.warning(
-                "%s and %s have different vocabularies of one size (%s); rows are "
-                "merged by position: %s",
-                other.path,
-                ref.path,
-                named,
-                fix,
-            )
-
-
-def _vocabulary(ckpt: Checkpoint) -> bytes | None:
-    """The bytes that define a model's vocabulary (its tokenizer files), or None."""
-    folder = ckpt.path
-    parts = [
-        (folder / name).read_bytes()
-        for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
-        if (folder / name).is_file()
-    ]
-    return b"\0".join(parts) if parts else None
-
-
 def _chat_template(value: str | None, checkpoints: list[Checkpoint]) -> str | None:
-    """The output's chat template: None (the tokenizer source's stays), `auto` (the template
-    most input models have, as mergekit picks it), a named one, or a Jinja template."""
-    if value is None:
-        return None
-    if value == "auto":
-        found = [t for c in checkpoints if (t := chat_template_of(c.path))]
-        return Counter(found).most_common(1)[0][0] if found else None
-    if value in CHAT_TEMPLATES:
-        return CHAT_TEMPLATES[value]
-    if "{" not in value:
-        raise ConfigError(
-            f"chat_template {value!r}: give `auto` (the template most input models have), one "
-            f"of {', '.join(CHAT_TEMPLATES)}, or a Jinja template"
-        )
-    return value
-
-
-def chat_template_of(folder: Path) -> str | None:
-    """A model folder's chat template: chat_template.jinja, or tokenizer_config.json's (of a
-    list of named templates, the default one)."""
-    jinja = metadata_file(folder, "chat_template.jinja")
-    if jinja is not None:
-        return _text(jinja).strip() or None
-    config = metadata_file(folder, "tokenizer_config.json")
-    if config is None:
-        return None
-    try:
-        template = json.loads(_text(config))
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{config} is not valid JSON ({e}); re-download it") from e
-    if not isinstance(template, dict):
-        raise CheckpointError(f"{config} must be a JSON object (the tokenizer's settings)")
-    template = template.get("chat_template")
-    if isinstance(template, list):  # named templates: the default one
-        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-        template = named.get("default")
-    return template.strip() if isinstance(template, str) and template.strip() else None
-
-
-def _text(file: Path) -> str:
-    try:
-        return file.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise CheckpointError(
-            f"{file} is not UTF-8 text (byte {e.start}); re-save it as UTF-8"
-        ) from e
+    """The output's chat template (the input models' read only for `auto`)."""
+    found = [chat_template_of(c.path) for c in checkpoints] if value == "auto" else []
+    return chosen_template(value, found)
 
 
 def _output_dtype(cfg: MergeConfig, ref: Checkpoint, override: str | None) -> torch.dtype:
@@ -620,3 +548,108 @@ def _output_dtype(cfg: MergeConfig, ref: Checkpoint, override: str | None) -> to
     if name not in DTYPES:
         raise ConfigError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+# ---- the memory budget: tensors merged in row blocks ----------------------------------------
+
+# a tensor whose inputs and output exceed budget / SHARE is merged in row blocks of about that
+# size: PREFETCH groups read ahead, PREFETCH written behind and one merged, plus float32 work
+SHARE = 8
+Blocks = tuple[tuple[int, int], ...]
+
+
+def default_max_memory() -> int:
+    """The memory budget when none is given: a quarter of the machine's memory."""
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """How a tensor over the memory budget is merged: `mode` "rows" (the method called on each
+    block) or "streams" (the method given `Blocked` inputs), in these row blocks."""
+
+    mode: str
+    blocks: Blocks
+
+
+def _row_blocks(plan: MergePlan, name: str, budget: int) -> RowBlocks | None:
+    """How tensor `name` is merged in row blocks of about `budget` bytes of inputs, output and
+    float32 work, where it exceeds that and the method can; None: whole. A method given the
+    blocks (`streams`) works through them on the CPU whatever the merge's device (so a GPU's
+    memory is bounded too); one called per block, on the merge's device."""
+    method, tensor = plan.method, plan.tensors[name]
+    if not _blockable(plan, name) or _stored_bytes(plan, name) <= budget:
+        return None
+    shape = _shape(plan, name)
+    if shape[0] < 2:
+        return None
+    chunk_row = method.streams(tensor.params, shape) if method.streams else None
+    if chunk_row:  # blocks of whole chunks, as the method works through the whole tensor
+        return RowBlocks("streams", _blocks(plan, name, chunk_rows(shape, chunk_row), budget))
+    if method.rows and not method.group and method.rows(tensor.params, shape):
+        return RowBlocks("rows", _blocks(plan, name, 1, budget))
+    return None
+
+
+def _group_blocks(plan: MergePlan, names: list[str], budget: int) -> dict[str, RowBlocks]:
+    """Row blocks of every tensor of a group of a group method that takes `Blocked` inputs
+    (`streams`, on the CPU whatever the merge's device), where the group's inputs and outputs
+    exceed `budget` bytes: each in blocks of about that; none: the group is merged whole."""
+    method = plan.method
+    if not method.streams or not all(_blockable(plan, n) for n in names):
+        return {}
+    if sum(_stored_bytes(plan, n) for n in names) <= budget:
+        return {}
+    found = {}
+    for n in names:
+        shape = _shape(plan, n)
+        if not (chunk_row := method.streams(plan.tensors[n].params, shape)):
+            return {}
+        found[n] = RowBlocks("streams", _blocks(plan, n, chunk_rows(shape, chunk_row), budget))
+    return found
+
+
+def _blockable(plan: MergePlan, name: str) -> bool:
+    """Whether tensor `name` can be merged in row blocks: merged (not copied) floats."""
+    tensor = plan.tensors[name]
+    info = plan.checkpoints[tensor.inputs[0].model].info(tensor.inputs[0].name)
+    return len(info.shape) > 0 and bool(tensor.models) and info.dtype.is_floating_point
+
+
+def _shape(plan: MergePlan, name: str) -> tuple[int, ...]:
+    """The shape of output tensor `name` (a vocabulary tensor's rows: the output vocabulary's)."""
+    item = plan.tensors[name].inputs[0]
+    shape = tuple(plan.checkpoints[item.model].info(item.name).shape)
+    if plan.vocabulary is not None and is_vocabulary_tensor(name):
+        return (plan.vocabulary.size, *shape[1:])
+    return shape
+
+
+def _stored_bytes(plan: MergePlan, name: str) -> int:
+    """Bytes of tensor `name`'s inputs and output, as stored."""
+    infos = [plan.checkpoints[i.model].info(i.name) for i in plan.tensors[name].inputs]
+    return sum(i.nbytes for i in infos) + math.prod(_shape(plan, name)) * plan.out_dtype.itemsize
+
+
+def _blocks(plan: MergePlan, name: str, step: int, budget: int) -> Blocks:
+    """Row blocks of tensor `name`, each a multiple of `step` rows, of about `budget` bytes of
+    inputs, output and float32 work."""
+    infos = [plan.checkpoints[i.model].info(i.name) for i in plan.tensors[name].inputs]
+    shape = _shape(plan, name)
+    row = math.prod(shape[1:])
+    stored = sum(i.dtype.itemsize for i in infos) + plan.out_dtype.itemsize
+    per_row = row * (stored + 4 * (len(infos) + 2))  # float32 copies and results, at most
+    rows = max(step, budget // per_row // step * step)
+    return tuple((r, min(r + rows, shape[0])) for r in range(0, shape[0], rows))
+
+
+def _blocked(plan: MergePlan, share: int) -> dict[str, RowBlocks]:
+    """The tensors (and groups' tensors) whose inputs and output exceed `share` bytes, and the
+    row blocks each is merged in."""
+    blocked = {}
+    for group in plan.groups:
+        if len(group) > 1:
+            blocked |= _group_blocks(plan, group, share)
+        elif how := _row_blocks(plan, group[0], share):
+            blocked[group[0]] = how
+    return blocked

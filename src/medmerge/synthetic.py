@@ -24,7 +24,8 @@ from transformers import (
 )
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-from medmerge.io.checkpoint import ShardWriter, atomic_folder
+from medmerge.io.folders import atomic_folder
+from medmerge.io.shards import ShardWriter
 from medmerge.methods.rng import tensor_seed
 
 TINY = dict(

@@ -24,15 +24,10 @@ import torch
 from medmerge.config import ZeroEmbedding
 from medmerge.errors import ConfigError, IncompatibleModelsError
 from medmerge.io import loaders, references
-from medmerge.io.checkpoint import EMBEDDING_PATTERN, LM_HEAD_NAMES, Checkpoint
+from medmerge.io.checkpoint import Checkpoint
 from medmerge.methods.streaming import CHUNK, Blocked, take_rows
 
 log = logging.getLogger("medmerge")
-
-
-def is_vocabulary_tensor(name: str) -> bool:
-    """Whether a tensor has a row per token (embeddings, LM head)."""
-    return name in LM_HEAD_NAMES or EMBEDDING_PATTERN.search(name) is not None
 
 
 @dataclass
@@ -285,3 +280,51 @@ def some_tokens(tokens: list[str], n: int = 5) -> str:
     """The first `n` tokens, quoted, and how many more."""
     more = f" (+{len(tokens) - n} more)" if len(tokens) > n else ""
     return ", ".join(map(repr, tokens[:n])) + more
+
+
+def check_shared(checkpoints: list[Checkpoint], reference: int, embed: str) -> None:
+    """Without a tokenizer setting: refuse models whose embeddings have different row counts,
+    naming the tokens that differ and the fix; warn where same-sized vocabularies differ."""
+    ref = checkpoints[reference]
+    rows, files = ref.info(ref.resolve(embed)).shape[0], _vocabulary(ref)
+    for other in checkpoints:
+        other_rows, other_files = other.info(other.resolve(embed)).shape[0], _vocabulary(other)
+        if other_rows == rows and other_files == files:
+            continue
+        tokenizers = files is not None and other_files is not None
+        extra, lacking = differences(ref, other) if tokenizers else ([], [])
+        named = "; ".join(
+            f"{what}: {some_tokens(toks)}"
+            for what, toks in (("it adds", extra), ("it lacks", lacking))
+            if toks
+        )
+        fix = (
+            "set `tokenizer_source: union` (every model's tokens), `base`, or a model, so "
+            "that the rows are matched by token"
+        )
+        if other_rows != rows:
+            raise IncompatibleModelsError(
+                f"{other.path} has {other_rows} token rows in {embed} but {ref.path} has {rows}"
+                + (f" ({named})" if named else "")
+                + f"; {fix}"
+            )
+        if named:
+            log.warning(
+                "%s and %s have different vocabularies of one size (%s); rows are "
+                "merged by position: %s",
+                other.path,
+                ref.path,
+                named,
+                fix,
+            )
+
+
+def _vocabulary(ckpt: Checkpoint) -> bytes | None:
+    """The bytes that define a model's vocabulary (its tokenizer files), or None."""
+    folder = ckpt.path
+    parts = [
+        (folder / name).read_bytes()
+        for name in ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt")
+        if (folder / name).is_file()
+    ]
+    return b"\0".join(parts) if parts else None

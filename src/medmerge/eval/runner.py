@@ -22,7 +22,7 @@ from medmerge.errors import EvalError, MergeError
 from medmerge.eval.store import ResultStore, model_fingerprint
 from medmerge.eval.suites import PAPER_TASKS, Suite, load_suite
 from medmerge.io import references
-from medmerge.io.checkpoint import refuse_output_near
+from medmerge.io.folders import refuse_output_near
 from medmerge.version import __version__
 
 log = logging.getLogger("medmerge")

@@ -42,17 +42,18 @@ def model_fingerprint(folder: str | Path) -> str:
     """Hash of everything that can change a score: config.json, the weights' index and every
     weight file's SHA-256 (cached), the tokenizer and chat-template files, the generation
     config."""
-    from medmerge.io.checkpoint import BIN_INDEX, SAFE_INDEX, TOKENIZER_FILES, Checkpoint
+    from medmerge.io.checkpoint import Checkpoint
+    from medmerge.io.metadata import BIN_INDEX, SAFE_INDEX, TOKENIZER_FILES
 
-    ckpt = Checkpoint(folder)
-    h = hashlib.sha256()
-    described = ("config.json", SAFE_INDEX, BIN_INDEX, *TOKENIZER_FILES, "generation_config.json")
-    for name in described:
-        if (ckpt.path / name).is_file():
-            h.update(name.encode() + b"\0" + (ckpt.path / name).read_bytes())
-    for f in ckpt.files:
-        h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
-    ckpt.close()
+    with Checkpoint(folder) as ckpt:
+        h = hashlib.sha256()
+        described = ("config.json", SAFE_INDEX, BIN_INDEX, *TOKENIZER_FILES,
+                     "generation_config.json")  # fmt: skip
+        for name in described:
+            if (ckpt.path / name).is_file():
+                h.update(name.encode() + b"\0" + (ckpt.path / name).read_bytes())
+        for f in ckpt.files:
+            h.update(f"{f.name}\0{sha256_file(f)}\n".encode())
     return h.hexdigest()
 
 

@@ -23,19 +23,18 @@ import torch
 
 from medmerge.errors import CheckpointError
 from medmerge.io import loaders
-from medmerge.io.checkpoint import (
-    METADATA_FILES,
-    Checkpoint,
-    atomic_folder,
-    check_metadata,
-    drop_code_references,
-    locked,
-    metadata_file,
-    parse_size,
-    refuse_output_near,
-    write_state,
-)
+from medmerge.io.checkpoint import Checkpoint
+from medmerge.io.folders import atomic_folder, locked, refuse_output_near
 from medmerge.io.hashing import cache_dir, sha256_file
+from medmerge.io.metadata import (
+    METADATA_FILES,
+    check_metadata,
+    copy_files,
+    drop_code_references,
+    metadata_file,
+    write_config,
+)
+from medmerge.io.shards import parse_size, write_state
 
 log = logging.getLogger("medmerge")
 
@@ -109,13 +108,10 @@ def materialize(
         raise CheckpointError(
             f"the adapter's base {str(base)!r} is not a local folder; pass --base BASE_DIR"
         )
-    reference = Checkpoint(base)  # validates the base folder (and refuses an adapter as base)
-    try:
+    with Checkpoint(base) as reference:  # validates the base (and refuses an adapter as base)
         refuse_output_near(out_dir, [adapter_dir, base])
         check_adapter_fits(adapter_dir, reference)
         _fold_into(adapter_dir, reference, Path(out_dir), dtype, parse_size(shard_size), overwrite)
-    finally:
-        reference.close()
     return Path(out_dir)
 
 
@@ -140,13 +136,8 @@ def _fold_into(adapter_dir: Path, reference: Checkpoint, out_dir: Path, dtype, s
     )
     with atomic_folder(out_dir, overwrite) as tmp:
         write_state(tmp, {n: state[n] for n in names}, out_dtype, shard_size)
-        config = dict(reference.config)
-        config["dtype"] = str(out_dtype).removeprefix("torch.")
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        for name in _COPIED:
-            src = metadata_file(adapter_dir, name) or metadata_file(base, name)
-            if src:
-                shutil.copy2(src, tmp / name)
+        write_config(tmp, reference.config, str(out_dtype).removeprefix("torch."))
+        copy_files(tmp, _COPIED, [adapter_dir, base])
         drop_code_references(tmp)
         provenance = {
             "materialized_from": str(adapter_dir.resolve()),
@@ -175,11 +166,11 @@ def fold(adapter: Path, model: Path) -> Path:
     process at a time (another waits, then reuses it). Where the cache cannot be written, in
     a temporary folder removed at exit."""
     adapter_config(adapter)
-    reference = Checkpoint(model)  # a model folder: nothing of it is read before this check
-    reference.close()
+    with Checkpoint(model) as reference:  # a model folder: nothing is read before this check
+        weights = reference.files
     own = [f for n in METADATA_FILES if (f := metadata_file(model, n))]
     digest = hashlib.sha256(b"float32\n")
-    for part, files in (("model", own + reference.files), ("adapter", _adapter_files(adapter))):
+    for part, files in (("model", own + weights), ("adapter", _adapter_files(adapter))):
         for f in files:
             digest.update(f"{part}:{f.name}:{sha256_file(f)}\n".encode())
     folded = cache_dir() / "folded"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from medmerge.errors import CheckpointError
-from medmerge.io.checkpoint import check_metadata
+from medmerge.io.metadata import check_metadata
 
 
 def tokenizer(folder: str | Path):

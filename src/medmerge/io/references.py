@@ -26,7 +26,7 @@ from pathlib import Path
 
 from medmerge.errors import CheckpointError
 from medmerge.io.adapters import adapter_base, fold, is_adapter
-from medmerge.io.checkpoint import BIN_INDEX, SAFE_INDEX, TOKENIZER_FILES
+from medmerge.io.metadata import BIN_INDEX, SAFE_INDEX, TOKENIZER_FILES
 
 log = logging.getLogger("medmerge")
 

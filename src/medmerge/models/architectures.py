@@ -23,7 +23,26 @@ from typing import Literal
 
 from medmerge.errors import ConfigError, IncompatibleModelsError
 
-LAYER = re.compile(r"^(.*\.(?:layers|h|blocks)\.\d+\.)(.+)$")
+# ---- tensor names ----------------------------------------------------------------------------
+
+LAYER = re.compile(r"^(.*\.(?:layers|h|blocks)\.\d+\.)(.+)$")  # a layer's prefix, the rest
+LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")  # a layer's tensor: its index
+EMBEDDINGS = re.compile(r"embed|wte|wpe")  # tensors before the first layer
+# names under which an untied output head would be stored, and the embeddings it is tied to
+LM_HEAD_NAMES = ("lm_head.weight", "embed_out.weight")
+EMBEDDING_PATTERN = re.compile(r"(embed_tokens|embed_in|wte|word_embeddings)\.weight$")
+
+
+def layer_of(name: str) -> str:
+    """The layer index of a tensor, as text, or "other" for tensors outside the layers."""
+    m = LAYER_INDEX.search(name)
+    return m.group(1) if m else "other"
+
+
+def is_vocabulary_tensor(name: str) -> bool:
+    """Whether a tensor has a row per token (embeddings, LM head)."""
+    return name in LM_HEAD_NAMES or EMBEDDING_PATTERN.search(name) is not None
+
 
 # the kind of a tensor, from the first key its name contains (`check`'s per-type statistics)
 TENSOR_TYPES = {

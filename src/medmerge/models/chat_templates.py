@@ -1,8 +1,13 @@
 """Chat templates a merge config can name (`chat_template: chatml`), as Jinja for
 transformers' `apply_chat_template`: the prompt formats mergekit's built-in names stand for,
-written from each format's published description."""
+written from each format's published description; and the output's template a config's
+`chat_template` chooses."""
 
 from __future__ import annotations
+
+from collections import Counter
+
+from medmerge.errors import ConfigError
 
 CHAT_TEMPLATES = {
     # ChatML: <|im_start|>role\ncontent<|im_end|>
@@ -51,3 +56,22 @@ CHAT_TEMPLATES = {
         "{% if add_generation_prompt %}{{ '[|assistant|]' }}{% endif %}"
     ),
 }
+
+
+def chosen_template(value: str | None, found: list[str | None]) -> str | None:
+    """The output's chat template: None (the tokenizer source's stays), `auto` (the template
+    most input models have, of `found`, as mergekit picks it), a named one, or a Jinja
+    template."""
+    if value is None:
+        return None
+    if value == "auto":
+        found = [t for t in found if t]
+        return Counter(found).most_common(1)[0][0] if found else None
+    if value in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[value]
+    if "{" not in value:
+        raise ConfigError(
+            f"chat_template {value!r}: give `auto` (the template most input models have), one "
+            f"of {', '.join(CHAT_TEMPLATES)}, or a Jinja template"
+        )
+    return value

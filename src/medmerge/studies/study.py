@@ -24,7 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from medmerge.errors import ConfigError, MergeError
-from medmerge.io.checkpoint import locked, refuse_output_near, sweep
+from medmerge.io.folders import locked, refuse_output_near, sweep
 from medmerge.io.references import local_folders
 from medmerge.studies.records import (
     Run,
@@ -223,11 +223,10 @@ def check_merges(runs: list[Run], what: str = "study merge") -> None:
     for run in runs:
         if run.kind == "merge":
             try:
-                plan = plan_merge(run.merge_config, strict=True)
+                with plan_merge(run.merge_config, strict=True):
+                    pass  # planned: every check passed
             except ConfigError as e:
                 raise ConfigError(f"{what} {run.name}: {e}") from e
-            for ckpt in plan.checkpoints:
-                ckpt.close()
 
 
 def _done(path: Path, run_hash: str) -> bool:

@@ -25,7 +25,7 @@ import sqlalchemy.exc
 import yaml
 
 from medmerge.errors import ConfigError, MergeError
-from medmerge.io.checkpoint import locked, refuse_output_near, sweep
+from medmerge.io.folders import locked, refuse_output_near, sweep
 from medmerge.io.references import local_folders
 from medmerge.studies.records import (
     Run,
