@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import logits, state
+from method_cases import merge_config
 from safetensors.torch import save_file
 from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -21,30 +22,6 @@ from medmerge.methods import REGISTRY
 from medmerge.synthetic import ARCHITECTURES, tiny_config, write_family
 
 FAMILIES = [a for a in ARCHITECTURES if a not in ("mistral", "llama")]  # those: everywhere else
-# the parameters each method needs beyond its defaults (a base is given to all)
-PARAMETERS = {
-    "linear": {"weight": 0.5},
-    "task_arithmetic": {"weight": 0.5},
-    "ties": {"weight": 0.5, "density": 0.5},
-    "dare_ties": {"weight": 0.5, "density": 0.5},
-    "dare_linear": {"weight": 0.5, "density": 0.5},
-    "della": {"weight": 0.5, "density": 0.5, "epsilon": 0.1},
-    "della_linear": {"weight": 0.5, "density": 0.5, "epsilon": 0.1},
-    "breadcrumbs": {"weight": 0.5, "density": 0.8, "gamma": 0.05},
-    "breadcrumbs_ties": {"weight": 0.5, "density": 0.8, "gamma": 0.05},
-    "sce": {},
-    "slerp": {"t": 0.4},
-    "nuslerp": {"weight": 0.5},
-    "multislerp": {"weight": 0.5},
-    "karcher": {},
-    "model_stock": {},
-    "nearswap": {"t": 0.5},
-    "arcee_fusion": {},
-    "hierarchical": {},
-    "passthrough": {},
-    "ram": {},
-    "ramplus_tl": {},
-}
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
@@ -56,28 +33,11 @@ def arch_family(request, tmp_path_factory):
 METHODS = sorted({m.name for m in REGISTRY.values()})
 
 
-def _config(method: str, base, a, b) -> dict:
-    models = [a, b]
-    if method in ("slerp", "nearswap", "arcee_fusion"):
-        models = [b]  # the base is the other endpoint
-    config = {
-        "merge_method": method,
-        "base_model": str(base),
-        "models": [{"model": str(m)} for m in models],
-        "parameters": PARAMETERS[method],  # top-level values apply to every model
-        "dtype": "float32",
-    }
-    if method == "passthrough":  # one model, as it is
-        del config["base_model"]
-        config["models"] = config["models"][:1]
-    return config
-
-
 def test_every_method_merges_every_family_into_a_model_that_runs(arch_family, device, tmp_path):
     arch, (base, a, b) = arch_family
     tokens = torch.arange(3, 19).unsqueeze(0)
     for method in METHODS:
-        cfg = _config(method, base, a, b)
+        cfg = merge_config(method, (base, a, b))
         out = medmerge.merge(cfg, tmp_path / method, device=device, progress=False)
         assert logits(out, tokens).isfinite().all(), (arch, method)
         shutil.rmtree(out)
@@ -209,10 +169,12 @@ def test_an_unknown_architecture_merges_but_alignment_names_the_fix(tmp_path):
         config = json.loads((folder / "config.json").read_text())
         config["model_type"] = "mistral_custom"
         (folder / "config.json").write_text(json.dumps(config))
-    assert medmerge.merge(_config("ties", base, a, b), tmp_path / "ties", progress=False).is_dir()
+    assert medmerge.merge(
+        merge_config("ties", (base, a, b)), tmp_path / "ties", progress=False
+    ).is_dir()
     with pytest.raises(ConfigError, match="model_type 'mistral_custom'.*alignment: none"):
-        medmerge.merge(_config("hierarchical", base, a, b), tmp_path / "h", progress=False)
-    cfg = _config("hierarchical", base, a, b)
+        medmerge.merge(merge_config("hierarchical", (base, a, b)), tmp_path / "h", progress=False)
+    cfg = merge_config("hierarchical", (base, a, b))
     cfg["parameters"] = {"alignment": "none"}
     assert medmerge.merge(cfg, tmp_path / "none", progress=False).is_dir()
 
@@ -281,7 +243,7 @@ def moe_family(request, tmp_path_factory):
 def test_moe_layouts_merge_with_every_method_into_models_that_run(moe_family, device, tmp_path):
     arch, layout, (base, a, b) = moe_family
     for method in ("linear", "ties", "della", "slerp", "hierarchical"):
-        cfg = _config(method, base, a, b)
+        cfg = merge_config(method, (base, a, b))
         if method == "hierarchical":
             cfg["parameters"] = {"align_experts": True}
         out = medmerge.merge(cfg, tmp_path / method, device=device, progress=False)
@@ -345,7 +307,7 @@ def test_expert_alignment_undoes_a_planted_permutation_of_experts(moe_family, tm
 
 def test_expert_alignment_on_a_model_without_experts_names_the_fix(arch_family, tmp_path):
     arch, (base, a, b) = arch_family
-    cfg = _config("hierarchical", base, a, b)
+    cfg = merge_config("hierarchical", (base, a, b))
     cfg["parameters"] = {"align_experts": True}
     if arch in MOE:
         assert medmerge.merge(cfg, tmp_path / "out", progress=False).is_dir()

@@ -8,10 +8,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import method_cases as cases
 import pytest
 import torch
 import yaml
 from conftest import state
+from method_cases import CASES
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
@@ -27,41 +29,24 @@ from medmerge.methods.spherical import gram
 from medmerge.methods.streaming import Blocked
 from medmerge.synthetic import tiny_config, write_family, write_model
 
-# case -> (method, its parameters, the mode a tensor over the budget is merged in)
-BLOCKWISE = {
-    "linear": ("linear", {"weight": [0.3, 0.7]}, "rows"),
-    "task_arithmetic": ("task_arithmetic", {"weight": [0.6, 0.5], "lambda": 0.9}, "rows"),
-    "nearswap": ("nearswap", {"t": 0.01}, "rows"),
-    "ram": ("ram", {"epsilon": 1e-3}, "rows"),
-    "ramplus_tl": ("ramplus_tl", {"epsilon": 1e-3, "r": 0.3, "alpha": 0.5}, "streams"),
-    "arcee_fusion": ("arcee_fusion", {}, "streams"),
+# case -> (method, its parameters, the mode a tensor over the budget is merged in): every
+# method's case (tests/method_cases.py), and options whose blocks work another way
+OPTIONS = {
+    "ties_l1": ("ties", {"weight": [0.6, 0.5], "density": [0.3, 0.5], "rescale": True}, "streams"),
+    "dare_linear_inverse": ("dare_linear", {"weight": [0.6, 0.5], "density": [0.7, 0.4],
+                                            "rescale": "inverse_density"}, "streams"),
+    "breadcrumbs_gamma": ("breadcrumbs", {"weight": [0.6, 0.5], "density": [0.8, 0.6],
+                                          "gamma": [0.02, 0.05]}, "streams"),
+    "della_epsilon": ("della", {"weight": [0.6, 0.5], "density": [0.5, 0.6],
+                                "epsilon": [0.1, 0.2]}, "streams"),
     "nuslerp_rows": ("nuslerp", {"weight": [0.4, 0.6], "nuslerp_flatten": False}, "rows"),
     "model_stock_rows": ("model_stock", {"filter_wise": True}, "rows"),
-    "slerp": ("slerp", {"t": 0.3}, "streams"),
-    "nuslerp": ("nuslerp", {"weight": [0.4, 0.6]}, "streams"),
     "nuslerp_columns": ("nuslerp", {"weight": [0.4, 0.6], "nuslerp_flatten": False,
                                     "nuslerp_row_wise": True}, "streams"),
-    "multislerp": ("multislerp", {"weight": [0.4, 0.6]}, "streams"),
-    "karcher": ("karcher", {}, "streams"),
-    "model_stock": ("model_stock", {}, "streams"),
-    "ties": ("ties", {"weight": [0.6, 0.5], "density": [0.3, 0.5]}, "streams"),
-    "ties_l1": ("ties", {"weight": [0.6, 0.5], "density": [0.3, 0.5], "rescale": True}, "streams"),
-    "dare_ties": ("dare_ties", {"weight": [0.6, 0.5], "density": [0.7, 0.4]}, "streams"),
-    "dare_linear": ("dare_linear", {"weight": [0.6, 0.5], "density": [0.7, 0.4],
-                                    "rescale": "inverse_density"}, "streams"),
-    "breadcrumbs": ("breadcrumbs", {"weight": [0.6, 0.5], "density": [0.8, 0.6],
-                                    "gamma": [0.02, 0.05]}, "streams"),
-    "breadcrumbs_ties": ("breadcrumbs_ties", {"weight": [0.6, 0.5], "density": [0.8, 0.6]},
-                         "streams"),
-    "della": ("della", {"weight": [0.6, 0.5], "density": [0.5, 0.6], "epsilon": [0.1, 0.2]},
-              "streams"),
-    "della_linear": ("della_linear", {"weight": [0.6, 0.5], "density": [0.5, 0.6],
-                                      "rank_ties": "average"}, "streams"),
-    "sce": ("sce", {"select_topk": 0.4}, "streams"),
-    "hierarchical": ("hierarchical", {}, "streams"),
     "hierarchical_deltas": ("hierarchical", {"align_on": "deltas", "min_weight": 0.2}, "streams"),
 }  # fmt: skip
-ONE_MODEL = {"nearswap", "slerp", "arcee_fusion"}
+BLOCKWISE = {m: (m, c.params, c.blocks) for m, c in CASES.items()
+             if c.blocks and REGISTRY[m].name == m} | OPTIONS  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -73,19 +58,9 @@ def wide(tmp_path_factory):
 
 
 def merge_config(name: str, family, params: dict) -> dict:
-    base, a, b = family
-    models = [a] if name in ONE_MODEL else [a, b]
-    per_model = {k: v for k, v in params.items() if isinstance(v, list)}
-    cfg = {
-        "merge_method": name,
-        "models": [
-            {"model": str(m), "parameters": {k: v[i] for k, v in per_model.items()}}
-            for i, m in enumerate(models)
-        ],
-        "parameters": {k: v for k, v in params.items() if k not in per_model},
-    }
-    if REGISTRY[name].uses_base:
-        cfg["base_model"] = str(base)
+    """The case's merge, in the output dtype the test asks for (the inputs' by default)."""
+    cfg = cases.merge_config(name, family, params)
+    del cfg["dtype"]
     return cfg
 
 

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import logits, state
+from method_cases import CASES
 from scipy.stats import rankdata
 
 import medmerge
 from medmerge.errors import ConfigError, MergeError
-from medmerge.methods import REGISTRY, REQUIRED, register
+from medmerge.methods import REGISTRY, REQUIRED, config_name, register
 from medmerge.methods import sparsify as sp
 from medmerge.methods import spherical as sph
 from medmerge.methods.rng import tensor_keys, tensor_seed, uniform
@@ -258,23 +259,13 @@ def reference(method, name, base, models, p):
     return REFERENCES[method](name, base, models, full)
 
 
-PARAMS = {
-    "linear": {"weight": [0.3, 0.7]},
-    "task_arithmetic": {"weight": [0.6, 0.5], "lambda_": 0.8},
-    "ties": {"weight": [0.6, 0.5], "density": [0.5, 0.7]},
-    "dare_ties": {"weight": [0.6, 0.5], "density": [0.6, 0.9]},
-    "dare_linear": {"weight": [0.6, 0.5], "density": [0.6, 0.9]},
-    "della": {"weight": [0.6, 0.5], "density": [0.6, 0.6]},
-    "della_linear": {"weight": [0.6, 0.5], "density": [0.6, 0.5], "rank_ties": "average"},
-    "breadcrumbs": {"weight": [0.6, 0.5], "density": [0.9, 0.8]},
-    "breadcrumbs_ties": {"weight": [0.6, 0.5], "density": [0.9, 0.8]},
-    "sce": {"select_topk": 0.5},
-    "slerp": {"t": 0.3},
-    "nuslerp": {"weight": [0.4, 0.6]},
-    "multislerp": {"weight": [0.4, 0.6]},
-    "model_stock": {},
-    "karcher": {"max_iter": 50, "tol": 1e-12},
-}
+def params_of(method: str) -> dict:
+    """The method's case parameters (tests/method_cases.py) under their Python names."""
+    names = {config_name(p.name): p.name for p in REGISTRY[method].params}
+    return {names[k]: v for k, v in CASES[method].params.items()}
+
+
+PARAMS = {method: params_of(method) for method in REFERENCES}
 
 
 # checked against their formulas in tests/test_entrywise.py and test_hierarchical.py, and
@@ -284,7 +275,26 @@ ELSEWHERE = {"cosine_ot_lerp", "hierarchical", "passthrough", "nearswap", "arcee
 
 
 def test_every_registered_method_has_a_reference():
-    assert set(REGISTRY) - ELSEWHERE <= set(PARAMS) == set(REFERENCES)
+    assert set(REGISTRY) - ELSEWHERE <= set(REFERENCES)
+
+
+def test_a_method_name_is_registered_once():
+    with pytest.raises(ValueError, match="'linear' is registered already"):
+
+        @register("linear")
+        def linear(base: None, models: list[torch.Tensor]) -> torch.Tensor:
+            """Another linear."""
+            return models[0]
+
+    assert REGISTRY["linear"].doc != "Another linear."
+
+
+def test_every_method_has_a_case():
+    missing = sorted(set(REGISTRY) - set(CASES))
+    assert not missing, (
+        f"add a Case for {', '.join(missing)} to tests/method_cases.py: example parameters "
+        "(per-model ones as a list of two) and how it takes row blocks (rows, streams or None)"
+    )
 
 
 def merge_config(method, base, a, b):

@@ -159,8 +159,12 @@ REGISTRY: dict[str, MergeMethod] = {}
 
 
 def add(method: MergeMethod, aliases: Sequence[str] = ()) -> None:
-    """Register a method under its name and `aliases`."""
-    for key in (method.name, *aliases):
+    """Register a method under its name and `aliases`, none of them taken."""
+    keys = (method.name, *aliases)
+    if taken := [k for k in keys if k in REGISTRY]:
+        raise ValueError(f"a merge method named {taken[0]!r} is registered already; choose "
+                         "another name")  # fmt: skip
+    for key in keys:
         REGISTRY[key] = method
 
 

@@ -288,24 +288,25 @@ class Variant:
 
 S = Sparsification
 VARIANTS = (
-    Variant("task_arithmetic", S.NONE, False, False, False,
-            "base + lambda * sum_i w_i (theta_i - base)  (Ilharco et al. 2023)."),
-    Variant("ties", S.TRIM, True, True, False,
-            "Trim to top-density by magnitude, elect signs, disjoint mean  (Yadav et al. 2023)."),
-    Variant("dare_ties", S.DROP, True, False, True,
-            "Random drop with rescale, then TIES sign consensus  (Yu et al. 2024)."),
-    Variant("dare_linear", S.DROP, False, False, True,
-            "Random drop with rescale, then a weighted sum of task vectors  (Yu et al. 2024)."),
-    Variant("breadcrumbs", S.CRUMBS, False, False, False,
-            "Drop the gamma outliers and the smallest, keep density; weighted sum  "
+    Variant("task_arithmetic", S.NONE, consensus=False, normalize=False, rescale=False,
+            doc="base + lambda * sum_i w_i (theta_i - base)  (Ilharco et al. 2023)."),
+    Variant("ties", S.TRIM, consensus=True, normalize=True, rescale=False,
+            doc="Trim to top-density by magnitude, elect signs, disjoint mean  "
+            "(Yadav et al. 2023)."),
+    Variant("dare_ties", S.DROP, consensus=True, normalize=False, rescale=True,
+            doc="Random drop with rescale, then TIES sign consensus  (Yu et al. 2024)."),
+    Variant("dare_linear", S.DROP, consensus=False, normalize=False, rescale=True,
+            doc="Random drop with rescale, then a weighted sum of task vectors  (Yu et al. 2024)."),
+    Variant("breadcrumbs", S.CRUMBS, consensus=False, normalize=False, rescale=False,
+            doc="Drop the gamma outliers and the smallest, keep density; weighted sum  "
             "(Davari 2023)."),
-    Variant("breadcrumbs_ties", S.CRUMBS, True, False, False,
-            "Drop the gamma outliers and the smallest, keep density; TIES consensus  "
+    Variant("breadcrumbs_ties", S.CRUMBS, consensus=True, normalize=False, rescale=False,
+            doc="Drop the gamma outliers and the smallest, keep density; TIES consensus  "
             "(Davari 2023)."),
-    Variant("della", S.MAGPRUNE, True, True, True,
-            "MagPrune, then sign election and fusion, scaled by lambda  (Deep et al. 2024)."),
-    Variant("della_linear", S.MAGPRUNE, False, False, True,
-            "MagPrune, then a weighted sum of task vectors, scaled by lambda  "
+    Variant("della", S.MAGPRUNE, consensus=True, normalize=True, rescale=True,
+            doc="MagPrune, then sign election and fusion, scaled by lambda  (Deep et al. 2024)."),
+    Variant("della_linear", S.MAGPRUNE, consensus=False, normalize=False, rescale=True,
+            doc="MagPrune, then a weighted sum of task vectors, scaled by lambda  "
             "(Deep et al. 2024)."),
 )  # fmt: skip
 
