@@ -56,7 +56,7 @@ def read_floor(files: list[Path], copy_to: Path | None = None, copies: int = 0) 
     model-sized output)."""
     import numpy as np
 
-    from medmerge.io.checkpoint import SequentialFile, staging_buffer
+    from medmerge.io.shards import SequentialFile, staging_buffer
 
     buf = np.empty(64 * 2**20, np.uint8)
     stage = staging_buffer()
