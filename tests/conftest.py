@@ -17,8 +17,8 @@ from transformers import AutoModelForCausalLM
 from medmerge.synthetic import tiny_config, write_family
 
 SHARD = 40_000  # bytes: several shards per tiny model, to exercise the index
-# merges compile the sparse pass themselves, as they did before `precompile`: the tests take
-# the kernel path whether numba's cache holds it or not (test_kernels tests the other way)
+# merges compile the sparse pass in the foreground: the tests take the kernel path whether
+# numba's cache holds it or not (test_kernels tests the background compile)
 os.environ["MEDMERGE_COMPILE"] = "foreground"
 
 

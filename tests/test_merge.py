@@ -11,7 +11,7 @@ from conftest import logits, state
 
 import medmerge
 from medmerge.config import MergeConfig
-from medmerge.engine import PROVENANCE
+from medmerge.io.card import PROVENANCE
 from medmerge.methods import REGISTRY
 
 

@@ -298,7 +298,10 @@ def check(
     device: str = "cpu",
     progress: bool = True,
 ) -> CheckReport:
-    """Check that `models` can be merged with `base` and how their task vectors agree."""
+    """Check that `models` can be merged with `base` and how their task vectors agree.
+
+    >>> check("models/base", ["models/cardio", "models/endo"], json_path="check.json").compatible
+    """
     dev = _refuse_bad_arguments(base, models, topk, json_path, plot_path, device)
     findings: list[Finding] = []
     base_ckpt = _open(str(base), findings)

@@ -397,7 +397,10 @@ def load_config(
     config: MergeConfig | dict | str | os.PathLike, *, strict: bool = False
 ) -> MergeConfig:
     """The one merge config of a model, a dict, or a YAML file; ConfigError if invalid or if
-    the file holds several documents (`load_configs` reads those)."""
+    the file holds several documents (`load_configs` reads those).
+
+    >>> load_config("merge.yaml").merge_method
+    """
     configs = load_configs(config, strict=strict)
     if len(configs) > 1:
         raise ConfigError(

@@ -33,10 +33,10 @@ from tqdm.auto import tqdm
 from medmerge.config import MergeConfig, load_configs, stage_order
 from medmerge.errors import ConfigError, MergeError, NonFiniteCosts
 from medmerge.io import buffers
-from medmerge.io.card import model_card
+from medmerge.io.card import write_provenance
 from medmerge.io.checkpoint import Checkpoint, raise_open_files_limit
 from medmerge.io.folders import atomic_folder, locked, refuse_output_near, remove_leftovers
-from medmerge.io.hashing import sha256_file
+from medmerge.io.hashing import input_records
 from medmerge.io.metadata import (
     TOKENIZER_FILES,
     copy_files,
@@ -55,7 +55,6 @@ from medmerge.version import __version__
 
 log = logging.getLogger("medmerge")
 
-PROVENANCE = "medmerge_provenance.json"
 DIAGNOSTICS = "merge_diagnostics.json"
 
 
@@ -298,7 +297,10 @@ def merge(
     once: tensors over an eighth of it are merged in row blocks where the method can.
     A file of several configs (mergekit-multi's) merges each named one into
     `intermediate_dir/NAME` (by default a temporary folder beside `out_dir`, removed at the
-    end), where later configs find it by its name, and the final one into `out_dir`."""
+    end), where later configs find it by its name, and the final one into `out_dir`.
+
+    >>> medmerge.merge("merge.yaml", "out/merged", dtype="bfloat16", max_memory="2GB")
+    """
     try:
         budget = default_max_memory() if max_memory is None else parse_size(max_memory)
         opts = Options(device, dtype, parse_size(shard_size), seed, progress, strict, budget)
@@ -377,7 +379,7 @@ def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: fl
     ):
         # Three things overlap with the arithmetic: hashing the inputs for provenance, reading the
         # next group, writing the previous one (file I/O and hashlib release the GIL).
-        hashes = hasher.submit(_hash_inputs, plan)
+        hashes = hasher.submit(input_records, plan.checkpoints, plan.sources, plan.base)
         writer = ShardWriter(tmp, layout, opts.shard_size)
         groups = plan.groups
         with tqdm(
@@ -416,21 +418,6 @@ def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: fl
     return out
 
 
-def _hash_inputs(plan: MergePlan) -> list[dict]:
-    records = []
-    order = sorted(range(len(plan.checkpoints)), key=lambda i: i != plan.base)  # base first
-    for i in order:
-        ckpt = plan.checkpoints[i]
-        role = "base" if i == plan.base else "model"
-        files = [
-            {"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
-            for f in ckpt.files
-        ]
-        source = plan.sources[i].record() if plan.sources else {}
-        records.append({"role": role, **source, "path": str(ckpt.path.resolve()), "files": files})
-    return records
-
-
 def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, run: dict):
     """config, tokenizer, generation config, merge config, provenance, model card and
     diagnostics into `folder`, the output's temporary folder."""
@@ -457,9 +444,7 @@ def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, run: dict):
         "inputs": inputs,
         "output_files": shards,
     }
-    (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-    card = model_card(provenance, plan.config.to_yaml(), run["name"])
-    (folder / "README.md").write_text(card)
+    write_provenance(folder, provenance, plan.config.to_yaml(), run["name"])
     if diagnostics:
         summary = plan.method.summarize(diagnostics) if plan.method.summarize else None
         if summary and "verdict" in summary:

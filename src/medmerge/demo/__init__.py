@@ -1,5 +1,3 @@
-"""The offline demo: SmolLM2-135M-Instruct (shipped as GGUF on PyPI) and ICD-10-CM data.
-
-Work in progress (issue 9): the GGUF conversion and the ICD-10 data builders are here and
-tested; the fine-tuning of the two specialists and the demo study come next.
-"""
+"""The offline demo: SmolLM2-135M-Instruct (shipped as GGUF on PyPI) converted, two ICD-10-CM
+specialists fine-tuned from it on the CPU, merged by every method, evaluated and reported
+(`run`); and `medmerge example` (`example`)."""

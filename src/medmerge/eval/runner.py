@@ -172,7 +172,10 @@ def evaluate(
     out: str | Path | None = None,
 ) -> EvalResult:
     """Evaluate a model (a folder, Hub ID or MODEL+ADAPTER) on a suite; cached by weights and
-    protocol."""
+    protocol.
+
+    >>> evaluate("out/merged", suite="suites/cardio", num_fewshot=0).tasks["cardio_mcq"].metrics
+    """
     if num_fewshot < 0 or (limit is not None and limit < 1):
         raise EvalError(
             f"num_fewshot must be 0 or more and limit 1 or more (got {num_fewshot}, {limit})"

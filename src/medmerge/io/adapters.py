@@ -23,6 +23,7 @@ import torch
 
 from medmerge.errors import CheckpointError
 from medmerge.io import loaders
+from medmerge.io.card import PROVENANCE
 from medmerge.io.checkpoint import Checkpoint
 from medmerge.io.folders import atomic_folder, locked, refuse_output_near
 from medmerge.io.hashing import cache_dir, sha256_file
@@ -93,7 +94,10 @@ def materialize(
     shard_size: str | int = "5GB",
     overwrite: bool = False,
 ) -> Path:
-    """Fold a LoRA adapter into its base; write the full checkpoint to `out_dir`."""
+    """Fold a LoRA adapter into its base; write the full checkpoint to `out_dir`.
+
+    >>> materialize("adapters/cardio-lora", "models/cardio", base="models/base")
+    """
     adapter_dir = Path(adapter_dir)
     adapter_config(adapter_dir)
     check_metadata(adapter_dir)
@@ -144,7 +148,7 @@ def _fold_into(adapter_dir: Path, reference: Checkpoint, out_dir: Path, dtype, s
             "base": str(base.resolve()),
             "adapter_files": {f.name: sha256_file(f) for f in _adapter_files(adapter_dir)},
         }
-        (tmp / "medmerge_provenance.json").write_text(json.dumps(provenance, indent=2) + "\n")
+        (tmp / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
 
 
 # what a folded model takes from its adapter, else its base, besides the weights

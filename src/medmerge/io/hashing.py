@@ -77,3 +77,19 @@ def sha256_file(path: str | os.PathLike) -> str:
     digest = h.hexdigest()
     _store(key, digest)
     return digest
+
+
+def input_records(checkpoints, sources, base: int | None) -> list[dict]:
+    """Provenance of a merge's inputs, base first: each checkpoint's reference (and Hub commit,
+    folded adapter), folder and weight files with their sizes and SHA-256."""
+    records = []
+    for i in sorted(range(len(checkpoints)), key=lambda i: i != base):
+        ckpt = checkpoints[i]
+        files = [
+            {"file": f.name, "bytes": f.stat().st_size, "sha256": sha256_file(f)}
+            for f in ckpt.files
+        ]
+        source = sources[i].record() if sources else {}
+        records.append({"role": "base" if i == base else "model", **source,
+                        "path": str(ckpt.path.resolve()), "files": files})  # fmt: skip
+    return records

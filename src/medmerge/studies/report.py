@@ -338,7 +338,10 @@ def identical_weights(records: list[RunRecord]) -> list[list[str]]:
 
 
 def write_report(folder: str | Path) -> Path:
-    """Render the report of a study folder from its stored run records."""
+    """Render the report of a study folder from its stored run records.
+
+    >>> write_report("studies/cardio")  # studies/cardio/report.md, report.html, figures
+    """
     folder = Path(folder)
     study = load_study(folder / "study.yaml")
     records, stale = stored_records(folder)

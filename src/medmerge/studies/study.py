@@ -142,7 +142,10 @@ def run_study(
     report: bool = True,
     progress: bool = True,
 ) -> Path:
-    """Run (or resume) a study into `out`; returns the folder. Writes the report at the end."""
+    """Run (or resume) a study into `out`; returns the folder. Writes the report at the end.
+
+    >>> run_study("study.yaml", "studies/cardio", executor="local")
+    """
     study = load_study(config)
     runs = expand(study)  # names checked (unique, plain) before anything is written
     folder = Path(out or f"studies/{study.name}")

@@ -264,7 +264,10 @@ def run_tune(
     progress: bool = True,
 ) -> Path:
     """Run (or resume) a search into `out`, then judge its best configs on the test part and
-    write the report; returns the folder."""
+    write the report; returns the folder.
+
+    >>> run_tune("tune.yaml", "tunes/cardio", trials=16)
+    """
     cfg = load_tune(config)
     if trials is not None:
         search = {**cfg.search.model_dump(), "trials": trials}
