@@ -4,31 +4,52 @@ for every method and option, in both stored dtypes, whatever the thread count.""
 import numpy as np
 import pytest
 import torch
+from method_cases import CASES as METHOD_CASES
 
-from medmerge.methods import get_method, kernels
+from medmerge.methods import REGISTRY, config_name, get_method, kernels
 from medmerge.methods.kernels import topk
+from medmerge.methods.sparse import VARIANTS
 
 numba = pytest.importorskip("numba")
 
-CASES = {
-    "ties": dict(weight=[0.7, 0.4], density=[0.6, 0.3]),
+
+def _case(method: str) -> dict:
+    """A method's case (tests/method_cases.py) as keyword arguments of its function, with
+    per-model keys for a randomised one."""
+    names = {config_name(p.name): p.name for p in REGISTRY[method].params}
+    params = {names[k]: v for k, v in METHOD_CASES[method].params.items()}
+    return params | ({"keys": [11, 12]} if "keys" in REGISTRY[method].engine_args else {})
+
+
+# every sparse method's case, and options and corners that take other paths of the kernels
+SPARSE = [v.name for v in VARIANTS if v.name != "task_arithmetic"] + ["sce"]
+CASES = {m: _case(m) for m in SPARSE} | {
     "ties_all": dict(method="ties", weight=[0.5, 0.5], density=[1.0, 0.0], normalize=False),
-    "dare_ties": dict(weight=[0.5, 0.8], density=[0.6, 0.9], keys=[11, 12]),
-    "dare_linear": dict(weight=[0.5, 0.5], density=[0.6, 0.3], keys=[11, 12], lambda_=1.5),
+    "dare_linear_lambda": dict(
+        method="dare_linear", weight=[0.5, 0.5], density=[0.6, 0.3], keys=[11, 12], lambda_=1.5
+    ),
     "dare_l1": dict(
         method="dare_linear", weight=[0.5, 0.5], density=[0.6, 0.3], keys=[3, 4], rescale="l1"
     ),  # fmt: skip
     "dare_none": dict(
         method="dare_ties", weight=[1.0, -0.5], density=[0.2, 0.7], keys=[3, 4], rescale="none"
     ),  # fmt: skip
-    "della": dict(weight=[0.5, 0.5], density=[0.6, 0.4], keys=[5, 6], epsilon=[0.1, 0.2]),
-    "della_linear": dict(weight=[0.3, 0.6], density=[0.5, 0.5], keys=[5, 6], lambda_=0.8),
+    "della_epsilon": dict(
+        method="della", weight=[0.5, 0.5], density=[0.6, 0.4], keys=[5, 6], epsilon=[0.1, 0.2]
+    ),
+    "della_linear_lambda": dict(
+        method="della_linear", weight=[0.3, 0.6], density=[0.5, 0.5], keys=[5, 6], lambda_=0.8
+    ),
     "della_l1": dict(
         method="della", weight=[0.5, 0.5], density=[0.6, 0.4], keys=[5, 6], rescale="l1"
     ),  # fmt: skip
-    "breadcrumbs": dict(weight=[0.5, 0.5], density=[0.8, 0.7], gamma=[0.05, 0.0]),
-    "breadcrumbs_ties": dict(weight=[0.5, 0.5], density=[0.9, 0.5], gamma=[0.01, 0.2]),
-    "sce": dict(select_topk=0.4, lambda_=1.2),
+    "breadcrumbs_gamma": dict(
+        method="breadcrumbs", weight=[0.5, 0.5], density=[0.8, 0.7], gamma=[0.05, 0.0]
+    ),
+    "breadcrumbs_ties_gamma": dict(
+        method="breadcrumbs_ties", weight=[0.5, 0.5], density=[0.9, 0.5], gamma=[0.01, 0.2]
+    ),
+    "sce_lambda": dict(method="sce", select_topk=0.4, lambda_=1.2),
     "sce_all": dict(method="sce", select_topk=1.0),
     "dare_drop_all": dict(method="dare_ties", weight=[0.5, 0.5], density=[0.0, 0.0], keys=[1, 2]),
     "della_sparse": dict(
