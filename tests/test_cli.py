@@ -50,3 +50,25 @@ def test_methods_lists_parameters():
     listed = {line.split(":")[0] for line in result.output.splitlines() if ": " in line}
     assert set(mergekit) <= listed
     assert "int8_mask [False], normalize [False], rescale [True], lambda [1.0]" in result.output
+
+
+def test_help_answers_without_torch_numba_or_transformers():
+    import subprocess
+    import sys
+
+    from medmerge.cli import app as cli_app
+
+    commands = [[]] + [[c.name or c.callback.__name__] for c in cli_app.registered_commands]
+    code = (
+        "import sys\n"
+        "for heavy in ('torch', 'numba', 'transformers', 'scipy', 'lm_eval'):\n"
+        "    sys.modules[heavy] = None  # importing it raises ImportError\n"
+        "from medmerge.cli import app\n"
+        "sys.argv = ['medmerge', *sys.argv[1:], '--help']\n"
+        "app()\n"
+    )
+    for command in commands:
+        done = subprocess.run([sys.executable, "-c", code, *command], capture_output=True,
+                              text=True)  # fmt: skip
+        assert done.returncode == 0, (command, done.stderr[-2000:])
+        assert "Usage" in done.stdout, command

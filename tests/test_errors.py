@@ -276,3 +276,30 @@ def test_output_may_not_be_an_input(mistral, tmp_path):
     with pytest.raises(MergeError, match="is the input .*; write to a folder apart"):
         medmerge.merge(cfg(base, [a, b]), b, overwrite=True, progress=False)
     assert torch.isfinite(state(b)["model.norm.weight"]).all()
+
+
+def test_an_unknown_method_names_the_nearest(mistral, tmp_path):
+    config = cfg(mistral[0], mistral[1:], method="linear") | {"merge_method": "tie"}
+    fails(config, tmp_path / "o", ConfigError, "unknown merge_method 'tie'; did you mean 'ties'")
+
+
+def test_strict_lists_every_problem(mistral, tmp_path):
+    config = cfg(mistral[0], mistral[1:], method="ties", parameters={"densty": 0.5, "gama": 1})
+    config["models"][0]["parameters"]["lambda"] = 2.0  # a whole-merge parameter, per model
+    with pytest.raises(ConfigError) as e:
+        medmerge.merge(config, tmp_path / "o", strict=True, progress=False)
+    assert all(p in str(e.value) for p in ("'densty'", "'gama'", "'lambda' applies to the whole"))
+    extra = cfg(mistral[0], mistral[1:]) | {"typo_a": 1, "typo_b": 2}
+    with pytest.raises(ConfigError, match="typo_a.*typo_b"):
+        medmerge.merge(extra, tmp_path / "o", strict=True, progress=False)
+
+
+@pytest.mark.parametrize(("given", "read"), [(1.0, True), (0, False), ("yes", True)])
+def test_a_bool_parameter_reads_as_mergekit_reads_it(mistral, tmp_path, given, read):
+    def merged(value, name):
+        config = cfg(mistral[0], mistral[1:], method="della_linear",
+                     parameters={"normalize": value, "density": 0.5})  # fmt: skip
+        return state(medmerge.merge(config, tmp_path / name, progress=False))
+
+    a, b = merged(given, "given"), merged(read, "read")
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -53,27 +53,31 @@ class _Moved(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 sys.meta_path.append(_Moved())
 
-from medmerge.config import MergeConfig, load_config  # noqa: E402
-from medmerge.engine import merge  # noqa: E402
-from medmerge.errors import (  # noqa: E402
-    CheckpointError,
-    ConfigError,
-    IncompatibleModelsError,
-    MedmergeError,
-    MergeError,
-)
-from medmerge.plan import plan_merge  # noqa: E402
 from medmerge.version import __version__  # noqa: E402
 
-__all__ = [
-    "CheckpointError",
-    "ConfigError",
-    "IncompatibleModelsError",
-    "MedmergeError",
-    "MergeConfig",
-    "MergeError",
-    "__version__",
-    "load_config",
-    "merge",
-    "plan_merge",
-]
+# the Python API, imported when first used (so `medmerge --help` needs no torch)
+API = {
+    "merge": "engine",
+    "plan_merge": "plan",
+    "MergeConfig": "config",
+    "load_config": "config",
+    "CheckpointError": "errors",
+    "ConfigError": "errors",
+    "IncompatibleModelsError": "errors",
+    "MedmergeError": "errors",
+    "MergeError": "errors",
+}
+# the stages and layers, as attributes: `medmerge.studies.run_study(...)`
+SUBMODULES = ("check", "config", "engine", "eval", "io", "methods", "models", "plan", "studies",
+              "synthetic", "vocab")  # fmt: skip
+
+
+def __getattr__(name: str):
+    if name in API:
+        return getattr(importlib.import_module(f"{__name__}.{API[name]}"), name)
+    if name in SUBMODULES or name in MOVED:
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["__version__", *API]

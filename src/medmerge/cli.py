@@ -12,7 +12,11 @@ import typer
 
 from medmerge.errors import MedmergeError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Check, merge, evaluate and compare merges of fine-tuned LLMs (docs: README.md).",
+)
 
 
 class Device(str, Enum):

@@ -416,7 +416,8 @@ def _validate(raw: dict, source: str, strict: bool) -> MergeConfig:
     found: list[str] = []
     known = unknown_keys(raw, found)
     if found and strict:
-        raise ConfigError(f"merge config {source}: {found[0]} (strict: unknown keys are errors)")
+        raise ConfigError(f"merge config {source}: {'; '.join(found)} (strict: unknown keys are "
+                          "errors)")  # fmt: skip
     try:
         config = MergeConfig.model_validate(known)
     except ValidationError as e:

@@ -476,10 +476,13 @@ def _check_parameter_names(cfg: MergeConfig, method: MergeMethod, known: dict, s
     values of parameters that apply to the whole merge: mergekit ignores both."""
     import difflib
 
+    problems: list[str] = []
+
     def report(message: str) -> None:
         if strict:
-            raise ConfigError(message)
-        log.warning("%s; ignored, as mergekit does", message)
+            problems.append(message)
+        else:
+            log.warning("%s; ignored, as mergekit does", message)
 
     for where, params, per_source in cfg.parameter_scopes():
         for key, value in params.items():
@@ -498,6 +501,8 @@ def _check_parameter_names(cfg: MergeConfig, method: MergeMethod, known: dict, s
                     f"{method.name} parameter {key!r} applies to the whole merge, not per model "
                     f"(in {where}); set it in the top-level parameters"
                 )
+    if problems:  # every one, so that one run shows them all
+        raise ConfigError("; ".join(problems))
 
 
 def _check_values(param: Param, value: ParameterValue, where: str) -> None:

@@ -37,6 +37,7 @@ The engine also passes, when the function names them, these keyword arguments:
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import reprlib
@@ -76,11 +77,13 @@ class Param:
             if _finite(number) and (kind is float or float(number).is_integer()):
                 return kind(number)
             what = "a finite number" if kind is float else "an integer"
-        elif kind is bool:
+        elif kind is bool:  # as pydantic reads a bool, as mergekit does: 1.0 is true
             if isinstance(raw, bool):
                 return raw
-            if isinstance(raw, str) and raw.lower() in ("true", "false"):
-                return raw.lower() == "true"
+            if isinstance(raw, int | float) and raw in (0, 1):
+                return bool(raw)
+            if isinstance(raw, str) and raw.lower() in TRUE | FALSE:
+                return raw.lower() in TRUE
             what = "true or false"
         elif kind is str:
             if isinstance(raw, str):
@@ -96,6 +99,10 @@ class Param:
             f"parameter {config_name(self.name)!r} ({where}) must be {what}, got "
             f"{reprlib.repr(raw)}"
         )
+
+
+TRUE = {"true", "yes", "on", "1", "t", "y"}
+FALSE = {"false", "no", "off", "0", "f", "n"}
 
 
 def _finite(number: object) -> bool:
@@ -255,9 +262,12 @@ def entries(params: dict, shape: tuple[int, ...]) -> int:
 
 
 def get_method(name: str) -> MergeMethod:
+    """The method registered as `name`; a ConfigError with the nearest names otherwise."""
     if name not in REGISTRY:
+        near = difflib.get_close_matches(str(name), list(REGISTRY), n=2)
+        hint = f"did you mean {' or '.join(map(repr, near))}? " if near else ""
         raise ConfigError(
-            f"unknown merge_method {name!r}; available: {', '.join(sorted(REGISTRY))}"
+            f"unknown merge_method {name!r}; {hint}available: {', '.join(sorted(REGISTRY))}"
         )
     return REGISTRY[name]
 
