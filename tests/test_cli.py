@@ -72,3 +72,46 @@ def test_help_answers_without_torch_numba_or_transformers():
                               text=True)  # fmt: skip
         assert done.returncode == 0, (command, done.stderr[-2000:])
         assert "Usage" in done.stdout, command
+
+
+def test_mergekit_yaml_flags_work_on_merge(mistral, tmp_path, monkeypatch):
+    import json
+
+    import yaml
+    from conftest import cli, one_line_error
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    config = tmp_path / "merge.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "dare_ties",
+                "base_model": str(mistral[0]),
+                "models": [
+                    {"model": str(m), "parameters": {"weight": 0.5, "density": 0.5}}
+                    for m in mistral[1:]
+                ],
+            }
+        )
+    )
+    out = tmp_path / "out"
+    code, text = cli("merge", config, out, "--quiet", "--random-seed", 7, "--out-shard-size",
+                     "40K", "--no-copy-tokenizer", "--no-write-model-card", "--lazy-unpickle",
+                     "--allow-crimes", "--low-cpu-memory")  # fmt: skip
+    assert code == 0, text
+    assert "note: --lazy-unpickle is accepted: medmerge always reads tensors lazily" in text
+    assert "note: --allow-crimes is accepted" in text
+    assert json.loads((out / "medmerge_provenance.json").read_text())["seed"] == 7
+    assert len(list(out.glob("*.safetensors"))) > 1
+    assert not (out / "README.md").exists() and not list(out.glob("tokenizer*"))
+    own = tmp_path / "own"  # medmerge's own flags for the same
+    assert cli("merge", config, own, "--quiet", "--seed", 7, "--shard-size", 40000)[0] == 0
+    assert {f.name: f.read_bytes() for f in own.glob("*.safetensors")} == {
+        f.name: f.read_bytes() for f in out.glob("*.safetensors")
+    }
+    one_line_error(*cli("merge", config, tmp_path / "c", "--cuda"), "--device cuda was asked")
+    one_line_error(*cli("merge", config, tmp_path / "t", "--trust-remote-code"),
+                   "never runs code that comes with a checkpoint")  # fmt: skip
+    one_line_error(*cli("merge", config, tmp_path / "s", "--no-safe-serialization"),
+                   "safetensors only")  # fmt: skip
+    assert not any((tmp_path / n).exists() for n in "cts")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from enum import Enum
 from pathlib import Path
@@ -50,6 +51,33 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+MK = "mergekit-yaml's flags"
+# mergekit-yaml flags medmerge accepts without acting on them, and why
+ACCEPTED = {
+    "allow_crimes": "medmerge merges models of one architecture only",
+    "lazy_unpickle": "medmerge always reads tensors lazily",
+    "low_cpu_memory": "medmerge keeps at most --max-memory of tensor data in RAM anyway",
+    "clone_tensors": "medmerge writes every output tensor on its own",
+    "read_to_gpu": "medmerge reads into RAM and moves each tensor to the device as it merges",
+    "multi_gpu": "medmerge merges on one device",
+    "gpu_rich": "medmerge merges on one device (--device cuda)",
+    "async_write": "medmerge always writes behind the arithmetic, in a thread of its own",
+    "write_threads": "medmerge writes in one thread of its own",
+    "lora_merge_cache": "medmerge folds adapters into $MEDMERGE_CACHE/folded",
+    "lora_merge_dtype": "medmerge folds adapters in float32, so that a merge rounds once",
+}
+# and those it refuses, with the reason
+REFUSED = {
+    "trust_remote_code": "medmerge never runs code that comes with a checkpoint",
+    "no_safe_serialization": "medmerge writes safetensors only",
+    "unsafe_truncate_embeddings": "set `tokenizer_source` (rows matched by token) instead",
+}
+
+
+def _mk(kind: type, flag: str, help: str):  # noqa: A002 - typer's name
+    return Annotated[kind, typer.Option(flag, help=help, rich_help_panel=MK)]
+
+
 @app.command()
 def merge(
     config: Annotated[Path, typer.Argument(help="mergekit-style YAML merge config")],
@@ -74,26 +102,96 @@ def merge(
             "(default: a quarter of RAM)"
         ),
     ] = None,
+    cuda: _mk(bool, "--cuda/--no-cuda", "= --device cuda") = False,
+    out_shard_size: _mk(
+        str | None, "--out-shard-size", "= --shard-size, mergekit's way: 5B is 5e9 bytes"
+    ) = None,  # fmt: skip
+    random_seed: _mk(int | None, "--random-seed", "= --seed") = None,
+    copy_tokenizer: _mk(
+        bool, "--copy-tokenizer/--no-copy-tokenizer", "write the tokenizer files"
+    ) = True,  # fmt: skip
+    write_model_card: _mk(
+        bool, "--write-model-card/--no-write-model-card", "write README.md, the model card"
+    ) = True,  # fmt: skip
+    num_threads: _mk(int | None, "--num-threads", "threads of the arithmetic") = None,
+    transformers_cache: _mk(
+        str | None, "--transformers-cache", "the Hugging Face cache (HF_HUB_CACHE)"
+    ) = None,  # fmt: skip
+    verbose: Annotated[
+        int, typer.Option("--verbose", "-v", count=True, help="more log lines", rich_help_panel=MK)
+    ] = 0,  # fmt: skip
+    allow_crimes: _mk(bool, "--allow-crimes/--no-allow-crimes", "accepted, see the note") = False,
+    lazy_unpickle: _mk(bool, "--lazy-unpickle/--no-lazy-unpickle", "accepted") = False,
+    low_cpu_memory: _mk(bool, "--low-cpu-memory/--no-low-cpu-memory", "accepted") = False,
+    clone_tensors: _mk(bool, "--clone-tensors/--no-clone-tensors", "accepted") = False,
+    read_to_gpu: _mk(bool, "--read-to-gpu/--no-read-to-gpu", "accepted") = False,
+    multi_gpu: _mk(bool, "--multi-gpu/--no-multi-gpu", "accepted") = False,
+    gpu_rich: _mk(bool, "--gpu-rich/--no-gpu-rich", "accepted") = False,
+    async_write: _mk(bool, "--async-write/--no-async-write", "accepted") = False,
+    write_threads: _mk(int | None, "--write-threads", "accepted") = None,
+    lora_merge_cache: _mk(str | None, "--lora-merge-cache", "accepted") = None,
+    lora_merge_dtype: _mk(str | None, "--lora-merge-dtype", "accepted") = None,
+    trust_remote_code: _mk(
+        bool, "--trust-remote-code/--no-trust-remote-code", "refused: no code from checkpoints"
+    ) = False,  # fmt: skip
+    safe_serialization: _mk(
+        bool, "--safe-serialization/--no-safe-serialization", "safetensors (the only output)"
+    ) = True,  # fmt: skip
+    unsafe_truncate_embeddings: _mk(bool, "--unsafe-truncate-embeddings", "refused") = False,
 ) -> None:
     """Merge the models a config names, streaming tensor by tensor, into OUT_DIR (a config of
-    several YAML documents, mergekit-multi's, runs them in the order they need)."""
+    several YAML documents, mergekit-multi's, runs them in the order they need).
+    mergekit-yaml's flags work too (docs/mergekit.md)."""
+    given = {k: v for k, v in locals().items() if k in ACCEPTED and v not in (False, None)}
+    refused = {
+        "trust_remote_code": trust_remote_code,
+        "no_safe_serialization": not safe_serialization,
+        "unsafe_truncate_embeddings": unsafe_truncate_embeddings,
+    }
+    for name in (k for k, on in refused.items() if on):
+        typer.secho(f"error: --{name.replace('_', '-')}: {REFUSED[name]}", fg="red", err=True)
+        raise typer.Exit(2)
+    for name in given:
+        typer.echo(f"note: --{name.replace('_', '-')} is accepted: {ACCEPTED[name]}", err=True)
+    if transformers_cache:
+        os.environ["HF_HUB_CACHE"] = transformers_cache  # read when huggingface_hub loads
+    if num_threads:
+        import torch
+
+        torch.set_num_threads(num_threads)
+    if verbose:
+        logging.getLogger("medmerge").setLevel(logging.DEBUG)
     from medmerge.engine import merge as run_merge
 
     out = _run(
         run_merge,
         config,
         out_dir,
-        device=device.value,
+        device="cuda" if cuda or gpu_rich else device.value,
         dtype=dtype.value if dtype else None,
-        shard_size=shard_size,
-        seed=seed,
+        shard_size=_count(out_shard_size) if out_shard_size else shard_size,
+        seed=seed if random_seed is None else random_seed,
         overwrite=overwrite,
         progress=not quiet,
         strict=strict,
         intermediate_dir=intermediate_dir,
         max_memory=max_memory,
+        copy_tokenizer=copy_tokenizer,
+        model_card=write_model_card,
     )
     typer.echo(f"merged model written to {out}")
+
+
+def _count(text: str) -> int:
+    """A number in mergekit's syntax: 5B is five billion, 500M, 20K, or digits."""
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9}.get(text.strip()[-1:].upper(), 1)
+    digits = text.strip()[:-1] if scale > 1 else text.strip()
+    try:
+        return int(float(digits) * scale)
+    except ValueError:
+        typer.secho(f"error: --out-shard-size {text}: give a size such as 5B or 500M",
+                    fg="red", err=True)  # fmt: skip
+        raise typer.Exit(2) from None
 
 
 @app.command()

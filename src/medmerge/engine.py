@@ -275,6 +275,8 @@ class Options:
     progress: bool
     strict: bool
     max_memory: int  # bytes
+    copy_tokenizer: bool = True  # the tokenizer's files into the output
+    model_card: bool = True  # README.md
 
 
 def merge(
@@ -290,6 +292,8 @@ def merge(
     strict: bool = False,
     intermediate_dir: str | Path | None = None,
     max_memory: str | int | None = None,
+    copy_tokenizer: bool = True,
+    model_card: bool = True,
 ) -> Path:
     """Merge the models a config names into a new checkpoint folder `out_dir`; returns it.
 
@@ -303,7 +307,8 @@ def merge(
     """
     try:
         budget = default_max_memory() if max_memory is None else parse_size(max_memory)
-        opts = Options(device, dtype, parse_size(shard_size), seed, progress, strict, budget)
+        opts = Options(device, dtype, parse_size(shard_size), seed, progress, strict, budget,
+                       copy_tokenizer, model_card)  # fmt: skip
     except ValueError as e:
         raise ConfigError(str(e)) from e
     configs = load_configs(config, strict=strict)
@@ -413,21 +418,22 @@ def _merge(plan: MergePlan, out_dir, overwrite: bool, opts: Options, started: fl
             "seconds": time.time() - started,
             "name": out.name,
         }
-        _write_metadata(plan, tmp, shards, hashes.result(), diagnostics, run)
+        _write_metadata(plan, tmp, shards, hashes.result(), diagnostics, run, opts)
     log.info("merged %s into %s in %.1f s", plan.method.name, out, time.time() - started)
     return out
 
 
-def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, run: dict):
-    """config, tokenizer, generation config, merge config, provenance, model card and
-    diagnostics into `folder`, the output's temporary folder."""
+def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, run: dict, opts: Options):
+    """config, tokenizer (unless `opts.copy_tokenizer` is off), generation config, merge
+    config, provenance, model card (unless `opts.model_card` is off) and diagnostics into
+    `folder`, the output's temporary folder."""
     dtype_name = str(plan.out_dtype).removeprefix("torch.")
     write_config(folder, plan.out_config, dtype_name)
-    if plan.vocabulary is not None and plan.vocabulary.rebuilt:
+    if opts.copy_tokenizer and plan.vocabulary is not None and plan.vocabulary.rebuilt:
         plan.vocabulary.tokenizer.save_pretrained(folder)
-    else:
+    elif opts.copy_tokenizer:
         copy_files(folder, TOKENIZER_FILES, [plan.tokenizer])
-    if plan.chat_template is not None:
+    if opts.copy_tokenizer and plan.chat_template is not None:
         set_chat_template(folder, plan.chat_template)
     copy_files(folder, ["generation_config.json"], [plan.tokenizer, plan.reference_path])
     drop_code_references(folder)
@@ -444,7 +450,7 @@ def _write_metadata(plan, folder: Path, shards, inputs, diagnostics, run: dict):
         "inputs": inputs,
         "output_files": shards,
     }
-    write_provenance(folder, provenance, plan.config.to_yaml(), run["name"])
+    write_provenance(folder, provenance, plan.config.to_yaml(), run["name"], opts.model_card)
     if diagnostics:
         summary = plan.method.summarize(diagnostics) if plan.method.summarize else None
         if summary and "verdict" in summary:

@@ -13,10 +13,12 @@ from medmerge.version import __version__
 PROVENANCE = "medmerge_provenance.json"
 
 
-def write_provenance(folder: Path, provenance: dict, config_yaml: str, name: str) -> None:
-    """An output's provenance (`PROVENANCE`) and its model card (`README.md`)."""
+def write_provenance(folder: Path, provenance: dict, config_yaml: str, name: str,
+                     card: bool = True) -> None:  # fmt: skip
+    """An output's provenance (`PROVENANCE`) and, with `card`, its model card (`README.md`)."""
     (folder / PROVENANCE).write_text(json.dumps(provenance, indent=2) + "\n")
-    (folder / "README.md").write_text(model_card(provenance, config_yaml, name))
+    if card:
+        (folder / "README.md").write_text(model_card(provenance, config_yaml, name))
 
 
 def model_card(provenance: dict, config_yaml: str, name: str) -> str:
